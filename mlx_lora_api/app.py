@@ -1,0 +1,75 @@
+"""`create_app(settings)`: routes, lifespan (starts and stops the job runner), error handling."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import endpoints, errors
+from .config import Settings
+from .schemas import ErrorBody
+from .service import Service
+
+log = logging.getLogger("mlx_lora_api")
+
+
+def error_response(status_code: int, message: str, headers: dict | None = None) -> Response:
+    return endpoints.respond(ErrorBody(message=message), status_code, headers)
+
+
+async def service_error(request: Request, exc: errors.ServiceError) -> Response:
+    return error_response(exc.status_code, exc.message, exc.headers)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    messages = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+ROUTES = [
+    Route("/lora-finetune", endpoints.finetune, methods=["POST"]),
+    Route("/lora-fuse", endpoints.fuse, methods=["POST"]),
+    Route("/jobs", endpoints.list_jobs, methods=["GET"]),
+    Route("/jobs/{job_id}", endpoints.get_job, methods=["GET"]),
+    Route("/jobs/{job_id}/cancel", endpoints.cancel_job, methods=["POST"]),
+    Route("/jobs/{job_id}/events", endpoints.job_events, methods=["GET"]),
+    Route("/models", endpoints.list_models, methods=["GET"]),
+    Route("/models/{model_id}", endpoints.get_model, methods=["GET"]),
+    Route("/health", endpoints.health, methods=["GET"]),
+]
+
+
+def create_app(settings: Settings, service: Service | None = None) -> Starlette:
+    service = service or Service(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={
+            errors.ServiceError: service_error,
+            HTTPException: http_error,
+            Exception: unexpected_error,
+        },
+    )
+    app.state.settings = settings
+    app.state.service = service
+    return app

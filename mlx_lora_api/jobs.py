@@ -1,0 +1,328 @@
+"""The durable job store (SQLite, WAL) and the runner that works through it.
+
+Jobs run one at a time in submission order, each in its own worker process, so a crash in
+MLX ends one job and never the server. The worker reports events over a pipe; the runner
+writes them to the store, where the API reads them. Nothing here knows of HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from . import specs
+from .schemas import FINISHED, Job, JobList, Progress
+
+log = logging.getLogger("mlx_lora_api")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT UNIQUE NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    spec BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    progress TEXT NOT NULL DEFAULT '{}',
+    message TEXT,
+    error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_model ON jobs (model_id);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
+"""
+PROGRESS_KEYS = set(Progress.__struct_fields__)
+_COLUMNS = "job_id, kind, status, model_id, base_model, created_at, started_at, finished_at, progress, message, error"
+
+
+def new_job_id() -> str:
+    return f"job-{secrets.token_hex(6)}"
+
+
+class JobStore:
+    """Every write is committed before it returns; one connection, serialized by a lock."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def add(self, spec: specs.JobSpec, kind: str) -> Job:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO jobs (job_id, kind, status, model_id, base_model, spec, created_at)"
+                    " VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                    (spec.job_id, kind, spec.model_id, spec.base.ref, specs.encode(spec), now),
+                )
+                self._db.execute(
+                    "INSERT INTO events (job_id, time, type, data) VALUES (?, ?, 'queued', '{}')", (spec.job_id, now)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get(spec.job_id)
+
+    def add_event(self, job_id: str, event: dict[str, Any]) -> None:
+        data = {k: v for k, v in event.items() if k not in ("type", "time")}
+        self._execute(
+            "INSERT INTO events (job_id, time, type, data) VALUES (?, ?, ?, ?)",
+            (job_id, event.get("time", time.time()), event["type"], json.dumps(data)),
+        )
+
+    def update_progress(self, job_id: str, values: dict[str, Any]) -> None:
+        values = {k: v for k, v in values.items() if k in PROGRESS_KEYS}
+        if values:
+            self._execute(
+                "UPDATE jobs SET progress = json_patch(progress, ?) WHERE job_id = ?", (json.dumps(values), job_id)
+            )
+
+    def claim_next(self) -> tuple[str, specs.JobSpec] | None:
+        """Mark the oldest queued job running and return it."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job_id, spec FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            self._db.execute(
+                "UPDATE jobs SET status = 'running', started_at = ? WHERE job_id = ? AND status = 'queued'",
+                (time.time(), row[0]),
+            )
+        self.add_event(row[0], {"type": "running"})
+        return row[0], specs.decode(row[1])
+
+    def finish(self, job_id: str, status: str, message: str | None = None, error: str | None = None) -> None:
+        self._execute(
+            "UPDATE jobs SET status = ?, finished_at = ?, message = ?, error = ? WHERE job_id = ?",
+            (status, time.time(), message, error, job_id),
+        )
+        self.add_event(job_id, {"type": status, "message": message, "error": error})
+
+    def request_cancel(self, job_id: str) -> str | None:
+        """Cancel a queued job at once; flag a running one. Returns the status it had."""
+        with self._lock:
+            row = self._db.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row[0] == "queued":
+                self._db.execute(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = ?, message = 'cancelled before it started'"
+                    " WHERE job_id = ?",
+                    (time.time(), job_id),
+                )
+            elif row[0] == "running":
+                self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job_id,))
+        if row[0] == "queued":
+            self.add_event(job_id, {"type": "cancelled"})
+        return row[0]
+
+    def cancel_requested(self, job_id: str) -> bool:
+        row = self._execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def recover(self) -> list[str]:
+        """After a restart: jobs left running by a server that died are failed, not lost."""
+        rows = self._execute("SELECT job_id FROM jobs WHERE status = 'running'").fetchall()
+        for (job_id,) in rows:
+            self.finish(job_id, "failed", error="interrupted: the server stopped while this job ran")
+        return [r[0] for r in rows]
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._execute(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def list(self, limit: int = 20, before: int | None = None, status: str | None = None) -> JobList:
+        where, args = [], []
+        if before is not None:
+            where.append("seq < ?")
+            args.append(before)
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._execute(
+            f"SELECT seq, {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*args, limit + 1)
+        ).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return JobList(jobs=[_job(r[1:]) for r in rows], next_before=rows[-1][0] if more else None)
+
+    def pending_for_model(self, model_id: str) -> list[Job]:
+        rows = self._execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE model_id = ? AND status IN ('queued', 'running')", (model_id,)
+        ).fetchall()
+        return [_job(r) for r in rows]
+
+    def spec(self, job_id: str) -> specs.JobSpec | None:
+        row = self._execute("SELECT spec FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return specs.decode(row[0]) if row else None
+
+    def count(self, status: str) -> int:
+        return self._execute("SELECT count(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
+
+    def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        rows = self._execute(
+            "SELECT seq, time, type, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
+        ).fetchall()
+        return [{"seq": s, "time": t, "type": k, **json.loads(d)} for s, t, k, d in rows]
+
+
+def _job(row) -> Job:
+    job_id, kind, status, model_id, base, created, started, finished, progress, message, error = row
+    progress = msgspec.convert(json.loads(progress), Progress)
+    if started is not None:
+        progress.elapsed_seconds = round((finished or time.time()) - started, 3)
+        total, done = progress.total_iterations, progress.iteration
+        if status == "running" and total and done:
+            progress.eta_seconds = round(progress.elapsed_seconds * (total - done) / done, 1)
+    return Job(
+        job_id=job_id,
+        kind=kind,
+        status=status,
+        model_id=model_id,
+        base_model=base,
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
+        progress=progress,
+        message=message,
+        error=error,
+    )
+
+
+class Runner:
+    """Runs queued jobs one at a time, FIFO, each in a fresh worker process."""
+
+    KILL_GRACE = 5.0
+
+    def __init__(self, store: JobStore, worker_args: tuple = ()):
+        self.store = store
+        self.worker_args = worker_args  # passed to worker.process_main after the spec
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._current: tuple[str, multiprocessing.Process] | None = None
+        self._context = multiprocessing.get_context("spawn")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._current:
+            self._terminate(self._current[1])
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def cancel(self, job_id: str) -> None:
+        current = self._current
+        if current and current[0] == job_id:
+            self._terminate(current[1])
+
+    def _terminate(self, process: multiprocessing.Process) -> None:
+        process.terminate()
+        threading.Timer(self.KILL_GRACE, lambda: process.is_alive() and process.kill()).start()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            claimed = self.store.claim_next()
+            if claimed is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            job_id, spec = claimed
+            try:
+                self._run(job_id, spec)
+            except Exception as e:  # the runner must outlive any one job
+                log.exception("job %s: runner error", job_id)
+                self.store.finish(job_id, "failed", error=f"internal error: {e}")
+
+    def _run(self, job_id: str, spec: specs.JobSpec) -> None:
+        from . import worker
+
+        receiver, sender = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=worker.process_main, args=(sender, specs.encode(spec), *self.worker_args), name=f"worker-{job_id}"
+        )
+        process.start()
+        sender.close()
+        self._current = (job_id, process)
+        if self.store.cancel_requested(job_id):
+            self._terminate(process)
+        outcome: dict[str, Any] | None = None
+        try:
+            while True:
+                try:
+                    event = msgspec.json.decode(receiver.recv_bytes())
+                except (EOFError, OSError):
+                    break
+                if event["type"] in ("done", "error"):
+                    outcome = event
+                    continue
+                self.store.add_event(job_id, event)
+                self.store.update_progress(job_id, event)
+        finally:
+            receiver.close()
+            process.join()
+            self._current = None
+        self._settle(job_id, spec, process.exitcode, outcome)
+
+    def _settle(self, job_id: str, spec: specs.JobSpec, exitcode: int | None, outcome: dict | None) -> None:
+        if outcome and outcome["type"] == "done" and exitcode == 0:
+            self.store.finish(job_id, "success", message=outcome.get("message"))
+        elif self.store.cancel_requested(job_id):
+            self.store.finish(job_id, "cancelled", message="cancelled while running")
+        elif self._stopping.is_set():
+            self.store.finish(job_id, "failed", error="interrupted: the server stopped while this job ran")
+        elif outcome and outcome["type"] == "error":
+            self.store.finish(job_id, "failed", error=outcome["message"])
+        else:
+            how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else f"exited with code {exitcode}"
+            self.store.finish(job_id, "failed", error=f"the worker process {how} before finishing the job")

@@ -1,0 +1,132 @@
+"""What the API does, without HTTP: check a request against the registry, queue it, report.
+
+The web layer decodes and encodes; the CLI calls the same checks before training in-process.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from . import errors, hub, registry, specs
+from .config import Settings
+from .jobs import JobStore, Runner, new_job_id
+from .registry import Registry
+from .schemas import FINISHED, FinetuneRequest, FuseRequest, Job, JobList
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry = Registry(settings.data_dir, settings.default_model, settings.model_roots)
+        self.store: JobStore | None = None
+        self.runner: Runner | None = None
+
+    # -- life ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.registry.ensure_folders()
+        self.store = JobStore(self.settings.jobs_db)
+        self.store.recover()
+        self.runner = Runner(self.store, (str(self.settings.data_dir), self.settings.default_model))
+        self.runner.start()
+
+    def stop(self) -> None:
+        if self.runner:
+            self.runner.stop()
+        if self.store:
+            self.store.close()
+
+    # -- checks shared with the CLI --------------------------------------------------------
+
+    def resolve_base(self, ref: str) -> registry.BaseModel:
+        lookup = functools.partial(hub.lookup, timeout=self.settings.hub_timeout)
+        return self.registry.resolve_base(ref, hub_lookup=lookup)
+
+    def finetune_spec(self, request: FinetuneRequest) -> specs.FinetuneSpec:
+        base = self.resolve_base(request.base_model)
+        layers = self.registry.num_layers(base)
+        wanted = request.parameters.num_layers
+        if layers is not None and wanted is not None and wanted > layers:
+            raise errors.Invalid(f"`parameters.num_layers` is {wanted} but {base.ref} has {layers} layers")
+        label = f"{request.suffix}" if request.suffix else "lora"
+        return specs.FinetuneSpec(
+            job_id=new_job_id(), model_id=self._fresh_id(base.ref, label), base=base, request=request, num_layers=layers
+        )
+
+    def fuse_spec(self, request: FuseRequest) -> specs.FuseSpec:
+        base = self.resolve_base(request.base_model)
+        trained_on = self.adapter_base(request.lora_adapter)
+        if trained_on != base.ref:
+            raise errors.Conflict(
+                f"adapter {request.lora_adapter!r} was trained on {trained_on!r}, not on {base.ref!r}"
+                f" (`base_model` {request.base_model!r})"
+            )
+        label = f"{request.suffix}" if request.suffix else "fused"
+        return specs.FuseSpec(
+            job_id=new_job_id(),
+            model_id=self._fresh_id(base.ref, label),
+            base=base,
+            adapter=request.lora_adapter,
+            request=request,
+        )
+
+    def adapter_base(self, adapter_id: str) -> str:
+        """The base an adapter was (or is being) trained on."""
+        registry.check_id(adapter_id, "lora_adapter")
+        if self.registry.is_adapter(adapter_id):
+            meta = registry.read_meta(self.registry.adapter_dir(adapter_id))
+            if meta and meta.base_model:
+                return meta.base_model
+            config = registry.read_json(self.registry.adapter_dir(adapter_id) / "adapter_config.json")
+            return str(config.get("model", ""))
+        if self.store:
+            for job in self.store.pending_for_model(adapter_id):
+                if job.kind == "finetune":
+                    return job.base_model
+        adapters = [r.model_id for r in self.registry.list_models(kind="adapter")]
+        raise errors.NotFound(
+            f"`lora_adapter` {adapter_id!r} is neither an adapter nor the output of a queued fine-tune; "
+            f"adapters: {', '.join(adapters) if adapters else 'none yet'}"
+        )
+
+    def _fresh_id(self, base_ref: str, label: str) -> str:
+        while True:
+            model_id = registry.new_model_id(base_ref, label)
+            if not self.registry.taken(model_id) and not (self.store and self.store.pending_for_model(model_id)):
+                return model_id
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def submit(self, spec: specs.JobSpec) -> Job:
+        if self.store.count("queued") >= self.settings.max_queued_jobs:
+            raise errors.TooManyJobs(
+                f"{self.settings.max_queued_jobs} jobs are already queued; try again later",
+                headers={"Retry-After": "60"},
+            )
+        kind = "finetune" if isinstance(spec, specs.FinetuneSpec) else "fuse"
+        job = self.store.add(spec, kind)
+        self.runner.wake()
+        return job
+
+    def job(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise errors.NotFound(f"no job with id {job_id!r}")
+        return job
+
+    def jobs(self, limit: int, before: int | None, status: str | None) -> JobList:
+        return self.store.list(limit=limit, before=before, status=status)
+
+    def cancel(self, job_id: str) -> Job:
+        had = self.store.request_cancel(job_id)
+        if had is None:
+            raise errors.NotFound(f"no job with id {job_id!r}")
+        if had in FINISHED:
+            raise errors.Conflict(f"job {job_id} has already ended ({had})")
+        if had == "running":
+            self.runner.cancel(job_id)
+        return self.job(job_id)
+
+    def events(self, job_id: str, after: int = 0) -> list[dict]:
+        self.job(job_id)
+        return self.store.events(job_id, after)

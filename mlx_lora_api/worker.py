@@ -1,0 +1,120 @@
+"""Carries out one job: `execute` is the plain function the CLI calls in-process, and
+`process_main` the entry point of a server's worker process (which loads the fast BLAS
+before anything imports MLX)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+
+from . import hub, registry, specs
+from .registry import Meta, Registry
+
+log = logging.getLogger("mlx_lora_api")
+EventSink = Callable[[dict], None]
+
+
+def _base_path(base: registry.BaseModel, on_event: EventSink) -> str:
+    if base.path is not None:
+        return base.path
+    on_event({"type": "downloading", "base_model": base.ref})
+    return hub.download(base.ref)
+
+
+def finetune(spec: specs.FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
+    from . import datasets, training
+
+    request = spec.request
+    base_path = _base_path(spec.base, on_event)
+    with registry.staged(reg.adapter_dir(spec.model_id)) as work:
+        metrics = training.train_adapter(base_path, spec.base.ref, request, work, on_event)
+        meta = Meta(
+            kind="adapter",
+            created_at=time.time(),
+            base_model=spec.base.ref,
+            base_source=spec.base.source,
+            job_id=spec.job_id,
+            parameters=msgspec.to_builtins(request.parameters),
+            training_data={
+                "samples": len(request.training_data),
+                "validation_samples": len(request.validation_data or []),
+                "format": request.data_form,
+                "sha256": datasets.fingerprint(request.training_data),
+            },
+            metrics=metrics,
+        )
+        registry.write_meta(work, meta)
+    loss = metrics.get("final_train_loss")
+    return f"adapter {spec.model_id} trained" + (f" (final train loss {loss:.4f})" if loss is not None else "")
+
+
+def fuse(spec: specs.FuseSpec, reg: Registry, on_event: EventSink) -> str:
+    from . import fusing
+
+    adapter_dir = reg.adapter_dir(spec.adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter {spec.adapter!r} does not exist (did its fine-tune fail?)")
+    adapter_meta = registry.read_meta(adapter_dir)
+    base_path = _base_path(spec.base, on_event)
+    with registry.staged(reg.model_dir(spec.model_id)) as work:
+        parity = fusing.fuse_adapter(base_path, adapter_dir, work, spec.request.dequantize, on_event)
+        meta = Meta(
+            kind="fused",
+            created_at=time.time(),
+            base_model=spec.base.ref,
+            base_source=spec.base.source,
+            adapter=spec.adapter,
+            job_id=spec.job_id,
+            parameters=adapter_meta.parameters if adapter_meta else None,
+            training_data=adapter_meta.training_data if adapter_meta else None,
+            metrics=adapter_meta.metrics if adapter_meta else None,
+            parity=parity,
+        )
+        registry.write_meta(work, meta)
+    return f"model {spec.model_id} fused from {spec.base.ref} and adapter {spec.adapter}"
+
+
+def execute(spec: specs.JobSpec, reg: Registry, on_event: EventSink = lambda event: None) -> str:
+    """Run one job to the end; returns a one-line summary, raises on failure."""
+    reg.ensure_folders()
+    if isinstance(spec, specs.FinetuneSpec):
+        return finetune(spec, reg, on_event)
+    return fuse(spec, reg, on_event)
+
+
+def describe_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"the disk is full: {error}"
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    text = str(error) or type(error).__name__
+    return text if isinstance(error, (ValueError, FileNotFoundError, KeyError)) else f"{type(error).__name__}: {text}"
+
+
+def process_main(conn, spec_bytes: bytes, data_dir: str, default_model: str) -> None:
+    from . import backend
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    backend.prepare()
+    spec = specs.decode(spec_bytes)
+    reg = Registry(Path(data_dir), default_model)
+
+    def send(event: dict) -> None:
+        conn.send_bytes(msgspec.json.encode({"time": time.time(), **event}))
+
+    try:
+        summary = execute(spec, reg, send)
+    except BaseException as e:
+        traceback.print_exc()
+        send({"type": "error", "message": describe_error(e)})
+        conn.close()
+        sys.exit(1)
+    send({"type": "done", "message": summary})
+    conn.close()
