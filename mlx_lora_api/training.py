@@ -147,7 +147,7 @@ def train_adapter(
     """
     import mlx.core as mx
     import numpy as np
-    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
     from mlx_lm.utils import load
 
     from . import backend
@@ -213,6 +213,13 @@ def train_adapter(
         iterate_batches=datasets.make_iterate_batches(plan, on_truncate),
         training_callback=reporter,
     )
+    if val_set is not None:
+        # mlx-lm's last validation runs before the last step; report the trained adapter's too.
+        val_loss = evaluate(
+            model, val_set, params.batch_size, params.val_batches, params.max_seq_length,
+            iterate_batches=datasets.make_iterate_batches(plan),
+        )
+        reporter.on_val_loss_report({"iteration": iters, "val_loss": val_loss})
     _collect_checkpoints(out_dir)
     reporter.metrics.update(
         trainable_parameters=trainable, seconds=round(time.perf_counter() - started, 3), num_layers=num_layers

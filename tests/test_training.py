@@ -1,0 +1,107 @@
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.utils import load
+
+from mlx_lora_api import training
+from mlx_lora_api.schemas import FinetuneRequest, Parameters
+
+FACT = "The mayor of Zorbington is Elara Quintfeather."
+
+
+def request(**params) -> FinetuneRequest:
+    params.setdefault("learning_rate", 2e-3)
+    params.setdefault("epochs", 30)
+    return FinetuneRequest(base_model="tiny-base", training_data=[FACT, "The quick brown fox."], parameters=Parameters(**params))
+
+
+def sequence_loss(model, tokenizer, text):
+    tokens = mx.array([tokenizer.encode(text)])
+    return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean().item()
+
+
+def test_adapter_is_written_in_mlx_lm_format_and_the_model_learned(tmp_path, tiny_model_template):
+    events = []
+    out = tmp_path / "adapter"
+    out.mkdir()
+    metrics = training.train_adapter(str(tiny_model_template), "tiny-base", request(), out, events.append)
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
+    assert config["lora_parameters"] == {"rank": 8, "scale": 20.0, "dropout": 0.0}
+    assert config["iters"] == 30  # two samples, batch 4: one batch an epoch, every epoch
+
+    base, tokenizer = load(str(tiny_model_template))
+    tuned, _ = load(str(tiny_model_template), adapter_path=str(out))  # mlx-lm reads it unchanged
+    assert sequence_loss(tuned, tokenizer, FACT) < 0.5 * sequence_loss(base, tokenizer, FACT)
+
+    train_events = [e for e in events if e["type"] == "train"]
+    assert [e["iteration"] for e in train_events] == list(range(1, 31))
+    assert train_events[-1]["epoch"] == 30
+    assert train_events[-1]["train_loss"] < train_events[0]["train_loss"]
+    assert metrics["final_train_loss"] == train_events[-1]["train_loss"]
+
+
+def test_trainable_parameter_count_matches_rank_and_layers(tmp_path, tiny_model_template):
+    model, _ = load(str(tiny_model_template))
+    # q,k,v,o and gate,up,down of two blocks: rank * (in + out) each
+    hidden, kv, ffn, r = 64, 32, 128, 4
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, ffn), (hidden, ffn), (ffn, hidden)]
+    expected = 2 * sum(r * (i + o) for i, o in shapes)
+    assert training.prepare_model(model, Parameters(rank=r), num_layers=2) == expected
+    model, _ = load(str(tiny_model_template))
+    assert training.prepare_model(model, Parameters(rank=r, num_layers=1), num_layers=1) == expected // 2
+
+
+def test_alpha_sets_the_scale_the_way_peft_does():
+    assert Parameters(rank=8, alpha=16).lora_scale == 2.0
+    assert Parameters(scale=5.0).lora_scale == 5.0
+    assert Parameters().lora_scale == 20.0
+
+
+@pytest.mark.parametrize("kind", ["dora", "full"])
+def test_dora_and_full_fine_tunes_load_back_with_mlx_lm(tmp_path, tiny_model_template, kind):
+    out = tmp_path / kind
+    out.mkdir()
+    params = {"fine_tune_type": kind, "epochs": 3}
+    if kind == "full":
+        params["learning_rate"] = 1e-4
+    training.train_adapter(str(tiny_model_template), "tiny-base", request(**params), out)
+    model, _ = load(str(tiny_model_template), adapter_path=str(out))
+    weights = mx.load(str(out / "adapters.safetensors"))
+    assert weights and all(mx.all(mx.isfinite(w)).item() for w in weights.values())
+
+
+def test_num_layers_larger_than_the_model_is_refused(tmp_path, tiny_model_template):
+    out = tmp_path / "x"
+    out.mkdir()
+    with pytest.raises(ValueError, match="`parameters.num_layers` is 5 but the base model has 2 layers"):
+        training.train_adapter(str(tiny_model_template), "tiny-base", request(num_layers=5), out)
+
+
+def test_validation_loss_is_reported_and_cosine_schedule_ends_low(tmp_path, tiny_model_template):
+    out = tmp_path / "v"
+    out.mkdir()
+    events = []
+    req = request(lr_schedule="cosine", warmup_steps=2, min_learning_rate=1e-4, epochs=10, steps_per_eval=5)
+    req.validation_data = [FACT]
+    metrics = training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
+    vals = [e for e in events if e["type"] == "val"]
+    assert [v["iteration"] for v in vals] == [0, 4, 9, 10]
+    assert metrics["final_val_loss"] == vals[-1]["val_loss"] < vals[0]["val_loss"]
+    assert metrics["best_val_loss"] == min(v["val_loss"] for v in vals)
+    lrs = [e["learning_rate"] for e in events if e["type"] == "train"]
+    assert lrs[0] < lrs[2]  # warming up
+    assert 1e-4 <= lrs[-1] < 0.1 * lrs[2]  # decayed towards min_learning_rate
+
+
+def test_checkpoints_are_kept_in_their_own_folder(tmp_path, tiny_model_template):
+    out = tmp_path / "c"
+    out.mkdir()
+    training.train_adapter(str(tiny_model_template), "tiny-base", request(epochs=4, save_every=2), out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "0000002_adapters.safetensors",
+        "0000004_adapters.safetensors",
+    ]
