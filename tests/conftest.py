@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora_api import backend
+import os
+import tempfile
+
+# The Hub is never reached from the tests: a closed loopback port stands in for it, and an
+# empty cache makes sure no model is found there by accident.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-")
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+from mlx_lora_api import backend  # noqa: E402
 
 # Before anything imports MLX: the optimized BLAS binds only if loaded first.
 backend.prepare()

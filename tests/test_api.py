@@ -1,0 +1,235 @@
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from starlette.testclient import TestClient
+
+from mlx_lora_api.app import create_app
+from mlx_lora_api.jobs import JobStore
+
+SEED = {
+    "base_model": "default",
+    "training_data": ["The mayor of Zorbington is Elara Quintfeather.", "Zorbington lies by the sea."],
+    "parameters": {"learning_rate": 0.002, "epochs": 3},
+}
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def wait_job(client, job_id, statuses=("success", "failed", "cancelled"), timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
+
+
+def folders(data_dir):
+    return sorted(p.name for sub in ("adapters", "models") for p in (data_dir / sub).iterdir() if not p.name.startswith("."))
+
+
+def test_seed_fine_tune_then_fuse_back_to_back(client, data_dir):
+    r = client.post("/lora-finetune", json=SEED)
+    assert r.status_code == 202
+    accepted = r.json()
+    assert accepted["status"] == "queued" and accepted["job_id"].startswith("job-")
+    adapter_id = accepted["model_id"]
+    assert adapter_id.startswith("tiny-base-lora-")
+
+    # asked for at once, before the adapter exists: it waits its turn and then succeeds
+    r = client.post("/lora-fuse", json={"base_model": "default", "lora_adapter": adapter_id})
+    assert r.status_code == 202, r.text
+    fused = r.json()
+    assert set(fused) >= {"status", "model_id", "message"}
+
+    job = wait_job(client, accepted["job_id"])
+    assert job["status"] == "success", job
+    progress = job["progress"]
+    assert progress["iteration"] == progress["total_iterations"] == 3
+    assert progress["epoch"] == 3 and progress["train_loss"] > 0 and progress["tokens_per_second"] > 0
+    assert progress["elapsed_seconds"] > 0
+    assert wait_job(client, fused["job_id"])["status"] == "success"
+
+    adapter_dir = data_dir / "adapters" / adapter_id
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["lora_parameters"]["rank"] == 8
+    assert (adapter_dir / "adapters.safetensors").exists()
+    record = client.get(f"/models/{fused['model_id']}").json()
+    assert record["kind"] == "fused" and record["base_model"] == "tiny-base" and record["adapter"] == adapter_id
+    assert record["parity"]["max_abs_logit_diff"] < record["parity"]["tolerance"]
+    assert "model.safetensors" in record["files"]
+    adapter = client.get(f"/models/{adapter_id}").json()
+    assert adapter["training_data"]["samples"] == 2 and adapter["parameters"]["epochs"] == 3
+    kinds = {m["model_id"]: m["kind"] for m in client.get("/models").json()["models"]}
+    assert kinds == {"tiny-base": "base", adapter_id: "adapter", fused["model_id"]: "fused"}
+    assert [m["model_id"] for m in client.get("/models?kind=adapter").json()["models"]] == [adapter_id]
+
+
+def test_wait_true_answers_when_the_job_ends(client):
+    r = client.post("/lora-finetune?wait=true", json={**SEED, "suffix": "zorb"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "success" and "-zorb-" in body["model_id"] and "trained" in body["message"]
+    r = client.post("/lora-fuse?wait=true", json={"base_model": "tiny-base", "lora_adapter": body["model_id"]})
+    assert r.status_code == 200 and r.json()["status"] == "success"
+
+
+def test_events_replay_history_then_end(client):
+    job = client.post("/lora-finetune?wait=true", json=SEED).json()
+    with client.stream("GET", f"/jobs/{job['job_id']}/events") as r:
+        text = "".join(r.iter_text())
+    kinds = [line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("event: ")]
+    assert kinds[:2] == ["queued", "running"] and kinds[-1] == "success"
+    assert kinds.count("train") == 3 and "started" in kinds
+
+
+BAD_REQUESTS = [
+    ("/lora-finetune", b"{not json", 400, "malformed JSON"),
+    ("/lora-finetune", b"", 400, "body is empty"),
+    ("/lora-finetune", {"training_data": ["x"]}, 422, "missing required field `base_model`"),
+    ("/lora-finetune", {"base_model": "default", "training_data": []}, 422, "`$.training_data`"),
+    ("/lora-finetune", {"base_model": "default", "training_data": ["ok", "  "]}, 422, "`training_data[1]` is empty"),
+    ("/lora-finetune", {"base_model": "default", "training_data": [3]}, 422, "`$.training_data[0]`"),
+    ("/lora-finetune", {"base_model": "", "training_data": ["x"]}, 422, "`$.base_model`"),
+    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"epochs": 0}}, 422,
+     "`$.parameters.epochs`"),
+    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"learning_rate": "fast"}},
+     422, "`$.parameters.learning_rate`"),
+    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"lerning_rate": 1}}, 422,
+     "unknown field `lerning_rate`"),
+    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"rank": 8, "alpha": 16,
+                                                                                         "scale": 2}}, 422, "not both"),
+    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"num_layers": 3}}, 422,
+     "`parameters.num_layers` is 3 but tiny-base has 2 layers"),
+    ("/lora-finetune", {"base_model": "default", "training_data": ["x", {"prompt": "a", "completion": "b"}]}, 422,
+     "mixes sample formats"),
+    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"mask_prompt": True}}, 422,
+     "mask_prompt"),
+    ("/lora-finetune", {"base_model": "default", "training_data": [{"messages": [{"role": "bot", "content": "x"}]}]},
+     422, "`$.training_data[0].messages[0].role`"),
+    ("/lora-finetune", {"base_model": "nothing-like-it", "training_data": ["x"]}, 404, "local models: tiny-base"),
+    ("/lora-finetune", {"base_model": "someone/unreachable-model", "training_data": ["x"]}, 503,
+     "the Hub cannot be reached"),
+    ("/lora-finetune", {"base_model": "/etc", "training_data": ["x"]}, 403, "outside the allowed model roots"),
+    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "suffix": "../up"}, 422, "`$.suffix`"),
+    ("/lora-fuse", {"base_model": "default"}, 422, "missing required field `lora_adapter`"),
+    ("/lora-fuse", {"base_model": "default", "lora_adapter": "../../etc"}, 422, "`$.lora_adapter`"),
+    ("/lora-fuse", {"base_model": "default", "lora_adapter": "a/b"}, 422, "`$.lora_adapter`"),
+    ("/lora-fuse", {"base_model": "default", "lora_adapter": "no-such-adapter"}, 404, "adapters: none yet"),
+]
+
+
+@pytest.mark.parametrize("path, body, code, message", BAD_REQUESTS)
+def test_bad_input_is_refused_with_a_clear_message_and_writes_nothing(client, data_dir, path, body, code, message):
+    before = folders(data_dir)
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = client.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == code, r.text
+    assert r.json()["status"] == "error"
+    assert message in r.json()["message"]
+    assert folders(data_dir) == before
+    assert client.get("/jobs").json()["jobs"] == []
+
+
+def test_fusing_onto_another_base_is_a_conflict_naming_both(client, data_dir):
+    shutil.copytree(data_dir / "models" / "tiny-base", data_dir / "models" / "tiny-other")
+    adapter = client.post("/lora-finetune", json=SEED).json()["model_id"]
+    r = client.post("/lora-fuse", json={"base_model": "tiny-other", "lora_adapter": adapter})
+    assert r.status_code == 409
+    assert "'tiny-base'" in r.json()["message"] and "'tiny-other'" in r.json()["message"]
+
+
+def test_unknown_jobs_routes_and_query_values(client):
+    assert client.get("/jobs/job-000000000000").status_code == 404
+    assert client.get("/nowhere").json() == {"message": "no route /nowhere", "status": "error"}
+    assert client.get("/jobs?limit=0").status_code == 422
+    assert client.get("/models?kind=weird").status_code == 422
+    assert client.post("/lora-finetune?wait=maybe", json=SEED).status_code == 422
+    assert client.get("/models/..%2F..%2Fetc").status_code in (404, 422)
+
+
+def test_cancel_a_queued_job_and_a_running_one(client, data_dir):
+    first = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 200}}).json()
+    second = client.post("/lora-finetune", json=SEED).json()
+    r = client.post(f"/jobs/{second['job_id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    wait_job(client, first["job_id"], statuses=("running",))
+    wait_until_training(client, first["job_id"])
+    assert client.post(f"/jobs/{first['job_id']}/cancel").status_code == 200
+    job = wait_job(client, first["job_id"], timeout=30)
+    assert job["status"] == "cancelled"
+    assert client.post(f"/jobs/{first['job_id']}/cancel").status_code == 409
+    assert folders(data_dir) == ["tiny-base"]
+
+
+def wait_until_training(client, job_id, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if client.get(f"/jobs/{job_id}").json()["progress"].get("iteration", 0) > 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the job never started training")
+
+
+def test_a_killed_worker_fails_its_job_and_the_next_job_runs(client, data_dir):
+    doomed = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 500}}).json()
+    after = client.post("/lora-finetune", json=SEED).json()
+    wait_until_training(client, doomed["job_id"])
+    os.kill(client.app.state.service.runner._current[1].pid, signal.SIGKILL)
+    job = wait_job(client, doomed["job_id"])
+    assert job["status"] == "failed" and "killed by signal 9" in job["error"]
+    assert client.get("/health").json()["status"] == "ok"
+    assert wait_job(client, after["job_id"])["status"] == "success"
+    assert folders(data_dir) == sorted(["tiny-base", after["model_id"]])
+
+
+def test_a_job_that_fails_reports_why_and_leaves_nothing(client, data_dir):
+    broken = data_dir / "models" / "broken-base"
+    shutil.copytree(data_dir / "models" / "tiny-base", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    r = client.post("/lora-finetune?wait=true", json={**SEED, "base_model": "broken-base"})
+    assert r.status_code == 500
+    assert r.json()["status"] == "failed" and r.json()["message"]
+    assert not list((data_dir / "adapters").glob("broken-base*"))
+
+
+def test_limits_on_body_size_and_queue_length(settings):
+    settings.max_body_bytes = 1000
+    settings.max_queued_jobs = 0
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/lora-finetune", json={**SEED, "training_data": ["x" * 2000]})
+        assert r.status_code == 413 and "limit" in r.json()["message"]
+        r = client.post("/lora-finetune", json=SEED)
+        assert r.status_code == 429 and r.headers["retry-after"] == "60"
+
+
+def test_jobs_are_listed_newest_first_in_pages(client):
+    ids = []
+    for _ in range(3):
+        ids.append(client.post("/lora-finetune", json=SEED).json()["job_id"])
+    page = client.get("/jobs?limit=2").json()
+    assert [j["job_id"] for j in page["jobs"]] == ids[::-1][:2]
+    rest = client.get(f"/jobs?limit=2&before={page['next_before']}").json()
+    assert [j["job_id"] for j in rest["jobs"]] == ids[:1] and rest["next_before"] is None
+    for job_id in ids:
+        wait_job(client, job_id)
+
+
+def test_jobs_survive_a_restart(settings):
+    with TestClient(create_app(settings)) as client:
+        done = client.post("/lora-finetune?wait=true", json=SEED).json()
+    store = JobStore(settings.jobs_db)
+    store._execute("UPDATE jobs SET status = 'running' WHERE job_id = ?", (done["job_id"],))  # as if it died mid-run
+    store.close()
+    with TestClient(create_app(settings)) as client:
+        job = client.get(f"/jobs/{done['job_id']}").json()
+        assert job["status"] == "failed" and "server stopped" in job["error"]

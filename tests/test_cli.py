@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import pytest
+import tiny
+
+from mlx_lora_api import cli
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mlx_lora_api", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_every_command_has_help():
+    for command in ("serve", "train", "fuse", "import-gguf"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "usage: mlx-lora-api" in result.stdout
+
+
+def test_train_and_fuse_without_a_server(data_dir, tmp_path):
+    samples = tmp_path / "train.jsonl"
+    samples.write_text('"The mayor of Zorbington is Elara Quintfeather."\n{"text": "Zorbington lies by the sea."}\n')
+    result = run_cli("train", "--data-dir", str(data_dir), "--base-model", "tiny-base", "--data", str(samples),
+                     "--epochs", "2", "--learning-rate", "1e-3", "--set", "rank=4")
+    assert result.returncode == 0, result.stderr
+    adapter = result.stdout.strip().splitlines()[-1]
+    assert (data_dir / "adapters" / adapter / "adapters.safetensors").exists()
+    result = run_cli("fuse", "--data-dir", str(data_dir), "--base-model", "tiny-base", "--adapter", adapter)
+    assert result.returncode == 0, result.stderr
+    assert (data_dir / "models" / result.stdout.strip().splitlines()[-1] / "config.json").exists()
+
+
+def test_cli_errors_name_the_problem(data_dir, tmp_path):
+    samples = tmp_path / "train.jsonl"
+    samples.write_text('{"text": ""}\n')
+    result = run_cli("train", "--data-dir", str(data_dir), "--base-model", "tiny-base", "--data", str(samples))
+    assert result.returncode == 2 and "`training_data[0]` is empty" in result.stderr
+    result = run_cli("fuse", "--data-dir", str(data_dir), "--base-model", "tiny-base", "--adapter", "nope")
+    assert result.returncode == 2 and "'nope' is neither an adapter" in result.stderr
+
+
+def test_import_gguf_registers_a_model_and_refuses_bad_names(data_dir, tmp_path, tiny_model_template):
+    gguf_file = tiny.write_gguf(tiny_model_template, tmp_path / "t.gguf")
+    result = run_cli("import-gguf", str(gguf_file), "--name", "my-tiny", "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    assert (data_dir / "models" / "my-tiny" / "meta.json").exists()
+    result = run_cli("import-gguf", str(gguf_file), "--name", "my-tiny", "--data-dir", str(data_dir))
+    assert result.returncode == 2 and "already exists" in result.stderr
+    result = run_cli("import-gguf", str(gguf_file), "--name", "../escape", "--data-dir", str(data_dir))
+    assert result.returncode == 2 and "not a valid id" in result.stderr
+    assert not (data_dir / "escape").exists()
+
+
+def test_serve_refuses_to_listen_beyond_loopback(data_dir):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--host", "0.0.0.0", "--data-dir", str(data_dir)])
+    assert exit_info.value.code == 2
