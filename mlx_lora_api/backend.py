@@ -69,6 +69,12 @@ def prepare() -> str | None:
     return path
 
 
+def warn_if_slow() -> None:
+    """Say once, at server start and without importing MLX, when CPU training will be slow."""
+    if sys.platform.startswith("linux") and find_blas() is None:
+        log.warning("No optimized BLAS found: CPU training will run about 30x slower; %s", BLAS_HINT)
+
+
 def on_cpu() -> bool:
     import mlx.core as mx
 

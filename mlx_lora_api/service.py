@@ -24,6 +24,9 @@ class Service:
     # -- life ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        from . import backend
+
+        backend.warn_if_slow()
         self.registry.ensure_folders()
         self.store = JobStore(self.settings.jobs_db)
         self.store.recover()
