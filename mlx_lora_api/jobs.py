@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from . import specs
-from .schemas import FINISHED, Job, JobList, Progress
+from .schemas import Checkpoint, Job, JobList, Progress
 
 log = logging.getLogger("mlx_lora_api")
 
@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL,
     progress TEXT NOT NULL DEFAULT '{}',
+    checkpoints TEXT NOT NULL DEFAULT '[]',
     message TEXT,
     error TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0
@@ -53,7 +54,9 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 """
 PROGRESS_KEYS = set(Progress.__struct_fields__)
-_COLUMNS = "job_id, kind, status, model_id, base_model, created_at, started_at, finished_at, progress, message, error"
+_COLUMNS = (
+    "job_id, kind, status, model_id, base_model, created_at, started_at, finished_at, progress, checkpoints, message, error"
+)
 
 
 def new_job_id() -> str:
@@ -115,6 +118,13 @@ class JobStore:
             self._execute(
                 "UPDATE jobs SET progress = json_patch(progress, ?) WHERE job_id = ?", (json.dumps(values), job_id)
             )
+
+    def add_checkpoint(self, job_id: str, event: dict[str, Any]) -> None:
+        entry = {k: event.get(k) for k in ("iteration", "val_loss", "file")}
+        self._execute(
+            "UPDATE jobs SET checkpoints = json_insert(checkpoints, '$[#]', json(?)) WHERE job_id = ?",
+            (json.dumps(entry), job_id),
+        )
 
     def claim_next(self) -> tuple[str, specs.JobSpec] | None:
         """Mark the oldest queued job running and return it."""
@@ -210,7 +220,7 @@ class JobStore:
 
 
 def _job(row) -> Job:
-    job_id, kind, status, model_id, base, created, started, finished, progress, message, error = row
+    job_id, kind, status, model_id, base, created, started, finished, progress, checkpoints, message, error = row
     progress = msgspec.convert(json.loads(progress), Progress)
     if started is not None:
         progress.elapsed_seconds = round((finished or time.time()) - started, 3)
@@ -227,6 +237,7 @@ def _job(row) -> Job:
         started_at=started,
         finished_at=finished,
         progress=progress,
+        checkpoints=msgspec.convert(json.loads(checkpoints), list[Checkpoint]),
         message=message,
         error=error,
     )
@@ -308,6 +319,8 @@ class Runner:
                     continue
                 self.store.add_event(job_id, event)
                 self.store.update_progress(job_id, event)
+                if event["type"] == "checkpoint":
+                    self.store.add_checkpoint(job_id, event)
         finally:
             receiver.close()
             process.join()
@@ -318,7 +331,8 @@ class Runner:
         if outcome and outcome["type"] == "done" and exitcode == 0:
             self.store.finish(job_id, "success", message=outcome.get("message"))
         elif self.store.cancel_requested(job_id):
-            self.store.finish(job_id, "cancelled", message="cancelled while running")
+            kept = outcome["message"].partition("; ")[2] if outcome else ""
+            self.store.finish(job_id, "cancelled", message="cancelled while running" + (f"; {kept}" if kept else ""))
         elif self._stopping.is_set():
             self.store.finish(job_id, "failed", error="interrupted: the server stopped while this job ran")
         elif outcome and outcome["type"] == "error":

@@ -18,7 +18,7 @@ import shutil
 import time
 import unicodedata
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import msgspec
 
@@ -104,9 +104,17 @@ def read_meta(folder: Path) -> Meta | None:
         raise errors.ServiceError(f"{folder / META_FILE} is damaged: {e}") from e
 
 
+def has_checkpoints(work: Path) -> bool:
+    return any((work / "checkpoints").glob("*.safetensors"))
+
+
 @contextlib.contextmanager
-def staged(final: Path) -> Iterator[Path]:
-    """Yield a fresh folder beside `final`; rename it into place on success, remove it on error."""
+def staged(final: Path, keep_if: Callable[[Path], bool] = lambda work: False) -> Iterator[Path]:
+    """Yield a fresh folder beside `final`; rename it into place on success.
+
+    On error the folder is removed, unless `keep_if(folder)` says it holds work worth keeping
+    (a cancelled fine-tune's checkpoints); the error then names where it is.
+    """
     staging_root = final.parent / STAGING
     staging_root.mkdir(parents=True, exist_ok=True)
     work = staging_root / f"{final.name}-{secrets.token_hex(4)}"
@@ -116,9 +124,12 @@ def staged(final: Path) -> Iterator[Path]:
         if final.exists():
             raise FileExistsError(f"{final} already exists")
         os.rename(work, final)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+    except BaseException as e:
+        if work.exists() and keep_if(work):
+            e.add_note(f"its checkpoints are kept in {work}")
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 class Registry:

@@ -136,6 +136,8 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     steps_per_eval: Annotated[int, Meta(ge=1)] = 200
     save_every: Annotated[int, Meta(ge=1)] = 100
     val_batches: Annotated[int, Meta(ge=-1)] = -1
+    # Which adapter is published: the last one, or the one of the lowest validation loss.
+    keep: Literal["last", "best"] = "last"
 
     def __post_init__(self):
         if self.alpha is not None and self.scale is not None:
@@ -144,6 +146,8 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`parameters.alpha`/`scale` apply to lora and dora, not full fine-tuning")
         if self.weight_decay is not None and self.optimizer not in ("adamw", "sgd"):
             raise ValueError("`parameters.weight_decay` applies to the adamw and sgd optimizers")
+        if self.val_batches == 0:
+            raise ValueError("`parameters.val_batches` must be -1 (all) or at least 1")
         if self.min_learning_rate > self.learning_rate:
             raise ValueError("`parameters.min_learning_rate` is larger than `parameters.learning_rate`")
 
@@ -168,6 +172,8 @@ class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
         if self.validation_data:
             if _check_samples(self.validation_data, "validation_data") != form:
                 raise ValueError("`validation_data` must use the same format as `training_data`")
+        if self.parameters.keep == "best" and not self.validation_data:
+            raise ValueError("`parameters.keep` = best needs `validation_data` to tell which adapter is best")
         if self.parameters.mask_prompt and form == "text":
             raise ValueError(
                 "`parameters.mask_prompt` needs prompt/completion or messages samples, not plain text"
@@ -214,6 +220,12 @@ class Progress(Struct, omit_defaults=True):
     eta_seconds: float | None = None
 
 
+class Checkpoint(Struct):
+    iteration: int
+    file: str  # relative to the adapter's folder
+    val_loss: float | None = None
+
+
 class Job(Struct):
     job_id: str
     kind: JobKind
@@ -224,6 +236,7 @@ class Job(Struct):
     started_at: float | None = None
     finished_at: float | None = None
     progress: Progress = msgspec.field(default_factory=Progress)
+    checkpoints: list[Checkpoint] = msgspec.field(default_factory=list)
     message: str | None = None
     error: str | None = None
 

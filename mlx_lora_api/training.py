@@ -17,6 +17,7 @@ from . import datasets
 from .schemas import FinetuneRequest, Parameters
 
 EventSink = Callable[[dict], None]
+BEST_FILE = "best_adapters.safetensors"
 
 
 def lora_num_layers(params: Parameters, model_layers: int) -> int:
@@ -56,6 +57,23 @@ def adapter_config(params: Parameters, base_ref: str, num_layers: int, iters: in
             "dropout": params.dropout,
         }
     return config
+
+
+def masked_loss(model, batch, lengths):
+    """mlx-lm's `default_loss` without its off-by-one: it counts the target one past each
+    sequence's end (a padding 0), training every sample to predict token 0 after its last token
+    (mlx-lm pull request 1697). Targets are batch[1:], so step k targets token k; tokens 0..L-1
+    are real, and the last real target is step L-1."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(inputs)
+    steps = mx.arange(1, targets.shape[1] + 1)
+    mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ntoks = mask.sum()
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
 def build_schedule(params: Parameters, updates: int):
@@ -102,36 +120,93 @@ def prepare_model(model, params: Parameters, num_layers: int) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
-class _Reporter:
-    """mlx-lm's TrainingCallback, turned into events, and the metrics kept for meta.json."""
+class _StepHook:
+    """Called by mlx-lm's trainer after every step (steps_per_report=1): reports progress at the
+    user's interval, validates, saves checkpoints and keeps the best adapter.
 
-    def __init__(self, on_event: EventSink, total: int, per_epoch: int):
+    Validation and checkpoints run here rather than in mlx-lm because its validation runs before
+    a step and its checkpoints after one, so their numbers never describe the same weights.
+    """
+
+    def __init__(self, model, params: Parameters, out_dir: Path, on_event: EventSink, total: int, per_epoch: int,
+                 validate: Callable[[], float] | None):
+        self.model = model
+        self.params = params
+        self.out_dir = out_dir
         self.on_event = on_event
         self.total = total
         self.per_epoch = per_epoch
+        self.validate = validate
         self.metrics: dict[str, Any] = {"iterations": total}
-        self.val_losses: list[float] = []
+        self.best: tuple[float, int] | None = None
+        self._window: list[tuple[float, float, float]] = []  # (loss, tokens, seconds) of each step
+        self._tokens = 0
+
+    def _save(self, path: Path) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        mx.save_safetensors(str(path), dict(tree_flatten(self.model.trainable_parameters())))
+
+    def evaluate(self, iteration: int) -> float | None:
+        if self.validate is None:
+            return None
+        loss = self.validate()
+        self.metrics["final_val_loss"] = loss
+        if self.best is None or loss < self.best[0]:
+            self.best = (loss, iteration)
+            self.metrics.update(best_val_loss=loss, best_iteration=iteration)
+            if self.params.keep == "best":
+                self._save(self.out_dir / BEST_FILE)
+        self.on_event({"type": "val", "iteration": iteration, "val_loss": loss})
+        return loss
+
+    def on_val_loss_report(self, info: dict) -> None:
+        pass  # mlx-lm's own validation is off; see evaluate()
 
     def on_train_loss_report(self, info: dict) -> None:
         it = info["iteration"]
-        self.metrics.update(final_train_loss=info["train_loss"], trained_tokens=info["trained_tokens"])
+        tokens = info["trained_tokens"] - self._tokens
+        self._tokens = info["trained_tokens"]
+        self._window.append((info["train_loss"], tokens, tokens / max(info["tokens_per_second"], 1e-9)))
+        if it % self.params.steps_per_report == 0 or it == self.total:
+            self._report(it, info)
+        val_loss = None
+        if it % self.params.steps_per_eval == 0 or it == self.total:
+            val_loss = self.evaluate(it)
+        if it % self.params.save_every == 0 and it != self.total:
+            folder = self.out_dir / "checkpoints"
+            folder.mkdir(exist_ok=True)
+            path = folder / f"{it:07d}_adapters.safetensors"
+            self._save(path)
+            self.on_event({"type": "checkpoint", "iteration": it, "val_loss": val_loss, "file": f"checkpoints/{path.name}"})
+
+    def _report(self, it: int, info: dict) -> None:
+        losses, tokens, seconds = zip(*self._window)
+        self._window = []
+        loss = sum(losses) / len(losses)
+        self.metrics.update(final_train_loss=loss, trained_tokens=info["trained_tokens"])
         self.on_event(
             {
                 "type": "train",
                 "iteration": it,
                 "epoch": round(it / self.per_epoch, 4),
-                "train_loss": info["train_loss"],
+                "train_loss": loss,
                 "learning_rate": info["learning_rate"],
-                "tokens_per_second": info["tokens_per_second"],
+                "tokens_per_second": sum(tokens) / max(sum(seconds), 1e-9),
                 "trained_tokens": info["trained_tokens"],
                 "peak_memory_gb": info["peak_memory"],
             }
         )
 
-    def on_val_loss_report(self, info: dict) -> None:
-        self.val_losses.append(info["val_loss"])
-        self.metrics.update(final_val_loss=info["val_loss"], best_val_loss=min(self.val_losses))
-        self.on_event({"type": "val", "iteration": info["iteration"], "val_loss": info["val_loss"]})
+    def finish(self) -> None:
+        """With keep=best, the published adapter is the one of the lowest validation loss."""
+        best_file = self.out_dir / BEST_FILE
+        if self.params.keep == "best" and best_file.exists():
+            best_file.replace(self.out_dir / "adapters.safetensors")
+            self.metrics["kept"] = f"best (iteration {self.best[1]})"
+        else:
+            self.metrics["kept"] = "last"
 
 
 def train_adapter(
@@ -183,17 +258,24 @@ def train_adapter(
     args = TrainingArgs(
         batch_size=params.batch_size,
         iters=iters,
-        val_batches=params.val_batches,
-        steps_per_report=params.steps_per_report,
-        steps_per_eval=params.steps_per_eval,
-        steps_per_save=params.save_every,
+        steps_per_report=1,  # every step reaches the hook, which reports at the user's interval
+        steps_per_save=iters + 1,  # the hook saves checkpoints; mlx-lm writes only the final adapter
         max_seq_length=params.max_seq_length,
         adapter_file=str(out_dir / "adapters.safetensors"),
         grad_checkpoint=params.grad_checkpoint,
         grad_accumulation_steps=params.grad_accumulation_steps,
     )
+
+    def validate() -> float:
+        loss = evaluate(
+            model, val_set, params.batch_size, params.val_batches, params.max_seq_length,
+            loss=masked_loss, iterate_batches=datasets.make_iterate_batches(plan),
+        )
+        model.train()
+        return loss
+
     optimizer = build_optimizer(params, max(iters // params.grad_accumulation_steps, 1))
-    reporter = _Reporter(on_event, iters, per_epoch)
+    hook = _StepHook(model, params, out_dir, on_event, iters, per_epoch, validate if val_set is not None else None)
     on_event(
         {
             "type": "started",
@@ -204,35 +286,19 @@ def train_adapter(
             "num_layers": num_layers,
         }
     )
+    hook.evaluate(0)
     train(
         model=model,
         optimizer=optimizer,
         train_dataset=train_set,
-        val_dataset=val_set,
+        val_dataset=None,
         args=args,
+        loss=masked_loss,
         iterate_batches=datasets.make_iterate_batches(plan, on_truncate),
-        training_callback=reporter,
+        training_callback=hook,
     )
-    if val_set is not None:
-        # mlx-lm's last validation runs before the last step; report the trained adapter's too.
-        val_loss = evaluate(
-            model, val_set, params.batch_size, params.val_batches, params.max_seq_length,
-            iterate_batches=datasets.make_iterate_batches(plan),
-        )
-        reporter.on_val_loss_report({"iteration": iters, "val_loss": val_loss})
-    _collect_checkpoints(out_dir)
-    reporter.metrics.update(
+    hook.finish()
+    hook.metrics.update(
         trainable_parameters=trainable, seconds=round(time.perf_counter() - started, 3), num_layers=num_layers
     )
-    return reporter.metrics
-
-
-def _collect_checkpoints(out_dir: Path) -> None:
-    """mlx-lm writes `NNNNNNN_adapters.safetensors` beside the adapter; keep them in checkpoints/."""
-    found = sorted(out_dir.glob("[0-9]*_adapters.safetensors"))
-    if not found:
-        return
-    folder = out_dir / "checkpoints"
-    folder.mkdir(exist_ok=True)
-    for path in found:
-        path.rename(folder / path.name)
+    return hook.metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -33,7 +34,7 @@ def finetune(spec: specs.FinetuneSpec, reg: Registry, on_event: EventSink) -> st
 
     request = spec.request
     base_path = _base_path(spec.base, on_event)
-    with registry.staged(reg.adapter_dir(spec.model_id)) as work:
+    with registry.staged(reg.adapter_dir(spec.model_id), keep_if=registry.has_checkpoints) as work:
         metrics = training.train_adapter(base_path, spec.base.ref, request, work, on_event)
         meta = Meta(
             kind="adapter",
@@ -89,19 +90,34 @@ def execute(spec: specs.JobSpec, reg: Registry, on_event: EventSink = lambda eve
     return fuse(spec, reg, on_event)
 
 
+class Cancelled(Exception):
+    """Raised in the worker by SIGTERM, so that a cancelled job unwinds and keeps its checkpoints."""
+
+    def __str__(self) -> str:
+        return "cancelled"
+
+
 def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return f"the disk is full: {error}"
-    if isinstance(error, MemoryError):
-        return "out of memory"
-    text = str(error) or type(error).__name__
-    return text if isinstance(error, (ValueError, FileNotFoundError, KeyError)) else f"{type(error).__name__}: {text}"
+        text = f"the disk is full: {error}"
+    elif isinstance(error, MemoryError):
+        text = "out of memory"
+    elif isinstance(error, (ValueError, FileNotFoundError, KeyError, Cancelled)):
+        text = str(error) or type(error).__name__
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return "; ".join([text, *getattr(error, "__notes__", [])])
+
+
+def _raise_cancelled(signum, frame):
+    raise Cancelled()
 
 
 def process_main(conn, spec_bytes: bytes, data_dir: str, default_model: str) -> None:
     from . import backend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _raise_cancelled)
     backend.prepare()
     spec = specs.decode(spec_bytes)
     reg = Registry(Path(data_dir), default_model)
@@ -112,7 +128,8 @@ def process_main(conn, spec_bytes: bytes, data_dir: str, default_model: str) -> 
     try:
         summary = execute(spec, reg, send)
     except BaseException as e:
-        traceback.print_exc()
+        if not isinstance(e, Cancelled):
+            traceback.print_exc()
         send({"type": "error", "message": describe_error(e)})
         conn.close()
         sys.exit(1)

@@ -3,6 +3,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
@@ -157,23 +158,27 @@ def test_unknown_jobs_routes_and_query_values(client):
 
 
 def test_cancel_a_queued_job_and_a_running_one(client, data_dir):
-    first = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 200}}).json()
+    first = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 200, "save_every": 2}}).json()
     second = client.post("/lora-finetune", json=SEED).json()
     r = client.post(f"/jobs/{second['job_id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     wait_job(client, first["job_id"], statuses=("running",))
-    wait_until_training(client, first["job_id"])
+    wait_until_training(client, first["job_id"], iterations=3)
     assert client.post(f"/jobs/{first['job_id']}/cancel").status_code == 200
     job = wait_job(client, first["job_id"], timeout=30)
     assert job["status"] == "cancelled"
+    assert job["checkpoints"][0] == {"iteration": 2, "file": "checkpoints/0000002_adapters.safetensors", "val_loss": None}
+    kept = job["message"].split("checkpoints are kept in ")[1]
+    assert (data_dir / "adapters" / ".staging") in Path(kept).parents
+    assert (Path(kept) / job["checkpoints"][-1]["file"]).exists()
     assert client.post(f"/jobs/{first['job_id']}/cancel").status_code == 409
     assert folders(data_dir) == ["tiny-base"]
 
 
-def wait_until_training(client, job_id, timeout=60):
+def wait_until_training(client, job_id, iterations=1, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if client.get(f"/jobs/{job_id}").json()["progress"].get("iteration", 0) > 0:
+        if client.get(f"/jobs/{job_id}").json()["progress"].get("iteration", 0) >= iterations:
             return
         time.sleep(0.1)
     raise AssertionError("the job never started training")

@@ -89,7 +89,7 @@ def test_validation_loss_is_reported_and_cosine_schedule_ends_low(tmp_path, tiny
     req.validation_data = [FACT]
     metrics = training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
     vals = [e for e in events if e["type"] == "val"]
-    assert [v["iteration"] for v in vals] == [0, 4, 9, 10]
+    assert [v["iteration"] for v in vals] == [0, 5, 10]  # each after its step
     assert metrics["final_val_loss"] == vals[-1]["val_loss"] < vals[0]["val_loss"]
     assert metrics["best_val_loss"] == min(v["val_loss"] for v in vals)
     lrs = [e["learning_rate"] for e in events if e["type"] == "train"]
@@ -97,11 +97,58 @@ def test_validation_loss_is_reported_and_cosine_schedule_ends_low(tmp_path, tiny
     assert 1e-4 <= lrs[-1] < 0.1 * lrs[2]  # decayed towards min_learning_rate
 
 
-def test_checkpoints_are_kept_in_their_own_folder(tmp_path, tiny_model_template):
+def test_checkpoints_are_saved_with_their_validation_loss(tmp_path, tiny_model_template):
     out = tmp_path / "c"
     out.mkdir()
-    training.train_adapter(str(tiny_model_template), "tiny-base", request(epochs=4, save_every=2), out)
+    events = []
+    req = request(epochs=6, save_every=2, steps_per_eval=2)
+    req.validation_data = ["The quick brown fox."]
+    training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "0000002_adapters.safetensors",
         "0000004_adapters.safetensors",
     ]
+    vals = {e["iteration"]: e["val_loss"] for e in events if e["type"] == "val"}
+    checkpoints = [e for e in events if e["type"] == "checkpoint"]
+    assert [(c["iteration"], c["val_loss"]) for c in checkpoints] == [(2, vals[2]), (4, vals[4])]
+    model, _ = load(str(tiny_model_template))
+    training.prepare_model(model, Parameters(), 2)
+    model.load_weights(str(out / "checkpoints" / "0000002_adapters.safetensors"), strict=False)
+
+
+def test_keep_best_publishes_the_adapter_of_the_lowest_validation_loss(tmp_path, tiny_model_template):
+    out = tmp_path / "best"
+    out.mkdir()
+    events = []
+    # Trained on one fact, validated on another: the validation loss rises once it overfits.
+    req = FinetuneRequest(
+        base_model="tiny-base",
+        training_data=["The mayor of Zorbington is Elara Quintfeather."],
+        validation_data=["def add(a, b):\n    return a + b\n"],
+        parameters=Parameters(learning_rate=2e-2, epochs=30, steps_per_eval=1, keep="best"),
+    )
+    metrics = training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
+    vals = {e["iteration"]: e["val_loss"] for e in events if e["type"] == "val"}
+    best = min(vals, key=vals.get)
+    assert 0 < best < 30 and metrics["best_iteration"] == best
+    assert metrics["kept"] == f"best (iteration {best})"
+    base, tokenizer = load(str(tiny_model_template))
+    tuned, _ = load(str(tiny_model_template), adapter_path=str(out))
+    tokens = mx.array([tokenizer.encode("def add(a, b):\n    return a + b\n") + [tokenizer.eos_token_id]])
+    logits = tuned(tokens[:, :-1])
+    loss = nn.losses.cross_entropy(logits, tokens[:, 1:]).mean().item()
+    assert loss == pytest.approx(vals[best], rel=1e-3)
+
+
+def test_loss_counts_every_real_target_and_no_padding():
+    import mlx.core as mx
+
+    class Uniform(nn.Module):  # the same logits everywhere: each target costs log(vocab)
+        def __call__(self, inputs):
+            return mx.zeros((*inputs.shape, 10))
+
+    batch = mx.array([[1, 2, 3, 4, 0, 0], [5, 6, 7, 8, 9, 1]])
+    lengths = mx.array([[0, 4], [2, 6]])  # row 2 has a 2-token prompt masked
+    value, ntoks = training.masked_loss(Uniform(), batch, lengths)
+    assert ntoks.item() == 3 + 4  # targets 2,3,4 and 7,8,9,1; never the padding after 4
+    assert value.item() == pytest.approx(float(mx.log(mx.array(10.0))), rel=1e-5)
