@@ -44,8 +44,11 @@ ROUTES = [
     Route("/jobs/{job_id}", endpoints.get_job, methods=["GET"]),
     Route("/jobs/{job_id}/cancel", endpoints.cancel_job, methods=["POST"]),
     Route("/jobs/{job_id}/events", endpoints.job_events, methods=["GET"]),
+    Route("/jobs/{job_id}/metrics", endpoints.job_metrics, methods=["GET"]),
+    Route("/jobs/{job_id}/loss.svg", endpoints.job_loss_svg, methods=["GET"]),
     Route("/models", endpoints.list_models, methods=["GET"]),
     Route("/models/{model_id}", endpoints.get_model, methods=["GET"]),
+    Route("/models/{model_id}", endpoints.delete_model, methods=["DELETE"]),
     Route("/health", endpoints.health, methods=["GET"]),
 ]
 

@@ -153,6 +153,25 @@ async def get_model(request: Request) -> Response:
     return respond(await run_in_threadpool(registry.record, request.path_params["model_id"]))
 
 
+async def delete_model(request: Request) -> Response:
+    force = request.query_params.get("force", "false").lower() in ("true", "1")
+    service = request.app.state.service
+    model_id = request.path_params["model_id"]
+    await run_in_threadpool(service.delete_model, model_id, force)
+    return respond({"status": "deleted", "model_id": model_id})
+
+
+async def job_metrics(request: Request) -> Response:
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.metrics, request.path_params["job_id"]))
+
+
+async def job_loss_svg(request: Request) -> Response:
+    service = request.app.state.service
+    svg = await run_in_threadpool(service.loss_svg, request.path_params["job_id"])
+    return Response(svg, media_type="image/svg+xml")
+
+
 async def health(request: Request) -> Response:
     from . import __version__
 

@@ -205,6 +205,15 @@ class JobStore:
         ).fetchall()
         return [_job(r) for r in rows]
 
+    def pending_users(self, model_id: str) -> list[str]:
+        """Queued or running jobs that read `model_id` (as base or adapter) or write it."""
+        rows = self._execute(
+            "SELECT job_id FROM jobs WHERE status IN ('queued', 'running')"
+            " AND (base_model = ? OR model_id = ? OR json_extract(spec, '$.adapter') = ?)",
+            (model_id, model_id, model_id),
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def spec(self, job_id: str) -> specs.JobSpec | None:
         row = self._execute("SELECT spec FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return specs.decode(row[0]) if row else None

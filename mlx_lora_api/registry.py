@@ -212,6 +212,24 @@ class Registry:
         text_config = config.get("text_config", config)
         return text_config.get("num_hidden_layers") or text_config.get("n_layers")
 
+    # -- deleting -----------------------------------------------------------------------
+
+    def dependents(self, model_id: str) -> list[str]:
+        """Models that name `model_id` as their base or their adapter."""
+        return [r.model_id for r in self.list_models() if model_id in (r.base_model, r.adapter)]
+
+    def delete(self, model_id: str) -> None:
+        """Move the folder out of sight first, so that a half-deleted model is never listed."""
+        for parent in (self.models_dir, self.adapters_dir):
+            folder = parent / check_id(model_id)
+            if folder.is_dir():
+                trash = parent / STAGING / f"{model_id}-deleted-{secrets.token_hex(4)}"
+                trash.parent.mkdir(exist_ok=True)
+                os.rename(folder, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                return
+        raise errors.NotFound(f"no model or adapter with id {model_id!r}")
+
     # -- listing ------------------------------------------------------------------------
 
     def record(self, model_id: str) -> ModelRecord:

@@ -98,6 +98,39 @@ class Service:
             if not self.registry.taken(model_id) and not (self.store and self.store.pending_for_model(model_id)):
                 return model_id
 
+    # -- models -------------------------------------------------------------------------
+
+    def delete_model(self, model_id: str, force: bool = False) -> None:
+        self.registry.record(model_id)  # 404 first
+        if jobs := self.store.pending_users(model_id):
+            raise errors.Conflict(f"{model_id!r} is in use by queued or running jobs: {', '.join(jobs)}")
+        if (dependents := self.registry.dependents(model_id)) and not force:
+            raise errors.Conflict(
+                f"{model_id!r} is the base or adapter of {', '.join(dependents)}; delete with ?force=true to remove it anyway"
+            )
+        self.registry.delete(model_id)
+
+    def metrics(self, job_id: str) -> dict:
+        events = self.events(job_id)
+        train = [
+            {k: e.get(k) for k in ("iteration", "train_loss", "learning_rate", "tokens_per_second", "peak_memory_gb")}
+            for e in events
+            if e["type"] == "train"
+        ]
+        val = [{"iteration": e["iteration"], "val_loss": e["val_loss"]} for e in events if e["type"] == "val"]
+        return {"job_id": job_id, "train": train, "validation": val}
+
+    def loss_svg(self, job_id: str) -> str:
+        from . import plots
+
+        metrics = self.metrics(job_id)
+        job = self.job(job_id)
+        series = {
+            "train": [(m["iteration"], m["train_loss"]) for m in metrics["train"]],
+            "validation": [(m["iteration"], m["val_loss"]) for m in metrics["validation"]],
+        }
+        return plots.loss_svg(f"{job.model_id} ({job.status})", series)
+
     # -- jobs ----------------------------------------------------------------------------
 
     def submit(self, spec: specs.JobSpec) -> Job:

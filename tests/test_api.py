@@ -238,3 +238,36 @@ def test_jobs_survive_a_restart(settings):
     with TestClient(create_app(settings)) as client:
         job = client.get(f"/jobs/{done['job_id']}").json()
         assert job["status"] == "failed" and "server stopped" in job["error"]
+
+
+def test_metrics_and_loss_plot(client):
+    body = {**SEED, "validation_data": ["Zorbington lies by the sea."], "parameters": {"epochs": 4, "steps_per_eval": 2}}
+    job = client.post("/lora-finetune?wait=true", json=body).json()
+    metrics = client.get(f"/jobs/{job['job_id']}/metrics").json()
+    assert [m["iteration"] for m in metrics["train"]] == [1, 2, 3, 4]
+    assert [m["iteration"] for m in metrics["validation"]] == [0, 2, 4]
+    r = client.get(f"/jobs/{job['job_id']}/loss.svg")
+    assert r.headers["content-type"].startswith("image/svg+xml")
+    assert r.text.count("<polyline") == 2 and ">validation<" in r.text
+    assert client.get("/jobs/job-000000000000/metrics").status_code == 404
+
+
+def test_delete_respects_what_depends_on_a_model(client, data_dir):
+    adapter = client.post("/lora-finetune?wait=true", json=SEED).json()["model_id"]
+    fused = client.post("/lora-fuse?wait=true", json={"base_model": "default", "lora_adapter": adapter}).json()["model_id"]
+    r = client.delete(f"/models/{adapter}")
+    assert r.status_code == 409 and fused in r.json()["message"]
+    r = client.delete("/models/tiny-base")
+    assert r.status_code == 409 and adapter in r.json()["message"]
+    assert client.delete(f"/models/{fused}").status_code == 200
+    assert client.delete(f"/models/{adapter}").status_code == 200
+    assert client.get(f"/models/{adapter}").status_code == 404
+    assert client.delete(f"/models/{adapter}").status_code == 404
+    assert client.delete("/models/..%2Fx").status_code in (404, 422)
+    slow = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 300}}).json()
+    r = client.delete("/models/tiny-base")
+    assert r.status_code == 409 and slow["job_id"] in r.json()["message"]
+    client.post(f"/jobs/{slow['job_id']}/cancel")
+    wait_job(client, slow["job_id"])
+    assert client.delete("/models/tiny-base?force=true").status_code == 200
+    assert folders(data_dir) == []

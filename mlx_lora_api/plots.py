@@ -1,0 +1,65 @@
+"""Loss curves as a self-contained SVG (no plotting library needed)."""
+
+from __future__ import annotations
+
+from html import escape
+
+WIDTH, HEIGHT = 640, 360
+MARGIN = {"left": 56, "right": 16, "top": 32, "bottom": 40}
+COLORS = {"train": "#2563eb", "validation": "#dc2626"}
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    if high <= low:
+        return [low]
+    step = (high - low) / (count - 1)
+    return [low + i * step for i in range(count)]
+
+
+def loss_svg(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
+    """`series` maps a name (train, validation) to (iteration, loss) points."""
+    points = [p for values in series.values() for p in values]
+    x0, x1 = MARGIN["left"], WIDTH - MARGIN["right"]
+    y0, y1 = HEIGHT - MARGIN["bottom"], MARGIN["top"]
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}"'
+        ' font-family="sans-serif" font-size="11">',
+        f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
+        f'<text x="{WIDTH / 2}" y="18" text-anchor="middle" font-size="13">{escape(title)}</text>',
+    ]
+    if not points:
+        parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle">no losses reported yet</text>')
+        return "\n".join(parts + ["</svg>"])
+    it_low, it_high = min(p[0] for p in points), max(p[0] for p in points)
+    loss_low, loss_high = min(p[1] for p in points), max(p[1] for p in points)
+    if it_high == it_low:
+        it_high = it_low + 1
+    if loss_high == loss_low:
+        loss_high = loss_low + 1
+
+    def x(it: float) -> float:
+        return x0 + (it - it_low) / (it_high - it_low) * (x1 - x0)
+
+    def y(loss: float) -> float:
+        return y0 - (loss - loss_low) / (loss_high - loss_low) * (y0 - y1)
+
+    parts.append(f'<path d="M{x0},{y1} V{y0} H{x1}" fill="none" stroke="#444"/>')
+    for value in _ticks(loss_low, loss_high):
+        parts.append(f'<text x="{x0 - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:.3g}</text>')
+        parts.append(f'<line x1="{x0}" x2="{x1}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="#eee"/>')
+    for value in _ticks(it_low, it_high):
+        parts.append(f'<text x="{x(value):.1f}" y="{y0 + 16}" text-anchor="middle">{value:.0f}</text>')
+    parts.append(f'<text x="{(x0 + x1) / 2}" y="{HEIGHT - 6}" text-anchor="middle">iteration</text>')
+    parts.append(f'<text x="14" y="{(y0 + y1) / 2}" transform="rotate(-90 14 {(y0 + y1) / 2})" text-anchor="middle">loss</text>')
+    for row, (name, values) in enumerate(series.items()):
+        if not values:
+            continue
+        color = COLORS.get(name, "#333")
+        path = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in values)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        if len(values) == 1:
+            parts.append(f'<circle cx="{x(values[0][0]):.1f}" cy="{y(values[0][1]):.1f}" r="3" fill="{color}"/>')
+        ly = MARGIN["top"] + 14 * row + 8
+        parts.append(f'<line x1="{x1 - 110}" x2="{x1 - 92}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"/>')
+        parts.append(f'<text x="{x1 - 86}" y="{ly + 4}" class="legend">{escape(name)}</text>')
+    return "\n".join(parts + ["</svg>"])
