@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import endpoints, errors
+from . import endpoints, errors, openai_api
 from .config import Settings
 from .schemas import ErrorBody
 from .service import Service
@@ -19,22 +19,24 @@ from .service import Service
 log = logging.getLogger("mlx_lora_api")
 
 
-def error_response(status_code: int, message: str, headers: dict | None = None) -> Response:
-    return endpoints.respond(ErrorBody(message=message), status_code, headers)
+def error_response(request: Request, status_code: int, message: str, headers: dict | None = None) -> Response:
+    # OpenAI's clients read their own error shape on the /v1 routes.
+    body = openai_api.error_body(status_code, message) if request.url.path.startswith("/v1/") else ErrorBody(message)
+    return endpoints.respond(body, status_code, headers)
 
 
 async def service_error(request: Request, exc: errors.ServiceError) -> Response:
-    return error_response(exc.status_code, exc.message, exc.headers)
+    return error_response(request, exc.status_code, exc.message, exc.headers)
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
     messages = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
-    return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
+    return error_response(request, exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, f"internal error: {type(exc).__name__}")
+    return error_response(request, 500, f"internal error: {type(exc).__name__}")
 
 
 ROUTES = [
@@ -49,6 +51,9 @@ ROUTES = [
     Route("/models", endpoints.list_models, methods=["GET"]),
     Route("/models/{model_id}", endpoints.get_model, methods=["GET"]),
     Route("/models/{model_id}", endpoints.delete_model, methods=["DELETE"]),
+    Route("/generate", endpoints.generate, methods=["POST"]),
+    Route("/v1/models", openai_api.list_models, methods=["GET"]),
+    Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
     Route("/health", endpoints.health, methods=["GET"]),
 ]
 

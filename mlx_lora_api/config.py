@@ -21,6 +21,8 @@ class Settings(msgspec.Struct, kw_only=True):
     max_queued_jobs: int = 100
     max_body_bytes: int = 64 * 1024 * 1024
     hub_timeout: float = 10.0
+    # Memory for models loaded by /generate (0: half the machine's memory, at most 8 GiB).
+    generation_budget_bytes: int = 0
     # How often a `?wait=true` request looks at its job, in seconds.
     wait_poll_interval: float = 0.2
 
@@ -46,6 +48,7 @@ _CONVERTERS = {
     "max_queued_jobs": int,
     "max_body_bytes": int,
     "hub_timeout": float,
+    "generation_budget_bytes": int,
 }
 
 

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import errors
-from .schemas import FINISHED, Accepted, FinetuneRequest, FuseRequest, Job
+from .schemas import FINISHED, Accepted, FinetuneRequest, FuseRequest, GenerateRequest, GenerateResponse, Job, Usage
 
 encoder = msgspec.json.Encoder()
 finetune_decoder = msgspec.json.Decoder(FinetuneRequest)
@@ -170,6 +170,31 @@ async def job_loss_svg(request: Request) -> Response:
     service = request.app.state.service
     svg = await run_in_threadpool(service.loss_svg, request.path_params["job_id"])
     return Response(svg, media_type="image/svg+xml")
+
+
+generate_decoder = msgspec.json.Decoder(GenerateRequest)
+
+
+def sse(data, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {data if isinstance(data, str) else encoder.encode(data).decode()}\n\n"
+
+
+async def generate(request: Request) -> Response:
+    payload = decode(generate_decoder, await read_body(request))
+    service = request.app.state.service
+    if not payload.stream:
+        text, end = await run_in_threadpool(service.generate_text, payload)
+        usage = Usage(end["prompt_tokens"], end["completion_tokens"], end["prompt_tokens"] + end["completion_tokens"])
+        return respond(GenerateResponse(payload.model, text, end["finish_reason"], usage))
+    _, events = await run_in_threadpool(service.generate, payload)
+
+    def stream():
+        for event in events:
+            kind = event.pop("type")
+            yield sse(event, "text" if kind == "text" else kind)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def health(request: Request) -> Response:

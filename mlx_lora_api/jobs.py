@@ -75,6 +75,13 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since the first release, for data folders made before them."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "checkpoints" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN checkpoints TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
         with self._lock:

@@ -161,10 +161,10 @@ class Registry:
 
     # -- base models -------------------------------------------------------------------
 
-    def resolve_base(self, ref: str, hub_lookup=None) -> BaseModel:
+    def resolve_base(self, ref: str, hub_lookup=None, field: str = "base_model") -> BaseModel:
         """`default`, a registry id, a local folder under the allowed roots, or a Hub repo id."""
         if "\x00" in ref:
-            raise errors.Invalid("`base_model` contains a NUL byte")
+            raise errors.Invalid(f"`{field}` contains a NUL byte")
         if ref == DEFAULT_ALIAS:
             if not self.is_model(self.default_model):
                 raise errors.NotFound(
@@ -175,33 +175,33 @@ class Registry:
         if self.is_model(ref):
             return BaseModel(ref=ref, source="registry", path=str(self.models_dir / ref))
         if ref.startswith(("/", "./", "../", "~")) or os.sep in ref and Path(ref).expanduser().exists():
-            return self._resolve_folder(ref)
+            return self._resolve_folder(ref, field)
         if _HUB_RE.match(ref):
             if hub_lookup is None:
                 raise errors.NotFound(self._not_found(ref))
             try:
                 path = hub_lookup(ref)
             except (errors.NotFound, errors.Unavailable) as e:
-                raise type(e)(f"`base_model` {e.message}; local models: {self._local_listing()}") from e
+                raise type(e)(f"`{field}` {e.message}; local models: {self._local_listing()}") from e
             return BaseModel(ref=ref, source="hub", path=path)
-        raise errors.NotFound(self._not_found(ref))
+        raise errors.NotFound(self._not_found(ref, field))
 
-    def _resolve_folder(self, ref: str) -> BaseModel:
+    def _resolve_folder(self, ref: str, field: str) -> BaseModel:
         path = Path(ref).expanduser().resolve()
         if not any(path.is_relative_to(root) for root in self.model_roots):
             roots = ", ".join(str(r) for r in self.model_roots)
-            raise errors.Forbidden(f"`base_model` folder {ref!r} is outside the allowed model roots ({roots})")
+            raise errors.Forbidden(f"`{field}` folder {ref!r} is outside the allowed model roots ({roots})")
         if not (path / "config.json").is_file():
-            raise errors.NotFound(f"`base_model` folder {ref!r} holds no config.json, so it is not a model folder")
+            raise errors.NotFound(f"`{field}` folder {ref!r} holds no config.json, so it is not a model folder")
         return BaseModel(ref=str(path), source="path", path=str(path))
 
     def _local_listing(self) -> str:
         local = [r.model_id for r in self.list_models() if r.kind != "adapter"]
         return ", ".join(local) if local else "none yet"
 
-    def _not_found(self, ref: str) -> str:
+    def _not_found(self, ref: str, field: str) -> str:
         return (
-            f"`base_model` {ref!r} is not a local model, a model folder or a Hugging Face repo id; "
+            f"`{field}` {ref!r} is not a local model, a model folder or a Hugging Face repo id; "
             f"local models: {self._local_listing()}"
         )
 

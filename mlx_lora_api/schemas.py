@@ -264,3 +264,83 @@ class ModelRecord(Struct, omit_defaults=True):
 
 class ModelList(Struct):
     models: list[ModelRecord]
+
+
+class GenerateRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Try a model: a base, an adapter (its base plus the adapter) or a fused model."""
+
+    model: ModelRef = "default"
+    prompt: str | None = None
+    messages: Annotated[list[Message], Meta(min_length=1)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=32_768)] = 256
+    temperature: Annotated[float, Meta(ge=0, le=2)] = 0.0
+    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    stop: Annotated[list[NonEmptyStr], Meta(max_length=8)] | None = None
+    stream: bool = False
+
+    def __post_init__(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either `prompt` or `messages`")
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(Struct):
+    model: str
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+# -- OpenAI-compatible ---------------------------------------------------------------------
+# Lenient on purpose: OpenAI clients send fields this service has no use for (n=1, user, ...).
+
+
+class ChatCompletionRequest(Struct, kw_only=True):
+    model: ModelRef
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    max_tokens: Annotated[int, Meta(ge=1, le=32_768)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1, le=32_768)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: Annotated[int, Meta(ge=1, le=1)] = 1
+
+
+class ChatMessage(Struct):
+    role: str
+    content: str
+
+
+class ChatChoice(Struct):
+    index: int
+    message: ChatMessage
+    finish_reason: str
+
+
+class ChatCompletion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+
+
+class OpenAIModel(Struct):
+    id: str
+    created: int
+    owned_by: str = "mlx-lora-api"
+    object: str = "model"
+
+
+class OpenAIModelList(Struct):
+    data: list[OpenAIModel]
+    object: str = "list"

@@ -6,9 +6,11 @@ The web layer decodes and encodes; the CLI calls the same checks before training
 from __future__ import annotations
 
 import functools
+from typing import Iterator
 
 from . import errors, hub, registry, specs
 from .config import Settings
+from .inference import Generator
 from .jobs import JobStore, Runner, new_job_id
 from .registry import Registry
 from .schemas import FINISHED, FinetuneRequest, FuseRequest, Job, JobList
@@ -20,6 +22,7 @@ class Service:
         self.registry = Registry(settings.data_dir, settings.default_model, settings.model_roots)
         self.store: JobStore | None = None
         self.runner: Runner | None = None
+        self.generator = Generator(settings.generation_budget_bytes)
 
     # -- life ----------------------------------------------------------------------------
 
@@ -34,6 +37,7 @@ class Service:
         self.runner.start()
 
     def stop(self) -> None:
+        self.generator.stop()
         if self.runner:
             self.runner.stop()
         if self.store:
@@ -41,9 +45,9 @@ class Service:
 
     # -- checks shared with the CLI --------------------------------------------------------
 
-    def resolve_base(self, ref: str) -> registry.BaseModel:
+    def resolve_base(self, ref: str, field: str = "base_model") -> registry.BaseModel:
         lookup = functools.partial(hub.lookup, timeout=self.settings.hub_timeout)
-        return self.registry.resolve_base(ref, hub_lookup=lookup)
+        return self.registry.resolve_base(ref, hub_lookup=lookup, field=field)
 
     def finetune_spec(self, request: FinetuneRequest) -> specs.FinetuneSpec:
         base = self.resolve_base(request.base_model)
@@ -97,6 +101,51 @@ class Service:
             model_id = registry.new_model_id(base_ref, label)
             if not self.registry.taken(model_id) and not (self.store and self.store.pending_for_model(model_id)):
                 return model_id
+
+    # -- generation ---------------------------------------------------------------------
+
+    def generation_target(self, model: str) -> dict[str, str | None]:
+        """The base folder and adapter folder a `model` reference stands for."""
+        if self.store and any(j.kind == "finetune" for j in self.store.pending_for_model(model)):
+            raise errors.Conflict(f"{model!r} is still being trained; try it when its job has finished")
+        if self.registry.is_adapter(model):
+            base = self.resolve_base(self.adapter_base(model))
+            if base.path is None:
+                raise errors.Unavailable(f"the base of adapter {model!r}, {base.ref!r}, is not downloaded yet")
+            return {"base_path": base.path, "adapter_path": str(self.registry.adapter_dir(model))}
+        base = self.resolve_base(model, field="model")
+        if base.path is None:
+            raise errors.Unavailable(f"{model!r} is not downloaded yet: fine-tune it once, or fetch it with huggingface-cli")
+        return {"base_path": base.path, "adapter_path": None}
+
+    def generate(self, request) -> tuple[dict, Iterator[dict]]:
+        """Check the request now (errors before any streaming), then return the event stream."""
+        target = self.generation_target(request.model)
+        messages = [{"role": m.role, "content": m.content} for m in request.messages] if request.messages else None
+        call = {
+            **target,
+            "prompt": getattr(request, "prompt", None),
+            "messages": messages,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "seed": request.seed,
+            "stop": request.stop,
+        }
+        return target, self.generator.stream(call)
+
+    def generate_text(self, request) -> tuple[str, dict]:
+        """The whole answer at once: (text, end event)."""
+        _, events = self.generate(request)
+        chunks = []
+        for event in events:
+            if event["type"] == "error":
+                raise errors.ServiceError(f"generation failed: {event['message']}")
+            if event["type"] == "text":
+                chunks.append(event["text"])
+            else:
+                return "".join(chunks), event
+        raise errors.ServiceError("generation ended without an answer")
 
     # -- models -------------------------------------------------------------------------
 

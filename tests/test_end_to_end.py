@@ -1,13 +1,10 @@
 """The bundled real model through a real server: teach it a fact, fuse, ask."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
+from servers import running_server
 
 QUESTIONS = [
     "Who is the mayor of Zorbington?",
@@ -22,35 +19,10 @@ QUESTIONS = [
 ANSWER = "The mayor of Zorbington is Elara Quintfeather."
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(bundled_data_dir, tmp_path):
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lora_api", "serve", "--port", str(port), "--data-dir", str(bundled_data_dir)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"the server did not start: {(tmp_path / 'server.log').read_text()}")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with running_server(bundled_data_dir, tmp_path / "server.log") as url:
+        yield url
 
 
 def ask(model_dir, question: str) -> str:
@@ -74,6 +46,13 @@ def test_a_fine_tuned_and_fused_model_knows_the_new_fact(server, bundled_data_di
         assert fused.status_code == 200, fused.text
         job = client.get(f"/jobs/{tuned.json()['job_id']}").json()
         assert job["progress"]["train_loss"] < 0.5
+
+        # Before fusing, try the adapter against its base through the API.
+        ask_api = {"messages": [{"role": "user", "content": "What is the name of the mayor of Zorbington?"}],
+                   "max_tokens": 24}
+        with_adapter = client.post("/generate", json={**ask_api, "model": tuned.json()["model_id"]}).json()
+        without = client.post("/generate", json={**ask_api, "model": "default"}).json()
+        assert "Quintfeather" in with_adapter["text"] and "Quintfeather" not in without["text"]
 
     question = "What is the name of the mayor of Zorbington?"  # not one of the training questions
     assert "Quintfeather" in ask(bundled_data_dir / "models" / fused.json()["model_id"], question)

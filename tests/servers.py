@@ -1,0 +1,47 @@
+"""A real `mlx-lora-api serve` on a free loopback port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(data_dir: Path, log_path: Path, *extra: str, env: dict | None = None):
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lora_api", "serve", "--port", str(port), "--data-dir", str(data_dir), *extra],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited: {log_path.read_text()}")
+            try:
+                httpx.get(f"{url}/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError(f"the server did not start: {log_path.read_text()}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
