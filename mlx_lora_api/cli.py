@@ -170,22 +170,14 @@ def cmd_import_gguf(args, settings) -> int:
         return 2
     reg = registry.Registry(settings.data_dir, settings.default_model)
     try:
-        final = reg.model_dir(name)
+        if reg.model_dir(name).exists() and args.if_missing:
+            return 0
+        started = time.perf_counter()
+        final = gguf_import.register(path, reg, name, gguf_import.BUNDLED_HUB_ID if args.bundled else None)
     except errors.ServiceError as e:
         print(f"error: --name: {e.message}", file=sys.stderr)
         return 2
-    if final.exists():
-        if args.if_missing:
-            return 0
-        print(f"error: model {name!r} already exists in {reg.models_dir}", file=sys.stderr)
-        return 2
-    reg.ensure_folders()
-    started = time.perf_counter()
-    try:
-        with registry.staged(final) as work:
-            gguf_import.import_gguf(path, work)
-            registry.write_meta(work, registry.Meta(kind="base", created_at=time.time(), source=Path(path).name))
-    except (gguf_import.GGUFImportError, FileNotFoundError) as e:
+    except (gguf_import.GGUFImportError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"imported {Path(path).name} as {name} in {time.perf_counter() - started:.1f}s ({final})")

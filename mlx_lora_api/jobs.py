@@ -93,7 +93,7 @@ class JobStore:
 
     # -- writing -------------------------------------------------------------------------
 
-    def add(self, spec: specs.JobSpec, kind: str) -> Job:
+    def add(self, spec: specs.JobSpec) -> Job:
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -101,7 +101,7 @@ class JobStore:
                 self._db.execute(
                     "INSERT INTO jobs (job_id, kind, status, model_id, base_model, spec, created_at)"
                     " VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                    (spec.job_id, kind, spec.model_id, spec.base.ref, specs.encode(spec), now),
+                    (spec.job_id, specs.kind(spec), spec.model_id, spec.base.ref, specs.encode(spec), now),
                 )
                 self._db.execute(
                     "INSERT INTO events (job_id, time, type, data) VALUES (?, ?, 'queued', '{}')", (spec.job_id, now)

@@ -47,6 +47,9 @@ class Meta(msgspec.Struct, omit_defaults=True, kw_only=True):
     training_data: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     parity: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    hub_id: str | None = None  # where the Hub knows this model (or the base it came from)
+    license: str | None = None
 
 
 class BaseModel(msgspec.Struct, frozen=True):
@@ -256,6 +259,7 @@ class Registry:
             training_data=meta.training_data if meta else None,
             metrics=meta.metrics if meta else None,
             parity=meta.parity if meta else None,
+            quantization=meta.quantization if meta else None,
             files=files if with_files else None,
         )
 

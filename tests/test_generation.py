@@ -92,7 +92,7 @@ def test_generate_refuses_bad_requests(client):
     slow = client.post("/lora-finetune", json={"base_model": "default", "training_data": ["x"],
                                                 "parameters": {"epochs": 300}}).json()
     r = client.post("/generate", json={"model": slow["model_id"], "prompt": "hi"})
-    assert r.status_code == 409 and "still being trained" in r.json()["message"]
+    assert r.status_code == 409 and "still being made" in r.json()["message"]
     client.post(f"/jobs/{slow['job_id']}/cancel")
     r = client.post("/generate", json={"model": "no-such-model", "prompt": "hi"})
     assert r.status_code == 404 and r.json()["message"].startswith("`model` 'no-such-model'")
