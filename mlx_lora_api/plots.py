@@ -47,7 +47,7 @@ def loss_svg(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
     for value in _ticks(loss_low, loss_high):
         parts.append(f'<text x="{x0 - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:.3g}</text>')
         parts.append(f'<line x1="{x0}" x2="{x1}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="#eee"/>')
-    for value in _ticks(it_low, it_high):
+    for value in sorted({round(v) for v in _ticks(it_low, it_high)}):
         parts.append(f'<text x="{x(value):.1f}" y="{y0 + 16}" text-anchor="middle">{value:.0f}</text>')
     parts.append(f'<text x="{(x0 + x1) / 2}" y="{HEIGHT - 6}" text-anchor="middle">iteration</text>')
     parts.append(f'<text x="14" y="{(y0 + y1) / 2}" transform="rotate(-90 14 {(y0 + y1) / 2})" text-anchor="middle">loss</text>')
