@@ -9,11 +9,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from . import endpoints, errors, openai_api
 from .config import Settings
 from .schemas import ErrorBody
+from .security import Guard
 from .service import Service
 
 log = logging.getLogger("mlx_lora_api")
@@ -75,6 +77,8 @@ def create_app(settings: Settings, service: Service | None = None) -> Starlette:
     app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
+        middleware=[Middleware(Guard, api_key=settings.api_key, bind_host=settings.host,
+                               allowed_origins=settings.allowed_origins)],
         exception_handlers={
             errors.ServiceError: service_error,
             HTTPException: http_error,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import sys
@@ -14,6 +13,7 @@ import msgspec
 
 from . import errors, registry
 from .config import load_settings
+from .security import is_loopback
 
 log = logging.getLogger("mlx_lora_api")
 
@@ -184,24 +184,15 @@ def cmd_import_gguf(args, settings) -> int:
     return 0
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def cmd_serve(args, settings) -> int:
     import uvicorn
 
     from .app import create_app
 
-    if not _is_loopback(settings.host):
+    if not is_loopback(settings.host) and not settings.api_key:
         print(
-            f"error: refusing to bind {settings.host}: the service has no authentication yet, "
-            "so it only listens on loopback (127.0.0.1, ::1)",
+            f"error: refusing to bind {settings.host} without an API key: set MLX_LORA_API_API_KEY "
+            "(clients then send `Authorization: Bearer <key>`), or bind to loopback (127.0.0.1, ::1)",
             file=sys.stderr,
         )
         return 2

@@ -10,7 +10,7 @@ import msgspec
 ENV_PREFIX = "MLX_LORA_API_"
 
 
-class Settings(msgspec.Struct, kw_only=True):
+class Settings(msgspec.Struct, kw_only=True, repr_omit_defaults=True):
     data_dir: Path = Path(".")
     host: str = "127.0.0.1"
     port: int = 8000
@@ -18,6 +18,10 @@ class Settings(msgspec.Struct, kw_only=True):
     default_model: str = "smollm2-135m-instruct"
     # Local base_model folders are accepted only below these roots (data_dir always counts).
     model_roots: list[Path] = msgspec.field(default_factory=lambda: [Path.home()])
+    # Bearer key every request but /health must carry; without one the service binds only to loopback.
+    api_key: str | None = None
+    # Web origins (scheme://host:port) besides the service's own that may call it from a browser.
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
     max_queued_jobs: int = 100
     max_body_bytes: int = 64 * 1024 * 1024
     hub_timeout: float = 10.0
@@ -25,6 +29,9 @@ class Settings(msgspec.Struct, kw_only=True):
     generation_budget_bytes: int = 0
     # How often a `?wait=true` request looks at its job, in seconds.
     wait_poll_interval: float = 0.2
+
+    def __repr__(self) -> str:
+        return f"Settings({redacted(self)})"
 
     @property
     def adapters_dir(self) -> Path:
@@ -45,6 +52,8 @@ _CONVERTERS = {
     "port": int,
     "default_model": str,
     "model_roots": lambda v: [Path(p) for p in v.split(os.pathsep) if p],
+    "api_key": str,
+    "allowed_origins": lambda v: [o.strip() for o in v.split(",") if o.strip()],
     "max_queued_jobs": int,
     "max_body_bytes": int,
     "hub_timeout": float,
@@ -68,3 +77,11 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None) ->
     settings.data_dir = settings.data_dir.expanduser().resolve()
     settings.model_roots = [p.expanduser().resolve() for p in settings.model_roots]
     return settings
+
+
+def redacted(settings: Settings) -> dict:
+    """The settings for logs and answers: never the API key."""
+    values = {name: getattr(settings, name) for name in settings.__struct_fields__}
+    if values.get("api_key"):
+        values["api_key"] = "***"
+    return values

@@ -20,7 +20,7 @@ SEED = {
 
 @pytest.fixture
 def client(settings):
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         yield client
 
 
@@ -210,7 +210,7 @@ def test_a_job_that_fails_reports_why_and_leaves_nothing(client, data_dir):
 def test_limits_on_body_size_and_queue_length(settings):
     settings.max_body_bytes = 1000
     settings.max_queued_jobs = 0
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         r = client.post("/lora-finetune", json={**SEED, "training_data": ["x" * 2000]})
         assert r.status_code == 413 and "limit" in r.json()["message"]
         r = client.post("/lora-finetune", json=SEED)
@@ -230,12 +230,12 @@ def test_jobs_are_listed_newest_first_in_pages(client):
 
 
 def test_jobs_survive_a_restart(settings):
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         done = client.post("/lora-finetune?wait=true", json=SEED).json()
     store = JobStore(settings.jobs_db)
     store._execute("UPDATE jobs SET status = 'running' WHERE job_id = ?", (done["job_id"],))  # as if it died mid-run
     store.close()
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         job = client.get(f"/jobs/{done['job_id']}").json()
         assert job["status"] == "failed" and "server stopped" in job["error"]
 

@@ -65,7 +65,7 @@ def test_stop_strings_end_the_answer(tiny_model_template):
 
 @pytest.fixture
 def client(settings):
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         yield client
 
 

@@ -20,7 +20,7 @@ TOKEN = "hf_test_secret_token_0123456789"
 
 @pytest.fixture
 def client(settings):
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         yield client
 
 
