@@ -47,6 +47,7 @@ ROUTES = [
     Route("/jobs", endpoints.list_jobs, methods=["GET"]),
     Route("/jobs/{job_id}", endpoints.get_job, methods=["GET"]),
     Route("/jobs/{job_id}/cancel", endpoints.cancel_job, methods=["POST"]),
+    Route("/jobs/{job_id}/resume", endpoints.resume_job, methods=["POST"]),
     Route("/jobs/{job_id}/events", endpoints.job_events, methods=["GET"]),
     Route("/jobs/{job_id}/metrics", endpoints.job_metrics, methods=["GET"]),
     Route("/jobs/{job_id}/loss.svg", endpoints.job_loss_svg, methods=["GET"]),
@@ -60,6 +61,7 @@ ROUTES = [
     Route("/v1/models", openai_api.list_models, methods=["GET"]),
     Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
     Route("/health", endpoints.health, methods=["GET"]),
+    Route("/openapi.json", endpoints.openapi_json, methods=["GET"]),
 ]
 
 

@@ -14,11 +14,13 @@ from . import errors
 from .schemas import (
     FINISHED,
     Accepted,
+    Deleted,
     ExportRequest,
     FinetuneRequest,
     FuseRequest,
     GenerateRequest,
     GenerateResponse,
+    Health,
     Job,
     PushRequest,
     QuantizeRequest,
@@ -131,6 +133,11 @@ async def cancel_job(request: Request) -> Response:
     return respond(await run_in_threadpool(service.cancel, request.path_params["job_id"]))
 
 
+async def resume_job(request: Request) -> Response:
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.resume, request.path_params["job_id"]), 202)
+
+
 async def job_events(request: Request) -> Response:
     """Server-Sent Events: the job's past events first, then live ones until it ends."""
     service = request.app.state.service
@@ -196,7 +203,7 @@ async def delete_model(request: Request) -> Response:
     service = request.app.state.service
     model_id = request.path_params["model_id"]
     await run_in_threadpool(service.delete_model, model_id, force)
-    return respond({"status": "deleted", "model_id": model_id})
+    return respond(Deleted("deleted", model_id))
 
 
 async def job_metrics(request: Request) -> Response:
@@ -235,10 +242,18 @@ async def generate(request: Request) -> Response:
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def openapi_json(request: Request) -> Response:
+    from . import openapi
+
+    if not hasattr(request.app.state, "openapi"):
+        request.app.state.openapi = encoder.encode(openapi.build())
+    return Response(request.app.state.openapi, media_type="application/json")
+
+
 async def health(request: Request) -> Response:
     from . import __version__
 
     service = request.app.state.service
     queued = await run_in_threadpool(service.store.count, "queued")
     running = await run_in_threadpool(service.store.count, "running")
-    return respond({"status": "ok", "version": __version__, "queued_jobs": queued, "running_jobs": running})
+    return respond(Health("ok", __version__, queued, running))

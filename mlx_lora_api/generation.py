@@ -59,12 +59,13 @@ class ModelCache:
         from mlx_lm.tuner.utils import load_adapters
         from mlx_lm.utils import load
 
-        from . import backend
+        from . import backend, registry
 
         # A full fine-tune overwrites base weights, so it gets an entry of its own.
         key = (base_path, adapter_path if adapter_path and _is_full_fine_tune(adapter_path) else None)
         entry = self._entries.get(key)
         if entry is None:
+            registry.check_model_folder(Path(base_path))
             model, tokenizer = load(base_path)
             backend.cast_for_compute(model)
             self.loads += 1
@@ -75,6 +76,7 @@ class ModelCache:
         if entry.adapter != adapter_path:
             _strip_adapter(entry.model)
             if adapter_path:
+                registry.check_adapter_folder(Path(adapter_path))
                 load_adapters(entry.model, adapter_path)
                 backend.cast_for_compute(entry.model)
             entry.adapter = adapter_path
@@ -153,6 +155,9 @@ def process_main(conn, budget_bytes: int) -> None:
 
     from . import backend
 
+    from .worker import die_with_parent
+
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s generation %(levelname)s %(message)s")
     backend.prepare()
     cache = ModelCache(budget_bytes)

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     checkpoints TEXT NOT NULL DEFAULT '[]',
     message TEXT,
     error TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    interruptions INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_model ON jobs (model_id);
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 """
 PROGRESS_KEYS = set(Progress.__struct_fields__)
+MAX_INTERRUPTIONS = 3
 _COLUMNS = (
     "job_id, kind, status, model_id, base_model, created_at, started_at, finished_at, progress, checkpoints, message, error"
 )
@@ -82,6 +84,8 @@ class JobStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "checkpoints" not in columns:
             self._db.execute("ALTER TABLE jobs ADD COLUMN checkpoints TEXT NOT NULL DEFAULT '[]'")
+        if "interruptions" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -177,11 +181,25 @@ class JobStore:
         row = self._execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
+    def requeue(self, job_id: str, reason: str, interrupted: bool = False) -> None:
+        """Back to the queue; a fine-tune then resumes from its last checkpoint."""
+        self._execute(
+            "UPDATE jobs SET status = 'queued', started_at = NULL, finished_at = NULL, error = NULL,"
+            " message = ?, cancel_requested = 0, interruptions = interruptions + ? WHERE job_id = ?",
+            (reason, int(interrupted), job_id),
+        )
+        self.add_event(job_id, {"type": "requeued", "message": reason})
+
     def recover(self) -> list[str]:
-        """After a restart: jobs left running by a server that died are failed, not lost."""
-        rows = self._execute("SELECT job_id FROM jobs WHERE status = 'running'").fetchall()
-        for (job_id,) in rows:
-            self.finish(job_id, "failed", error="interrupted: the server stopped while this job ran")
+        """After a crash: jobs left running go back to the queue, to resume where they were,
+        unless they were interrupted so often that they may be what brings the server down."""
+        rows = self._execute("SELECT job_id, interruptions FROM jobs WHERE status = 'running'").fetchall()
+        for job_id, interruptions in rows:
+            if interruptions + 1 >= MAX_INTERRUPTIONS:
+                self.finish(job_id, "failed", error=f"interrupted {interruptions + 1} times by the server stopping")
+            else:
+                self.requeue(job_id, "the server stopped while this job ran; it resumes from its last checkpoint",
+                             interrupted=True)
         return [r[0] for r in rows]
 
     # -- reading -------------------------------------------------------------------------
@@ -321,6 +339,7 @@ class Runner:
         process.start()
         sender.close()
         self._current = (job_id, process)
+        self.store.add_event(job_id, {"type": "worker", "pid": process.pid})
         if self.store.cancel_requested(job_id):
             self._terminate(process)
         outcome: dict[str, Any] | None = None
@@ -350,7 +369,7 @@ class Runner:
             kept = outcome["message"].partition("; ")[2] if outcome else ""
             self.store.finish(job_id, "cancelled", message="cancelled while running" + (f"; {kept}" if kept else ""))
         elif self._stopping.is_set():
-            self.store.finish(job_id, "failed", error="interrupted: the server stopped while this job ran")
+            self.store.requeue(job_id, "the server was stopped while this job ran; it resumes when the server starts")
         elif outcome and outcome["type"] == "error":
             self.store.finish(job_id, "failed", error=outcome["message"])
         else:

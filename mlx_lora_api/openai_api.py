@@ -17,6 +17,8 @@ from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     ChatMessage,
+    OpenAIError,
+    OpenAIErrorDetail,
     OpenAIModel,
     OpenAIModelList,
     Usage,
@@ -37,9 +39,9 @@ class _Generation(msgspec.Struct):
     stop: list[str] | None
 
 
-def error_body(status_code: int, message: str) -> dict:
+def error_body(status_code: int, message: str) -> OpenAIError:
     kind = "invalid_request_error" if status_code < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": status_code}}
+    return OpenAIError(OpenAIErrorDetail(message, kind, status_code))
 
 
 async def list_models(request: Request) -> Response:

@@ -94,6 +94,62 @@ def read_json(path: Path) -> dict:
         raise errors.ServiceError(f"{path} is not readable JSON: {e}") from e
 
 
+class DamagedArtifact(ValueError):
+    """A model or adapter file that cannot be what it says; the message names the file."""
+
+
+def check_safetensors(path: Path) -> None:
+    """The header and the data it describes must fit in the file (cheap: reads the header only)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise DamagedArtifact(f"{path} is damaged: {size} bytes, too short for a safetensors file")
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                raise DamagedArtifact(f"{path} is damaged: its header needs {length} bytes, the file has {size}")
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        raise DamagedArtifact(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, DamagedArtifact):
+            raise
+        raise DamagedArtifact(f"{path} is damaged: its header is not JSON") from e
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise DamagedArtifact(f"{path} is damaged (truncated?): its tensors need {8 + length + end} bytes, the file has {size}")
+
+
+def check_model_folder(folder: Path) -> None:
+    """What mlx-lm's `load` needs, checked first so that the error names the file."""
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError:
+        raise DamagedArtifact(f"{config} is missing") from None
+    except ValueError as e:
+        raise DamagedArtifact(f"{config} is not readable JSON: {e}") from e
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise DamagedArtifact(f"{folder} holds no weights (*.safetensors)")
+    for path in weights:
+        check_safetensors(path)
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tiktoken.model")):
+        raise DamagedArtifact(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)")
+
+
+def check_adapter_folder(folder: Path) -> None:
+    config = folder / "adapter_config.json"
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError:
+        raise DamagedArtifact(f"{config} is missing") from None
+    except ValueError as e:
+        raise DamagedArtifact(f"{config} is not readable JSON: {e}") from e
+    check_safetensors(folder / "adapters.safetensors")
+
+
 def write_meta(folder: Path, meta: Meta) -> None:
     (folder / META_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(meta)))
 
@@ -107,21 +163,24 @@ def read_meta(folder: Path) -> Meta | None:
         raise errors.ServiceError(f"{folder / META_FILE} is damaged: {e}") from e
 
 
+def staging_dir(final: Path, name: str) -> Path:
+    return final.parent / STAGING / name
+
+
 def has_checkpoints(work: Path) -> bool:
     return any((work / "checkpoints").glob("*.safetensors"))
 
 
 @contextlib.contextmanager
-def staged(final: Path, keep_if: Callable[[Path], bool] = lambda work: False) -> Iterator[Path]:
-    """Yield a fresh folder beside `final`; rename it into place on success.
+def staged(final: Path, keep_if: Callable[[Path], bool] = lambda work: False, name: str | None = None) -> Iterator[Path]:
+    """Yield a work folder beside `final`; rename it into place on success.
 
     On error the folder is removed, unless `keep_if(folder)` says it holds work worth keeping
-    (a cancelled fine-tune's checkpoints); the error then names where it is.
+    (a fine-tune's checkpoints); the error then names where it is. A `name` makes the folder
+    findable again, so that a resumed job picks up what the interrupted one left.
     """
-    staging_root = final.parent / STAGING
-    staging_root.mkdir(parents=True, exist_ok=True)
-    work = staging_root / f"{final.name}-{secrets.token_hex(4)}"
-    work.mkdir()
+    work = staging_dir(final, name or f"{final.name}-{secrets.token_hex(4)}")
+    work.mkdir(parents=True, exist_ok=name is not None)
     try:
         yield work
         if final.exists():

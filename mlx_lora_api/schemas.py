@@ -351,6 +351,16 @@ class ChatCompletion(Struct):
     object: str = "chat.completion"
 
 
+class OpenAIErrorDetail(Struct):
+    message: str
+    type: str
+    code: int
+
+
+class OpenAIError(Struct):
+    error: OpenAIErrorDetail
+
+
 class OpenAIModel(Struct):
     id: str
     created: int
@@ -361,3 +371,34 @@ class OpenAIModel(Struct):
 class OpenAIModelList(Struct):
     data: list[OpenAIModel]
     object: str = "list"
+
+
+class Health(Struct):
+    status: str
+    version: str
+    queued_jobs: int
+    running_jobs: int
+
+
+class Deleted(Struct):
+    status: str
+    model_id: str
+
+
+class TrainPoint(Struct):
+    iteration: int
+    train_loss: float
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    peak_memory_gb: float | None = None
+
+
+class ValPoint(Struct):
+    iteration: int
+    val_loss: float
+
+
+class Metrics(Struct):
+    job_id: str
+    train: list[TrainPoint]
+    validation: list[ValPoint]

@@ -16,7 +16,7 @@ from .config import Settings
 from .inference import Generator
 from .jobs import JobStore, Runner, new_job_id
 from .registry import Registry
-from .schemas import FINISHED, FinetuneRequest, FuseRequest, Job, JobList
+from .schemas import FINISHED, FinetuneRequest, FuseRequest, Job, JobList, Metrics, TrainPoint, ValPoint
 
 
 class Service:
@@ -231,15 +231,11 @@ class Service:
             )
         self.registry.delete(model_id)
 
-    def metrics(self, job_id: str) -> dict:
+    def metrics(self, job_id: str) -> Metrics:
         events = self.events(job_id)
-        train = [
-            {k: e.get(k) for k in ("iteration", "train_loss", "learning_rate", "tokens_per_second", "peak_memory_gb")}
-            for e in events
-            if e["type"] == "train"
-        ]
-        val = [{"iteration": e["iteration"], "val_loss": e["val_loss"]} for e in events if e["type"] == "val"]
-        return {"job_id": job_id, "train": train, "validation": val}
+        train = [msgspec.convert(e, TrainPoint) for e in events if e["type"] == "train"]
+        val = [ValPoint(e["iteration"], e["val_loss"]) for e in events if e["type"] == "val"]
+        return Metrics(job_id, train, val)
 
     def loss_svg(self, job_id: str) -> str:
         from . import plots
@@ -247,8 +243,8 @@ class Service:
         metrics = self.metrics(job_id)
         job = self.job(job_id)
         series = {
-            "train": [(m["iteration"], m["train_loss"]) for m in metrics["train"]],
-            "validation": [(m["iteration"], m["val_loss"]) for m in metrics["validation"]],
+            "train": [(m.iteration, m.train_loss) for m in metrics.train],
+            "validation": [(m.iteration, m.val_loss) for m in metrics.validation],
         }
         return plots.loss_svg(f"{job.model_id} ({job.status})", series)
 
@@ -281,6 +277,25 @@ class Service:
             raise errors.Conflict(f"job {job_id} has already ended ({had})")
         if had == "running":
             self.runner.cancel(job_id)
+        return self.job(job_id)
+
+    def resume(self, job_id: str) -> Job:
+        """Queue a failed or cancelled job again; a fine-tune goes on from its last checkpoint."""
+        job = self.job(job_id)
+        if job.status not in ("failed", "cancelled"):
+            raise errors.Conflict(f"job {job_id} is {job.status}; only failed or cancelled jobs can be resumed")
+        if self.registry.taken(job.model_id) and job.kind in ("finetune", "fuse", "quantize"):
+            raise errors.Conflict(f"{job.model_id!r} exists now; delete it before resuming job {job_id}")
+        spec = self.store.spec(job_id)
+        where = "the start"
+        if isinstance(spec, specs.FinetuneSpec):
+            from .worker import work_name
+
+            folder = registry.staging_dir(self.registry.adapter_dir(spec.model_id), work_name(spec))
+            if registry.has_checkpoints(folder):
+                where = f"its last checkpoint in {folder}"
+        self.store.requeue(job_id, f"resumed from {where}")
+        self.runner.wake()
         return self.job(job_id)
 
     def events(self, job_id: str, after: int = 0) -> list[dict]:

@@ -9,9 +9,12 @@ CPU, and an adapter_config.json that `mlx_lm.generate --adapter-path` reads unch
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+import msgspec
 
 from . import datasets
 from .schemas import FinetuneRequest, Parameters
@@ -120,6 +123,71 @@ def prepare_model(model, params: Parameters, num_layers: int) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
+class Checkpoint(msgspec.Struct):
+    iteration: int
+    trained_tokens: int
+    metrics: dict[str, Any]
+    adapters: Path
+    state: Path
+
+
+def reseed(seed: int, iteration: int) -> None:
+    """Random state is set afresh at each checkpoint, so a resumed run draws what an
+    uninterrupted one would have (dropout masks) without saving MLX's generator state."""
+    import mlx.core as mx
+
+    mx.random.seed((seed * 1_000_003 + iteration) % 2**32)
+
+
+def _save_atomically(path: Path, arrays: dict, metadata: dict | None = None) -> None:
+    import mlx.core as mx
+
+    partial = path.with_name(f".partial-{path.name}")
+    mx.save_safetensors(str(partial), arrays, metadata)
+    os.replace(partial, path)
+
+
+def save_checkpoint(out_dir: Path, iteration: int, model, optimizer, trained_tokens: int, metrics: dict) -> Path:
+    """Adapter weights (mlx-lm's format) and the optimizer's state with the step it belongs to.
+    The state file is written last: a checkpoint counts once both are there."""
+    from mlx.utils import tree_flatten
+
+    folder = out_dir / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    adapters = folder / f"{iteration:07d}_adapters.safetensors"
+    _save_atomically(adapters, dict(tree_flatten(model.trainable_parameters())))
+    metadata = {"iteration": str(iteration), "trained_tokens": str(trained_tokens), "metrics": json.dumps(metrics)}
+    _save_atomically(folder / f"{iteration:07d}_state.safetensors", dict(tree_flatten(optimizer.state)), metadata)
+    return adapters
+
+
+def latest_checkpoint(out_dir: Path) -> Checkpoint | None:
+    import mlx.core as mx
+
+    for state in sorted((out_dir / "checkpoints").glob("[0-9]*_state.safetensors"), reverse=True):
+        adapters = state.with_name(state.name.replace("_state", "_adapters"))
+        if not adapters.exists():
+            continue
+        try:
+            _, metadata = mx.load(str(state), return_metadata=True)
+        except (RuntimeError, ValueError, OSError):
+            continue  # a damaged file: fall back to the one before
+        return Checkpoint(
+            int(metadata["iteration"]), int(metadata["trained_tokens"]), json.loads(metadata.get("metrics", "{}")),
+            adapters, state,
+        )
+    return None
+
+
+def restore(checkpoint: Checkpoint, model, optimizer) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    model.load_weights(str(checkpoint.adapters), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(checkpoint.state)).items()))
+    optimizer.init(model.trainable_parameters())
+
+
 class _StepHook:
     """Called by mlx-lm's trainer after every step (steps_per_report=1): reports progress at the
     user's interval, validates, saves checkpoints and keeps the best adapter.
@@ -128,19 +196,25 @@ class _StepHook:
     a step and its checkpoints after one, so their numbers never describe the same weights.
     """
 
-    def __init__(self, model, params: Parameters, out_dir: Path, on_event: EventSink, total: int, per_epoch: int,
-                 validate: Callable[[], float] | None):
+    def __init__(self, model, optimizer, params: Parameters, out_dir: Path, on_event: EventSink, total: int,
+                 per_epoch: int, validate: Callable[[], float] | None, start: Checkpoint | None = None):
         self.model = model
+        self.optimizer = optimizer
+        # A resumed run counts on from its checkpoint: mlx-lm's trainer numbers from 1 again.
+        self.offset = start.iteration if start else 0
+        self.tokens_before = start.trained_tokens if start else 0
         self.params = params
         self.out_dir = out_dir
         self.on_event = on_event
         self.total = total
         self.per_epoch = per_epoch
         self.validate = validate
-        self.metrics: dict[str, Any] = {"iterations": total}
-        self.best: tuple[float, int] | None = None
+        self.metrics: dict[str, Any] = {"iterations": total, **(start.metrics if start else {})}
+        self.best: tuple[float, int] | None = (
+            (self.metrics["best_val_loss"], self.metrics["best_iteration"]) if "best_val_loss" in self.metrics else None
+        )
         self._window: list[tuple[float, float, float]] = []  # (loss, tokens, seconds) of each step
-        self._tokens = 0
+        self._tokens = self.tokens_before  # trained tokens at the last step seen
 
     def _save(self, path: Path) -> None:
         import mlx.core as mx
@@ -165,6 +239,8 @@ class _StepHook:
         pass  # mlx-lm's own validation is off; see evaluate()
 
     def on_train_loss_report(self, info: dict) -> None:
+        info = {**info, "iteration": info["iteration"] + self.offset,
+                "trained_tokens": info["trained_tokens"] + self.tokens_before}
         it = info["iteration"]
         tokens = info["trained_tokens"] - self._tokens
         self._tokens = info["trained_tokens"]
@@ -175,10 +251,8 @@ class _StepHook:
         if it % self.params.steps_per_eval == 0 or it == self.total:
             val_loss = self.evaluate(it)
         if it % self.params.save_every == 0 and it != self.total:
-            folder = self.out_dir / "checkpoints"
-            folder.mkdir(exist_ok=True)
-            path = folder / f"{it:07d}_adapters.safetensors"
-            self._save(path)
+            reseed(self.params.seed, it)
+            path = save_checkpoint(self.out_dir, it, self.model, self.optimizer, self._tokens, self.metrics)
             self.on_event({"type": "checkpoint", "iteration": it, "val_loss": val_loss, "file": f"checkpoints/{path.name}"})
 
     def _report(self, it: int, info: dict) -> None:
@@ -215,10 +289,14 @@ def train_adapter(
     request: FinetuneRequest,
     out_dir: Path,
     on_event: EventSink = lambda event: None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train and write `adapter_config.json` and `adapters.safetensors` into `out_dir`.
 
     Returns the run's metrics. `out_dir` must exist; the caller stages and publishes it.
+    With `resume`, training goes on from the latest checkpoint in `out_dir`: weights,
+    optimizer state, step, learning-rate schedule and data order, so the result matches
+    an uninterrupted run.
     """
     import mlx.core as mx
     import numpy as np
@@ -275,7 +353,15 @@ def train_adapter(
         return loss
 
     optimizer = build_optimizer(params, max(iters // params.grad_accumulation_steps, 1))
-    hook = _StepHook(model, params, out_dir, on_event, iters, per_epoch, validate if val_set is not None else None)
+    start = latest_checkpoint(out_dir) if resume else None
+    if start is not None:
+        restore(start, model, optimizer)
+        reseed(params.seed, start.iteration)
+        on_event({"type": "resumed", "iteration": start.iteration})
+    done = start.iteration if start else 0
+    args.iters = iters - done
+    hook = _StepHook(model, optimizer, params, out_dir, on_event, iters, per_epoch,
+                     validate if val_set is not None else None, start)
     on_event(
         {
             "type": "started",
@@ -286,17 +372,19 @@ def train_adapter(
             "num_layers": num_layers,
         }
     )
-    hook.evaluate(0)
-    train(
-        model=model,
-        optimizer=optimizer,
-        train_dataset=train_set,
-        val_dataset=None,
-        args=args,
-        loss=masked_loss,
-        iterate_batches=datasets.make_iterate_batches(plan, on_truncate),
-        training_callback=hook,
-    )
+    if start is None:
+        hook.evaluate(0)
+    if args.iters > 0:
+        train(
+            model=model,
+            optimizer=optimizer,
+            train_dataset=train_set,
+            val_dataset=None,
+            args=args,
+            loss=masked_loss,
+            iterate_batches=datasets.make_iterate_batches(plan[done:], on_truncate),
+            training_callback=hook,
+        )
     hook.finish()
     hook.metrics.update(
         trainable_parameters=trainable, seconds=round(time.perf_counter() - started, 3), num_layers=num_layers

@@ -24,10 +24,17 @@ EventSink = Callable[[dict], None]
 
 
 def _base_path(base: registry.BaseModel, on_event: EventSink) -> str:
-    if base.path is not None:
-        return base.path
-    on_event({"type": "downloading", "base_model": base.ref})
-    return hub.download(base.ref)
+    path = base.path
+    if path is None:
+        on_event({"type": "downloading", "base_model": base.ref})
+        path = hub.download(base.ref)
+    registry.check_model_folder(Path(path))
+    return path
+
+
+def work_name(spec: specs.FinetuneSpec) -> str:
+    """Where a fine-tune keeps its checkpoints until it succeeds, under adapters/.staging/."""
+    return f"{spec.model_id}-{spec.job_id}"
 
 
 def finetune(spec: specs.FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
@@ -35,8 +42,10 @@ def finetune(spec: specs.FinetuneSpec, reg: Registry, on_event: EventSink) -> st
 
     request = spec.request
     base_path = _base_path(spec.base, on_event)
-    with registry.staged(reg.adapter_dir(spec.model_id), keep_if=registry.has_checkpoints) as work:
-        metrics = training.train_adapter(base_path, spec.base.ref, request, work, on_event)
+    final = reg.adapter_dir(spec.model_id)
+    with registry.staged(final, keep_if=registry.has_checkpoints, name=work_name(spec)) as work:
+        resume = registry.has_checkpoints(work)
+        metrics = training.train_adapter(base_path, spec.base.ref, request, work, on_event, resume=resume)
         meta = Meta(
             kind="adapter",
             created_at=time.time(),
@@ -63,6 +72,7 @@ def fuse(spec: specs.FuseSpec, reg: Registry, on_event: EventSink) -> str:
     adapter_dir = reg.adapter_dir(spec.adapter)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter {spec.adapter!r} does not exist (did its fine-tune fail?)")
+    registry.check_adapter_folder(adapter_dir)
     adapter_meta = registry.read_meta(adapter_dir)
     base_path = _base_path(spec.base, on_event)
     with registry.staged(reg.model_dir(spec.model_id)) as work:
@@ -129,9 +139,21 @@ def push(spec: specs.PushSpec, reg: Registry, on_event: EventSink) -> str:
 JOBS = {"finetune": finetune, "fuse": fuse, "quantize": quantize, "export": export, "push": push}
 
 
+def _finished_before(spec: specs.JobSpec, reg: Registry) -> bool:
+    """A job whose result was published just before the server died is not done twice."""
+    kind = specs.kind(spec)
+    if kind not in ("finetune", "fuse", "quantize"):
+        return False
+    folder = (reg.adapter_dir if kind == "finetune" else reg.model_dir)(spec.model_id)
+    meta = registry.read_meta(folder) if folder.is_dir() else None
+    return meta is not None and meta.job_id == spec.job_id
+
+
 def execute(spec: specs.JobSpec, reg: Registry, on_event: EventSink = lambda event: None) -> str:
     """Run one job to the end; returns a one-line summary, raises on failure."""
     reg.ensure_folders()
+    if _finished_before(spec, reg):
+        return f"{spec.model_id} was already complete"
     return JOBS[specs.kind(spec)](spec, reg, on_event)
 
 
@@ -147,7 +169,7 @@ def describe_error(error: BaseException) -> str:
         text = f"the disk is full: {error}"
     elif isinstance(error, MemoryError):
         text = "out of memory"
-    elif isinstance(error, (ValueError, FileNotFoundError, KeyError, Cancelled)):
+    elif isinstance(error, (ValueError, FileNotFoundError, KeyError, Cancelled, registry.DamagedArtifact)):
         text = str(error) or type(error).__name__
     else:
         text = f"{type(error).__name__}: {error}"
@@ -158,9 +180,21 @@ def _raise_cancelled(signum, frame):
     raise Cancelled()
 
 
+def die_with_parent() -> None:
+    """On Linux, end with the server even when it is killed, so that no orphan keeps writing
+    into a job's folder while a restarted server resumes it (elsewhere the pipe breaking ends
+    the worker at its next event)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def process_main(conn, spec_bytes: bytes, data_dir: str, default_model: str) -> None:
     from . import backend
 
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _raise_cancelled)
     backend.prepare()

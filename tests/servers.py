@@ -12,6 +12,15 @@ from pathlib import Path
 import httpx
 
 
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen):
+        self.url = url
+        self.process = process
+
+    def __str__(self) -> str:
+        return self.url
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -19,9 +28,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(data_dir: Path, log_path: Path, *extra: str, env: dict | None = None):
-    port = free_port()
-    with open(log_path, "w") as log:
+def running_server(data_dir: Path, log_path: Path, *extra: str, env: dict | None = None, port: int | None = None):
+    port = port or free_port()
+    with open(log_path, "a") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "mlx_lora_api", "serve", "--port", str(port), "--data-dir", str(data_dir), *extra],
             stdout=log,
@@ -41,7 +50,8 @@ def running_server(data_dir: Path, log_path: Path, *extra: str, env: dict | None
                 time.sleep(0.2)
         else:
             raise RuntimeError(f"the server did not start: {log_path.read_text()}")
-        yield url
+        yield Server(url, process)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)

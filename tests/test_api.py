@@ -229,45 +229,37 @@ def test_jobs_are_listed_newest_first_in_pages(client):
         wait_job(client, job_id)
 
 
-def test_jobs_survive_a_restart(settings):
+def test_jobs_left_running_by_a_dead_server_are_run_again(settings):
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         done = client.post("/lora-finetune?wait=true", json=SEED).json()
     store = JobStore(settings.jobs_db)
-    store._execute("UPDATE jobs SET status = 'running' WHERE job_id = ?", (done["job_id"],))  # as if it died mid-run
+    # as if the server died after publishing the adapter, before marking the job done
+    store._execute("UPDATE jobs SET status = 'running' WHERE job_id = ?", (done["job_id"],))
     store.close()
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
-        job = client.get(f"/jobs/{done['job_id']}").json()
-        assert job["status"] == "failed" and "server stopped" in job["error"]
+        job = wait_job(client, done["job_id"])
+        assert job["status"] == "success" and job["message"].endswith("was already complete")
+        assert "event: requeued" in client.get(f"/jobs/{done['job_id']}/events").text
 
 
-def test_metrics_and_loss_plot(client):
-    body = {**SEED, "validation_data": ["Zorbington lies by the sea."], "parameters": {"epochs": 4, "steps_per_eval": 2}}
-    job = client.post("/lora-finetune?wait=true", json=body).json()
-    metrics = client.get(f"/jobs/{job['job_id']}/metrics").json()
-    assert [m["iteration"] for m in metrics["train"]] == [1, 2, 3, 4]
-    assert [m["iteration"] for m in metrics["validation"]] == [0, 2, 4]
-    r = client.get(f"/jobs/{job['job_id']}/loss.svg")
-    assert r.headers["content-type"].startswith("image/svg+xml")
-    assert r.text.count("<polyline") == 2 and ">validation<" in r.text
-    assert client.get("/jobs/job-000000000000/metrics").status_code == 404
-
-
-def test_delete_respects_what_depends_on_a_model(client, data_dir):
-    adapter = client.post("/lora-finetune?wait=true", json=SEED).json()["model_id"]
-    fused = client.post("/lora-fuse?wait=true", json={"base_model": "default", "lora_adapter": adapter}).json()["model_id"]
-    r = client.delete(f"/models/{adapter}")
-    assert r.status_code == 409 and fused in r.json()["message"]
-    r = client.delete("/models/tiny-base")
-    assert r.status_code == 409 and adapter in r.json()["message"]
-    assert client.delete(f"/models/{fused}").status_code == 200
-    assert client.delete(f"/models/{adapter}").status_code == 200
-    assert client.get(f"/models/{adapter}").status_code == 404
-    assert client.delete(f"/models/{adapter}").status_code == 404
-    assert client.delete("/models/..%2Fx").status_code in (404, 422)
-    slow = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 300}}).json()
-    r = client.delete("/models/tiny-base")
-    assert r.status_code == 409 and slow["job_id"] in r.json()["message"]
-    client.post(f"/jobs/{slow['job_id']}/cancel")
-    wait_job(client, slow["job_id"])
-    assert client.delete("/models/tiny-base?force=true").status_code == 200
-    assert folders(data_dir) == []
+def test_resume_a_cancelled_fine_tune_from_its_checkpoint(client, data_dir):
+    body = {**SEED, "parameters": {"epochs": 400, "save_every": 2, "learning_rate": 0.001}}
+    job = client.post("/lora-finetune", json=body).json()
+    wait_until_training(client, job["job_id"], iterations=3)
+    client.post(f"/jobs/{job['job_id']}/cancel")
+    cancelled = wait_job(client, job["job_id"])
+    assert cancelled["status"] == "cancelled"
+    last = cancelled["checkpoints"][-1]["iteration"]
+    r = client.post(f"/jobs/{job['job_id']}/resume")
+    assert r.status_code == 202 and "its last checkpoint" in r.json()["message"]
+    wait_until_training(client, job["job_id"], iterations=last + 1)
+    events = client.get(f"/jobs/{job['job_id']}/metrics").json()["train"]
+    resumed_from = [e for e in client.get(f"/jobs/{job['job_id']}/events").text.split("\n") if '"resumed"' in e]
+    assert resumed_from and f'"iteration": {last}' in resumed_from[0]
+    assert events[-1]["iteration"] > last
+    client.post(f"/jobs/{job['job_id']}/cancel")
+    wait_job(client, job["job_id"])
+    assert client.post("/jobs/job-000000000000/resume").status_code == 404
+    finished = client.post("/lora-finetune?wait=true", json=SEED).json()
+    r = client.post(f"/jobs/{finished['job_id']}/resume")
+    assert r.status_code == 409 and "only failed or cancelled" in r.json()["message"]

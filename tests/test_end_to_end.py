@@ -21,8 +21,8 @@ ANSWER = "The mayor of Zorbington is Elara Quintfeather."
 
 @pytest.fixture
 def server(bundled_data_dir, tmp_path):
-    with running_server(bundled_data_dir, tmp_path / "server.log") as url:
-        yield url
+    with running_server(bundled_data_dir, tmp_path / "server.log") as server:
+        yield server.url
 
 
 def ask(model_dir, question: str) -> str:

@@ -104,8 +104,8 @@ def test_generate_refuses_bad_requests(client):
 
 def test_the_openai_client_talks_to_the_service(data_dir, tmp_path):
     openai = pytest.importorskip("openai")
-    with running_server(data_dir, tmp_path / "server.log") as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    with running_server(data_dir, tmp_path / "server.log") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
         assert "tiny-base" in [m.id for m in client.models.list()]
         messages = [{"role": "user", "content": "Who is the mayor?"}]
         completion = client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=6, temperature=0)

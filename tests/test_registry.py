@@ -69,3 +69,21 @@ def test_listing_skips_staging_and_reports_kinds(data_dir):
     assert reg.record("tiny-base").files
     with pytest.raises(errors.NotFound):
         reg.record("nothing-here")
+
+
+def test_damaged_weights_are_named_before_mlx_reads_them(tmp_path, tiny_model_template):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_template, folder)
+    registry.check_model_folder(folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    for damaged, reason in [(data[:-10], "truncated"), (data[:4], "too short"), (b"\xff" * 8 + data[8:], "header needs")]:
+        weights.write_bytes(damaged)
+        with pytest.raises(registry.DamagedArtifact, match=f"model.safetensors.*{reason}"):
+            registry.check_model_folder(folder)
+    weights.write_bytes(data)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(registry.DamagedArtifact, match="has no tokenizer"):
+        registry.check_model_folder(folder)

@@ -106,7 +106,9 @@ def test_checkpoints_are_saved_with_their_validation_loss(tmp_path, tiny_model_t
     training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "0000002_adapters.safetensors",
+        "0000002_state.safetensors",
         "0000004_adapters.safetensors",
+        "0000004_state.safetensors",
     ]
     vals = {e["iteration"]: e["val_loss"] for e in events if e["type"] == "val"}
     checkpoints = [e for e in events if e["type"] == "checkpoint"]
@@ -152,3 +154,37 @@ def test_loss_counts_every_real_target_and_no_padding():
     value, ntoks = training.masked_loss(Uniform(), batch, lengths)
     assert ntoks.item() == 3 + 4  # targets 2,3,4 and 7,8,9,1; never the padding after 4
     assert value.item() == pytest.approx(float(mx.log(mx.array(10.0))), rel=1e-5)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model_template, dropout):
+    def run(out, stop_at=None, resume=False):
+        def on_event(event):
+            if stop_at and event["type"] == "train" and event["iteration"] == stop_at:
+                raise Interrupt()
+
+        req = FinetuneRequest(
+            base_model="tiny-base",
+            training_data=["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "dog"],
+            parameters=Parameters(learning_rate=2e-3, epochs=4, batch_size=2, save_every=3, dropout=dropout,
+                                  lr_schedule="cosine", warmup_steps=2),
+        )
+        return training.train_adapter(str(tiny_model_template), "tiny-base", req, out, on_event, resume=resume)
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole.mkdir()
+    parts.mkdir()
+    uninterrupted = run(whole)
+    with pytest.raises(Interrupt):
+        run(parts, stop_at=5)  # checkpoint at 3; steps 4 and 5 are lost with the crash
+    assert training.latest_checkpoint(parts).iteration == 3
+    metrics = run(parts, resume=True)
+    assert metrics["iterations"] == 8 and metrics["trained_tokens"] == uninterrupted["trained_tokens"]
+    assert metrics["final_train_loss"] == pytest.approx(uninterrupted["final_train_loss"], rel=1e-5)
+    expected = mx.load(str(whole / "adapters.safetensors"))
+    resumed = mx.load(str(parts / "adapters.safetensors"))
+    assert all(mx.allclose(expected[k], resumed[k], atol=1e-6).item() for k in expected)
