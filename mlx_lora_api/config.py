@@ -24,6 +24,9 @@ class Settings(msgspec.Struct, kw_only=True, repr_omit_defaults=True):
     allowed_origins: list[str] = msgspec.field(default_factory=list)
     max_queued_jobs: int = 100
     max_body_bytes: int = 64 * 1024 * 1024
+    max_samples: int = 100_000  # per fine-tune request, training and validation together
+    max_sample_chars: int = 200_000  # characters in one sample
+    max_seq_length_limit: int = 32_768  # the largest `max_seq_length` a request may ask for
     hub_timeout: float = 10.0
     # Memory for models loaded by /generate (0: half the machine's memory, at most 8 GiB).
     generation_budget_bytes: int = 0
@@ -56,6 +59,9 @@ _CONVERTERS = {
     "allowed_origins": lambda v: [o.strip() for o in v.split(",") if o.strip()],
     "max_queued_jobs": int,
     "max_body_bytes": int,
+    "max_samples": int,
+    "max_sample_chars": int,
+    "max_seq_length_limit": int,
     "hub_timeout": float,
     "generation_budget_bytes": int,
 }

@@ -90,7 +90,7 @@ def _check_samples(samples: list[SampleIn], field: str) -> str:
     """The one format of a list of samples; raises ValueError naming the bad sample."""
     forms = set()
     for i, sample in enumerate(samples):
-        texts = [sample] if isinstance(sample, str) else _sample_texts(sample)
+        texts = [sample] if isinstance(sample, str) else sample_texts(sample)
         if any(not t.strip() for t in texts):
             raise ValueError(f"`{field}[{i}]` is empty or blank")
         forms.add(sample_form(sample))
@@ -101,7 +101,7 @@ def _check_samples(samples: list[SampleIn], field: str) -> str:
     return forms.pop()
 
 
-def _sample_texts(sample: Sample) -> list[str]:
+def sample_texts(sample: Sample) -> list[str]:
     if sample.text is not None:
         return [sample.text]
     if sample.messages is not None:

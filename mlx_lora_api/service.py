@@ -11,7 +11,7 @@ from typing import Iterator
 
 import msgspec
 
-from . import errors, hub, registry, specs
+from . import errors, hub, registry, schemas, specs
 from .config import Settings
 from .inference import Generator
 from .jobs import JobStore, Runner, new_job_id
@@ -52,7 +52,29 @@ class Service:
         lookup = functools.partial(hub.lookup, timeout=self.settings.hub_timeout)
         return self.registry.resolve_base(ref, hub_lookup=lookup, field=field)
 
+    def check_limits(self, request: FinetuneRequest) -> None:
+        limits = self.settings
+        samples = len(request.training_data) + len(request.validation_data or [])
+        if samples > limits.max_samples:
+            raise errors.Invalid(
+                f"the request has {samples} samples; the limit is {limits.max_samples} (MLX_LORA_API_MAX_SAMPLES)"
+            )
+        for field, data in (("training_data", request.training_data), ("validation_data", request.validation_data or [])):
+            for i, sample in enumerate(data):
+                chars = len(sample) if isinstance(sample, str) else sum(map(len, schemas.sample_texts(sample)))
+                if chars > limits.max_sample_chars:
+                    raise errors.Invalid(
+                        f"`{field}[{i}]` has {chars} characters; the limit is {limits.max_sample_chars}"
+                        " (MLX_LORA_API_MAX_SAMPLE_CHARS)"
+                    )
+        if request.parameters.max_seq_length > limits.max_seq_length_limit:
+            raise errors.Invalid(
+                f"`parameters.max_seq_length` is {request.parameters.max_seq_length}; the limit is "
+                f"{limits.max_seq_length_limit} (MLX_LORA_API_MAX_SEQ_LENGTH_LIMIT)"
+            )
+
     def finetune_spec(self, request: FinetuneRequest) -> specs.FinetuneSpec:
+        self.check_limits(request)
         base = self.resolve_base(request.base_model)
         layers = self.registry.num_layers(base)
         wanted = request.parameters.num_layers

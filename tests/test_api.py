@@ -210,10 +210,19 @@ def test_a_job_that_fails_reports_why_and_leaves_nothing(client, data_dir):
 def test_limits_on_body_size_and_queue_length(settings):
     settings.max_body_bytes = 1000
     settings.max_queued_jobs = 0
+    settings.max_samples = 3
+    settings.max_sample_chars = 50
+    settings.max_seq_length_limit = 1024
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        r = client.post("/lora-finetune", json={**SEED, "training_data": ["a", "b"], "validation_data": ["c", "d"]})
+        assert r.status_code == 422 and "4 samples; the limit is 3" in r.json()["message"]
+        r = client.post("/lora-finetune", json={**SEED, "training_data": ["a", "b" * 51]})
+        assert r.status_code == 422 and "`training_data[1]` has 51 characters" in r.json()["message"]
+        r = client.post("/lora-finetune", json={**SEED, "parameters": {"max_seq_length": 2048}})
+        assert r.status_code == 422 and "`parameters.max_seq_length` is 2048; the limit is 1024" in r.json()["message"]
         r = client.post("/lora-finetune", json={**SEED, "training_data": ["x" * 2000]})
         assert r.status_code == 413 and "limit" in r.json()["message"]
-        r = client.post("/lora-finetune", json=SEED)
+        r = client.post("/lora-finetune", json={**SEED, "parameters": {"max_seq_length": 512}})
         assert r.status_code == 429 and r.headers["retry-after"] == "60"
 
 
