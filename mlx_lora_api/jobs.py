@@ -73,6 +73,9 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
+        # Reads get a connection per thread: in WAL mode they never wait for a write's fsync.
+        self._readers = threading.local()
+        self._reader_connections: list[sqlite3.Connection] = []
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -90,10 +93,21 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            for connection in self._reader_connections:
+                connection.close()
 
     def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
             return self._db.execute(sql, args)
+
+    def _read(self, sql: str, args: tuple = ()) -> list:
+        connection = getattr(self._readers, "db", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._readers.db = connection
+            with self._lock:
+                self._reader_connections.append(connection)
+        return connection.execute(sql, args).fetchall()
 
     # -- writing -------------------------------------------------------------------------
 
@@ -178,8 +192,8 @@ class JobStore:
         return row[0]
 
     def cancel_requested(self, job_id: str) -> bool:
-        row = self._execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return bool(row and row[0])
+        rows = self._read("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,))
+        return bool(rows and rows[0][0])
 
     def requeue(self, job_id: str, reason: str, interrupted: bool = False) -> None:
         """Back to the queue; a fine-tune then resumes from its last checkpoint."""
@@ -205,8 +219,8 @@ class JobStore:
     # -- reading -------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        row = self._execute(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return _job(row) if row else None
+        rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
 
     def list(self, limit: int = 20, before: int | None = None, status: str | None = None) -> JobList:
         where, args = [], []
@@ -217,39 +231,35 @@ class JobStore:
             where.append("status = ?")
             args.append(status)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._execute(
-            f"SELECT seq, {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*args, limit + 1)
-        ).fetchall()
+        rows = self._read(f"SELECT seq, {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
         return JobList(jobs=[_job(r[1:]) for r in rows], next_before=rows[-1][0] if more else None)
 
     def pending_for_model(self, model_id: str) -> list[Job]:
-        rows = self._execute(
+        rows = self._read(
             f"SELECT {_COLUMNS} FROM jobs WHERE model_id = ? AND status IN ('queued', 'running')", (model_id,)
-        ).fetchall()
+        )
         return [_job(r) for r in rows]
 
     def pending_users(self, model_id: str) -> list[str]:
         """Queued or running jobs that read `model_id` (as base or adapter) or write it."""
-        rows = self._execute(
+        rows = self._read(
             "SELECT job_id FROM jobs WHERE status IN ('queued', 'running')"
             " AND (base_model = ? OR model_id = ? OR json_extract(spec, '$.adapter') = ?)",
             (model_id, model_id, model_id),
-        ).fetchall()
+        )
         return [r[0] for r in rows]
 
     def spec(self, job_id: str) -> specs.JobSpec | None:
-        row = self._execute("SELECT spec FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return specs.decode(row[0]) if row else None
+        rows = self._read("SELECT spec FROM jobs WHERE job_id = ?", (job_id,))
+        return specs.decode(rows[0][0]) if rows else None
 
     def count(self, status: str) -> int:
-        return self._execute("SELECT count(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
+        return self._read("SELECT count(*) FROM jobs WHERE status = ?", (status,))[0][0]
 
     def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
-        rows = self._execute(
-            "SELECT seq, time, type, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
-        ).fetchall()
+        rows = self._read("SELECT seq, time, type, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after))
         return [{"seq": s, "time": t, "type": k, **json.loads(d)} for s, t, k, d in rows]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -21,6 +22,7 @@ from .registry import Meta, Registry
 
 log = logging.getLogger("mlx_lora_api")
 EventSink = Callable[[dict], None]
+WORKER_NICENESS = 10
 
 
 def _base_path(base: registry.BaseModel, on_event: EventSink) -> str:
@@ -195,6 +197,8 @@ def process_main(conn, spec_bytes: bytes, data_dir: str, default_model: str) -> 
     from . import backend
 
     die_with_parent()
+    # Training takes every core it can; the API process must still answer at once.
+    os.nice(WORKER_NICENESS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _raise_cancelled)
     backend.prepare()
