@@ -22,6 +22,7 @@ from .schemas import (
     GenerateResponse,
     Health,
     Job,
+    ModelList,
     PushRequest,
     QuantizeRequest,
     Usage,
@@ -164,10 +165,8 @@ async def list_models(request: Request) -> Response:
     if kind is not None and kind not in ("base", "adapter", "fused"):
         raise errors.Invalid(f"query parameter `kind` must be base, adapter or fused, not {kind!r}")
     base = request.query_params.get("base")
-    registry = request.app.state.service.registry
-    from .schemas import ModelList
-
-    return respond(ModelList(await run_in_threadpool(registry.list_models, kind, base)))
+    service = request.app.state.service
+    return respond(ModelList(await run_in_threadpool(service.list_models, kind, base)))
 
 
 async def get_model(request: Request) -> Response:

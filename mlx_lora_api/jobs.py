@@ -242,6 +242,13 @@ class JobStore:
         )
         return [_job(r) for r in rows]
 
+    def pending_outputs(self) -> list[Job]:
+        """Jobs that are making a new model or adapter."""
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM jobs WHERE status IN ('queued', 'running') AND kind IN ('finetune', 'fuse', 'quantize')"
+        )
+        return [_job(r) for r in rows]
+
     def pending_users(self, model_id: str) -> list[str]:
         """Queued or running jobs that read `model_id` (as base or adapter) or write it."""
         rows = self._read(

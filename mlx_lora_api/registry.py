@@ -310,6 +310,7 @@ class Registry:
             kind=kind,
             created_at=meta.created_at if meta else folder.stat().st_mtime,
             size_bytes=folder_size(folder),
+            status="ready",
             base_model=meta.base_model if meta else None,
             adapter=meta.adapter if meta else None,
             job_id=meta.job_id if meta else None,

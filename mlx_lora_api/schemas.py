@@ -267,6 +267,7 @@ class ModelRecord(Struct, omit_defaults=True):
     kind: Literal["base", "adapter", "fused"]
     created_at: float
     size_bytes: int
+    status: Literal["ready", "queued", "running"]  # queued/running: a job is making it
     base_model: str | None = None
     adapter: str | None = None
     job_id: str | None = None

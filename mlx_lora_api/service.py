@@ -16,7 +16,7 @@ from .config import Settings
 from .inference import Generator
 from .jobs import JobStore, Runner, new_job_id
 from .registry import Registry
-from .schemas import FINISHED, FinetuneRequest, FuseRequest, Job, JobList, Metrics, TrainPoint, ValPoint
+from .schemas import FINISHED, FinetuneRequest, FuseRequest, Job, JobList, Metrics, ModelRecord, TrainPoint, ValPoint
 
 
 class Service:
@@ -242,6 +242,17 @@ class Service:
         raise errors.ServiceError("generation ended without an answer")
 
     # -- models -------------------------------------------------------------------------
+
+    def list_models(self, kind: str | None = None, base: str | None = None) -> list[ModelRecord]:
+        """The registry's models, and the ones jobs are making (status queued or running)."""
+        kinds = {"finetune": "adapter", "fuse": "fused", "quantize": "base"}
+        coming = [
+            ModelRecord(job.model_id, kinds[job.kind], job.created_at, 0, job.status, base_model=job.base_model,
+                        job_id=job.job_id)
+            for job in self.store.pending_outputs()
+        ]
+        coming = [r for r in coming if (not kind or r.kind == kind) and (not base or r.base_model == base)]
+        return sorted(coming, key=lambda r: r.created_at, reverse=True) + self.registry.list_models(kind, base)
 
     def delete_model(self, model_id: str, force: bool = False) -> None:
         self.registry.record(model_id)  # 404 first

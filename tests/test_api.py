@@ -46,6 +46,9 @@ def test_seed_fine_tune_then_fuse_back_to_back(client, data_dir):
     adapter_id = accepted["model_id"]
     assert adapter_id.startswith("tiny-base-lora-")
 
+    coming = {m["model_id"]: m["status"] for m in client.get("/models").json()["models"]}
+    assert coming[adapter_id] in ("queued", "running") and coming["tiny-base"] == "ready"
+
     # asked for at once, before the adapter exists: it waits its turn and then succeeds
     r = client.post("/lora-fuse", json={"base_model": "default", "lora_adapter": adapter_id})
     assert r.status_code == 202, r.text
