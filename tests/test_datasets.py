@@ -27,7 +27,7 @@ def test_batches_hold_samples_of_similar_length_and_follow_the_seed():
 
 def test_collate_pads_like_mlx_lm_and_truncates():
     tokens, lengths = datasets.collate([([1, 2, 3], 0), ([4] * 40, 1)], max_seq_length=2048)
-    assert tokens.shape == (2, 65)  # one plus a multiple of 32
+    assert tokens.shape == (2, 41)  # one plus a multiple of 8
     assert lengths.tolist() == [[0, 3], [1, 40]]
     tokens, lengths = datasets.collate([([9] * 100, 0)], max_seq_length=20)
     assert tokens.shape == (1, 20) and lengths.tolist() == [[0, 20]]

@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""Training speed, side by side: the service's own training path, mlx-lm's trainer called
+directly, and PyTorch + PEFT (float32, and bfloat16 autocast) on the same data and batches.
+
+    .venv/bin/python scripts/bench_train.py [--rounds 3] [--workloads chat,chat3,text,long] [--engines ...]
+    .venv/bin/python scripts/bench_train.py --install-torch   # pip install torch==2.13.0 peft first
+
+Every run is a fresh process (model loading included in its wall time), the engines alternate
+round after round, and the table gives medians. Model: the bundled SmolLM2-135M-Instruct in
+float32 (the CPU fast path: OpenBLAS loaded before MLX), rank-8 LoRA (scale 20) on all seven
+linear layers of the last 8 blocks, Adam at 1e-5, batches of 4 sorted by length as mlx-lm
+builds them. The PyTorch replica uses the same chat template, the same batches in the same
+order, the same loss mask and mlx's Adam update rule (no bias correction).
+
+tokens/s counts the tokens of the samples (the same number for every engine) over the training
+time; wall is the whole process, model loading included; peak is the process's maximum RSS;
+loss is the mean train loss over all steps (mlx-lm's own counts one padding target more per
+sample than the others: see training.masked_loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LEARNING_RATE = 1e-5
+RANK, SCALE, LAYERS, BATCH = 8, 20.0, 8, 4
+TOPICS = ["the moon", "bread", "rivers", "chess", "owls", "glass", "tea", "maps", "bees", "snow", "clocks", "salt",
+          "ships", "paper", "bridges", "violins"]
+
+
+def workload(name: str) -> tuple[list, int]:
+    """(samples, epochs) of a named workload."""
+    if name in ("chat", "chat3"):
+        samples = [
+            {"messages": [{"role": "user", "content": f"Tell me one fact about {topic}, please."},
+                          {"role": "assistant", "content": f"Here is one: {topic} appear in stories {i} times."}]}
+            for i, topic in enumerate(TOPICS * 4)
+        ]
+        return samples, 3 if name == "chat3" else 1
+    if name == "text":
+        return [f"Fact {i}: the word {topic} has {len(topic)} letters." for i, topic in enumerate(TOPICS * 4)], 1
+    if name == "long":
+        filler = " ".join(f"{t} and {u}" for t in TOPICS for u in TOPICS[:10])
+        return [f"Story {i}. {filler[i * 7:]}"[:2400] for i in range(16)], 1
+    raise SystemExit(f"unknown workload {name!r}")
+
+
+# -- engines (each runs in its own process) ----------------------------------------------
+
+
+def tokenized(model_dir: Path, samples: list) -> list[list[int]]:
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_lora_api import datasets
+
+    tokenizer = load_tokenizer(model_dir)
+    dataset = datasets.build(samples, tokenizer)
+    return [dataset[i][0] for i in range(len(dataset))]
+
+
+def run_service(model_dir: Path, samples: list, epochs: int, out: Path) -> dict:
+    from mlx_lora_api import backend
+
+    backend.prepare()
+    from mlx_lora_api import training
+    from mlx_lora_api.schemas import FinetuneRequest
+
+    marks: dict = {}
+
+    def on_event(event):
+        if event["type"] == "started":
+            marks["start"] = time.perf_counter()
+        if event["type"] == "train":
+            marks["loss"] = event["train_loss"]
+
+    parameters = {"learning_rate": LEARNING_RATE, "epochs": epochs, "batch_size": BATCH, "rank": RANK, "scale": SCALE,
+                  "num_layers": LAYERS, "steps_per_report": 10**6, "save_every": 10**6}
+    request = msgspec.convert({"base_model": "bench", "training_data": samples, "parameters": parameters},
+                              FinetuneRequest)
+    training.train_adapter(str(model_dir), "bench", request, out, on_event)
+    return {"train_seconds": time.perf_counter() - marks["start"], "final_loss": marks.get("loss")}
+
+
+def run_mlx_lm(model_dir: Path, samples: list, epochs: int, out: Path) -> dict:
+    """mlx-lm's own `train_model`, as `mlx_lm.lora --train` calls it, on float32 weights."""
+    from mlx_lora_api import backend
+
+    backend.prepare()
+    import types
+
+    import mlx.core as mx
+    from mlx_lm.lora import CONFIG_DEFAULTS, train_model
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.datasets import create_dataset
+    from mlx_lm.utils import load
+
+    from mlx_lora_api import datasets
+
+    model, tokenizer = load(str(model_dir))
+    model.set_dtype(mx.float32)
+    records = datasets.to_records(samples)
+    iters = epochs * len(records) // BATCH  # workloads are multiples of the batch: nothing dropped
+    args = types.SimpleNamespace(**{
+        **CONFIG_DEFAULTS, "model": str(model_dir), "train": True, "num_layers": LAYERS, "batch_size": BATCH,
+        "iters": iters, "learning_rate": LEARNING_RATE, "steps_per_report": iters, "steps_per_eval": 10**9,
+        "save_every": 10**9, "adapter_path": str(out), "lora_parameters": {"rank": RANK, "dropout": 0.0, "scale": SCALE},
+    })
+    config = types.SimpleNamespace(mask_prompt=False)
+    train_set = create_dataset(records, tokenizer, config)
+
+    class Marks(TrainingCallback):
+        loss = None
+
+        def on_train_loss_report(self, info):
+            Marks.loss = info["train_loss"]
+
+    started = time.perf_counter()
+    train_model(args, model, train_set, [], Marks())
+    return {"train_seconds": time.perf_counter() - started, "final_loss": Marks.loss}
+
+
+def run_torch(model_dir: Path, samples: list, epochs: int, out: Path, bf16: bool) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mlx_lora_api import datasets
+
+    torch.manual_seed(0)
+    tokens = tokenized(model_dir, samples)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    layers = model.config.num_hidden_layers
+    config = LoraConfig(
+        r=RANK, lora_alpha=RANK * SCALE, lora_dropout=0.0, bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        layers_to_transform=list(range(layers - LAYERS, layers)),
+    )
+    model = get_peft_model(model, config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # mlx's Adam: no bias correction, eps 1e-8, betas (0.9, 0.999)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    plan = datasets.epoch_plan([len(t) for t in tokens], BATCH, epochs, seed=0)
+    losses = []
+    started = time.perf_counter()
+    for indices in plan:
+        batch = [tokens[i] for i in indices]
+        width = 1 + 32 * ((max(map(len, batch)) + 31) // 32)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, t in enumerate(batch):
+            ids[row, : len(t)] = torch.tensor(t)
+        lengths = torch.tensor([len(t) for t in batch])
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        steps = torch.arange(1, targets.shape[1] + 1)
+        mask = (steps[None, :] < lengths[:, None]).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=inputs).logits
+        ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+        loss = (ce * mask).sum() / mask.sum()
+        loss.backward()
+        with torch.no_grad():
+            for p, mp, vp in zip(params, m, v):
+                mp.mul_(0.9).add_(p.grad, alpha=0.1)
+                vp.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
+                p.sub_(LEARNING_RATE * mp / (vp.sqrt() + 1e-8))
+                p.grad = None
+        losses.append(loss.item())
+    return {"train_seconds": time.perf_counter() - started, "final_loss": sum(losses) / len(losses)}
+
+
+ENGINES = {
+    "service": run_service,
+    "mlx_lm": run_mlx_lm,
+    "torch_fp32": lambda *a: run_torch(*a, bf16=False),
+    "torch_bf16": lambda *a: run_torch(*a, bf16=True),
+}
+
+
+# -- the parent: rounds, measurements, table ------------------------------------------------
+
+
+def sgemm_gflops() -> float:
+    code = (
+        "from mlx_lora_api import backend; backend.prepare()\n"
+        "import mlx.core as mx, time\n"
+        "a = mx.random.normal((1024, 1024)); b = mx.random.normal((1024, 1024)); mx.eval(a @ b)\n"
+        "t = time.perf_counter()\n"
+        "for _ in range(20): mx.eval(a @ b)\n"
+        "print(2 * 1024**3 * 20 / (time.perf_counter() - t) / 1e9)\n"
+    )
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout)
+
+
+def flops_per_token(model_dir: Path) -> float:
+    """Forward through every block and the output layer; backward through the LoRA blocks and
+    the output layer (input gradients; LoRA's own are negligible). Attention scores ignored."""
+    c = json.loads((model_dir / "config.json").read_text())
+    h, f, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    kv = c.get("num_key_value_heads", heads) * c.get("head_dim", h // heads)
+    block = 2 * (2 * h * h + 2 * h * kv + 3 * h * f)
+    output = 2 * h * c["vocab_size"]
+    return c["num_hidden_layers"] * block + output + LAYERS * block + output
+
+
+def run_once(engine: str, model_dir: Path, name: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--child", engine, "--workload", name, "--model", str(model_dir), "--out", out],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        )
+        stdout = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+    if status != 0:
+        return {"error": f"exit status {status}"}
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {**result, "wall_seconds": wall, "peak_mib": usage.ru_maxrss / 1024}
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workloads", default="chat,chat3,text,long")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--install-torch", action="store_true", help="pip install torch==2.13.0 and peft first")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        samples, epochs = workload(args.workload)
+        result = ENGINES[args.child](args.model, samples, epochs, args.out)
+        print(json.dumps(result))
+        return
+    if args.install_torch:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "torch==2.13.0", "peft"], check=True)
+
+    from mlx_lora_api import gguf_import, registry
+
+    engines = args.engines.split(",")
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        skipped = [e for e in engines if e.startswith("torch")]
+        engines = [e for e in engines if not e.startswith("torch")]
+        if skipped:
+            print(f"(PyTorch + PEFT not installed: {', '.join(skipped)} skipped; see --install-torch)")
+
+    data = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    model_dir = gguf_import.register(gguf_import.bundled_gguf_path(), registry.Registry(data, "m"), "smollm2")
+    roofline = sgemm_gflops()
+    per_token = flops_per_token(model_dir)
+    print(f"machine: {machine()}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"float32 sgemm through MLX + OpenBLAS: {roofline:.0f} GFLOP/s; a step costs {per_token / 1e9:.3f} "
+          f"GFLOP/token, so the roofline is {roofline * 1e9 / per_token:.0f} tokens/s")
+    print()
+    print("| workload | engine | tokens/s | wall s | peak MiB | mean loss | of roofline | vs service |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.workloads.split(","):
+        samples, epochs = workload(name)
+        with open(os.devnull, "w"):
+            tokens = sum(map(len, tokenized(model_dir, samples))) * epochs
+        results: dict[str, list[dict]] = {e: [] for e in engines}
+        for _ in range(args.rounds):
+            for engine in engines:
+                results[engine].append(run_once(engine, model_dir, name))
+        medians = {}
+        for engine, runs in results.items():
+            good = [r for r in runs if "error" not in r]
+            if not good:
+                print(f"| {name} | {engine} | failed: {runs[0]['error']} | | | | | |")
+                continue
+            tps = statistics.median(tokens / r["train_seconds"] for r in good)
+            medians[engine] = {
+                "tps": tps,
+                "wall": statistics.median(r["wall_seconds"] for r in good),
+                "peak": statistics.median(r["peak_mib"] for r in good),
+                "loss": statistics.median(r["final_loss"] for r in good if r["final_loss"] is not None),
+            }
+        base = medians.get("service")
+        for engine, m in medians.items():
+            ratio = f"{base['wall'] / m['wall']:.2f}x wall, {m['tps'] / base['tps']:.2f}x tok/s" if base else ""
+            print(f"| {name} ({epochs} ep, {tokens} tok) | {engine} | {m['tps']:.0f} | {m['wall']:.1f} | {m['peak']:.0f} | "
+                  f"{m['loss']:.4f} | {m['tps'] * per_token / (roofline * 1e9):.0%} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
