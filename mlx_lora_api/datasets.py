@@ -73,11 +73,17 @@ def item_lengths(dataset) -> list[int]:
     return [len(dataset[i][0]) for i in range(len(dataset))]
 
 
+def padded_tokens(lengths: Sequence[int], batches: list[list[int]]) -> int:
+    return sum(len(b) * (1 + PAD_MULTIPLE * math.ceil(max(lengths[i] for i in b) / PAD_MULTIPLE)) for b in batches)
+
+
 def make_iterate_batches(
-    plan: list[list[int]], on_truncate: Callable[[int], None] | None = None
+    plan: list[list[int]], on_truncate: Callable[[int], None] | None = None, prefix_cache=None
 ) -> Callable[..., Iterator]:
     """A drop-in for mlx-lm's `iterate_batches`: the training set follows `plan`; any other
-    set (validation, called with loop=False) is walked once in order, partial batch included."""
+    set (validation, called with loop=False) is walked once in order, partial batch included.
+
+    With a `prefix_cache` (see prefix_cache.Cache) batches are (hidden states, tokens, lengths)."""
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
         if comm_group is not None and comm_group.size() > 1:
@@ -93,6 +99,10 @@ def make_iterate_batches(
             if longest > max_seq_length and on_truncate and not warned:
                 on_truncate(longest)
                 warned = True
-            yield collate(items, max_seq_length)
+            tokens, lengths = collate(items, max_seq_length)
+            if prefix_cache is None:
+                yield tokens, lengths
+            else:
+                yield prefix_cache((loop, *indices), tokens), tokens, lengths
 
     return iterate_batches

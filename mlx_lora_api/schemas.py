@@ -138,6 +138,8 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     val_batches: Annotated[int, Meta(ge=-1)] = -1
     # Which adapter is published: the last one, or the one of the lowest validation loss.
     keep: Literal["last", "best"] = "last"
+    # Reuse the frozen blocks' outputs from the second epoch on (exact; see prefix_cache.py).
+    prefix_cache: bool = True
 
     def __post_init__(self):
         if self.alpha is not None and self.scale is not None:

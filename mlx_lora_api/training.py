@@ -79,6 +79,29 @@ def masked_loss(model, batch, lengths):
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
+def _prefix_cache(model, params: Parameters, train_set, plan, on_event: EventSink):
+    """(cache, loss) for training on cached frozen-block outputs, or (None, masked_loss)."""
+    from . import prefix_cache
+
+    if not params.prefix_cache or params.epochs < 2:
+        return None, masked_loss
+    start = prefix_cache.frozen_blocks(model, params)
+    if start == 0:
+        return None, masked_loss
+    lengths = datasets.item_lengths(train_set)
+    unique = {tuple(b): b for b in plan}.values()
+    hidden = model.args.hidden_size
+    if not prefix_cache.fits(datasets.padded_tokens(lengths, list(unique)), hidden):
+        on_event({"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"})
+        return None, masked_loss
+    tokens, _ = datasets.collate([train_set[i] for i in plan[0]], params.max_seq_length)
+    if not prefix_cache.split_matches(model, tokens[:, :-1], start):
+        on_event({"type": "info", "message": "this model's forward pass cannot be split; frozen blocks not cached"})
+        return None, masked_loss
+    on_event({"type": "info", "message": f"the first {start} blocks are frozen: their outputs are computed once"})
+    return prefix_cache.Cache(model, start), prefix_cache.make_loss(start)
+
+
 def build_schedule(params: Parameters, updates: int):
     import mlx.optimizers as optim
 
@@ -344,10 +367,12 @@ def train_adapter(
         grad_accumulation_steps=params.grad_accumulation_steps,
     )
 
+    cache, loss_fn = _prefix_cache(model, params, train_set, plan, on_event)
+
     def validate() -> float:
         loss = evaluate(
             model, val_set, params.batch_size, params.val_batches, params.max_seq_length,
-            loss=masked_loss, iterate_batches=datasets.make_iterate_batches(plan),
+            loss=loss_fn, iterate_batches=datasets.make_iterate_batches(plan, prefix_cache=cache),
         )
         model.train()
         return loss
@@ -381,8 +406,8 @@ def train_adapter(
             train_dataset=train_set,
             val_dataset=None,
             args=args,
-            loss=masked_loss,
-            iterate_batches=datasets.make_iterate_batches(plan[done:], on_truncate),
+            loss=loss_fn,
+            iterate_batches=datasets.make_iterate_batches(plan[done:], on_truncate, prefix_cache=cache),
             training_callback=hook,
         )
     hook.finish()

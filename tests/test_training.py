@@ -188,3 +188,39 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model
     expected = mx.load(str(whole / "adapters.safetensors"))
     resumed = mx.load(str(parts / "adapters.safetensors"))
     assert all(mx.allclose(expected[k], resumed[k], atol=1e-6).item() for k in expected)
+
+
+def test_caching_the_frozen_blocks_leaves_the_adapter_unchanged(tmp_path, tiny_model_template):
+    adapters, events = {}, {}
+    for cached in (False, True):
+        out = tmp_path / f"cached-{cached}"
+        out.mkdir()
+        events[cached] = []
+        req = FinetuneRequest(
+            base_model="tiny-base",
+            training_data=["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "a dog"],
+            validation_data=["def add(a, b):"],
+            parameters=Parameters(learning_rate=2e-3, epochs=4, batch_size=2, num_layers=1, prefix_cache=cached,
+                                  steps_per_eval=2),
+        )
+        training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events[cached].append)
+        adapters[cached] = mx.load(str(out / "adapters.safetensors"))
+    assert any("frozen" in e.get("message", "") for e in events[True] if e["type"] == "info")
+    assert not any(e["type"] == "info" for e in events[False])
+    assert all(mx.allclose(adapters[True][k], adapters[False][k], atol=1e-5).item() for k in adapters[False])
+    vals = [[e["val_loss"] for e in events[c] if e["type"] == "val"] for c in (False, True)]
+    assert vals[0] == pytest.approx(vals[1], rel=1e-5)
+
+
+def test_no_cache_where_it_would_not_be_exact(tmp_path, tiny_model_template):
+    from mlx_lora_api import prefix_cache
+
+    model, _ = load(str(tiny_model_template))
+    training.prepare_model(model, Parameters(dropout=0.1), num_layers=1)
+    assert prefix_cache.frozen_blocks(model, Parameters(dropout=0.1)) == 0
+    model, _ = load(str(tiny_model_template))
+    training.prepare_model(model, Parameters(), num_layers=2)
+    assert prefix_cache.frozen_blocks(model, Parameters()) == 0  # every block trains
+    model, _ = load(str(tiny_model_template))
+    training.prepare_model(model, Parameters(), num_layers=1)
+    assert prefix_cache.frozen_blocks(model, Parameters()) == 1
