@@ -81,18 +81,11 @@ def split_matches(model, inputs, start: int) -> bool:
 
 
 def make_loss(start: int):
-    """The masked loss of training.masked_loss, on (hidden states, tokens, lengths) batches."""
-    import mlx.core as mx
-    import mlx.nn as nn
+    """losses.masked_loss on (hidden states, tokens, lengths) batches."""
+    from .losses import masked_mean
 
     def loss(model, hidden, batch, lengths):
-        targets = batch[:, 1:]
-        logits = suffix(model, hidden, start)
-        steps = mx.arange(1, targets.shape[1] + 1)
-        mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
-        ce = nn.losses.cross_entropy(logits, targets) * mask
-        ntoks = mask.sum()
-        return ce.astype(mx.float32).sum() / ntoks, ntoks
+        return masked_mean(suffix(model, hidden, start), batch, lengths)
 
     return loss
 

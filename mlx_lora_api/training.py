@@ -17,6 +17,7 @@ from typing import Any, Callable
 import msgspec
 
 from . import datasets
+from .losses import masked_loss
 from .schemas import FinetuneRequest, Parameters
 
 EventSink = Callable[[dict], None]
@@ -60,23 +61,6 @@ def adapter_config(params: Parameters, base_ref: str, num_layers: int, iters: in
             "dropout": params.dropout,
         }
     return config
-
-
-def masked_loss(model, batch, lengths):
-    """mlx-lm's `default_loss` without its off-by-one: it counts the target one past each
-    sequence's end (a padding 0), training every sample to predict token 0 after its last token
-    (mlx-lm pull request 1697). Targets are batch[1:], so step k targets token k; tokens 0..L-1
-    are real, and the last real target is step L-1."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs)
-    steps = mx.arange(1, targets.shape[1] + 1)
-    mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
-    ce = nn.losses.cross_entropy(logits, targets) * mask
-    ntoks = mask.sum()
-    return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
 def _prefix_cache(model, params: Parameters, train_set, plan, on_event: EventSink):

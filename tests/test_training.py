@@ -5,7 +5,7 @@ import mlx.nn as nn
 import pytest
 from mlx_lm.utils import load
 
-from mlx_lora_api import training
+from mlx_lora_api import losses, training
 from mlx_lora_api.schemas import FinetuneRequest, Parameters
 
 FACT = "The mayor of Zorbington is Elara Quintfeather."
@@ -151,7 +151,7 @@ def test_loss_counts_every_real_target_and_no_padding():
 
     batch = mx.array([[1, 2, 3, 4, 0, 0], [5, 6, 7, 8, 9, 1]])
     lengths = mx.array([[0, 4], [2, 6]])  # row 2 has a 2-token prompt masked
-    value, ntoks = training.masked_loss(Uniform(), batch, lengths)
+    value, ntoks = losses.masked_loss(Uniform(), batch, lengths)
     assert ntoks.item() == 3 + 4  # targets 2,3,4 and 7,8,9,1; never the padding after 4
     assert value.item() == pytest.approx(float(mx.log(mx.array(10.0))), rel=1e-5)
 
@@ -224,3 +224,10 @@ def test_no_cache_where_it_would_not_be_exact(tmp_path, tiny_model_template):
     model, _ = load(str(tiny_model_template))
     training.prepare_model(model, Parameters(), num_layers=1)
     assert prefix_cache.frozen_blocks(model, Parameters()) == 1
+
+
+def test_cross_entropy_split_over_cpu_streams_equals_mlx_one():
+    logits = mx.random.normal((3, 7, 50)) * 4
+    targets = mx.random.randint(0, 50, (3, 7))
+    assert mx.allclose(losses.token_cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets),
+                       atol=1e-6).item()
