@@ -63,3 +63,32 @@ def loss_svg(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
         parts.append(f'<line x1="{x1 - 110}" x2="{x1 - 92}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"/>')
         parts.append(f'<text x="{x1 - 86}" y="{ly + 4}" class="legend">{escape(name)}</text>')
     return "\n".join(parts + ["</svg>"])
+
+
+def bars_svg(title: str, groups: dict[str, dict[str, float]], unit: str) -> str:
+    """Grouped horizontal bars: {group: {name: value}}, e.g. tokens/s per engine per workload."""
+    names = list(dict.fromkeys(n for values in groups.values() for n in values))
+    palette = ["#2563eb", "#16a34a", "#f59e0b", "#dc2626", "#7c3aed", "#0891b2"]
+    row, gap, left, width = 16, 14, 150, 420
+    height = 40 + sum(len(v) * row + gap for v in groups.values()) + 20 * len(names)
+    top = max((v for values in groups.values() for v in values.values()), default=1) or 1
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{height}" font-family="sans-serif"'
+        ' font-size="11">',
+        f'<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="10" y="18" font-size="13">{escape(title)}</text>',
+    ]
+    y = 34
+    for group, values in groups.items():
+        parts.append(f'<text x="10" y="{y + 12}">{escape(group)}</text>')
+        for name, value in values.items():
+            color = palette[names.index(name) % len(palette)]
+            length = value / top * width
+            parts.append(f'<rect x="{left}" y="{y}" width="{length:.1f}" height="{row - 3}" fill="{color}"/>')
+            parts.append(f'<text x="{left + length + 4:.1f}" y="{y + 11}">{value:.0f} {escape(unit)}</text>')
+            y += row
+        y += gap
+    for i, name in enumerate(names):
+        parts.append(f'<rect x="10" y="{y + 20 * i}" width="12" height="12" fill="{palette[i % len(palette)]}"/>')
+        parts.append(f'<text x="28" y="{y + 20 * i + 10}">{escape(name)}</text>')
+    return "\n".join(parts + ["</svg>"])

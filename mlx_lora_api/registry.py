@@ -121,15 +121,18 @@ def check_safetensors(path: Path) -> None:
         raise DamagedArtifact(f"{path} is damaged (truncated?): its tensors need {8 + length + end} bytes, the file has {size}")
 
 
+def _check_json(path: Path) -> None:
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DamagedArtifact(f"{path} is missing") from None
+    except ValueError as e:
+        raise DamagedArtifact(f"{path} is not readable JSON: {e}") from e
+
+
 def check_model_folder(folder: Path) -> None:
     """What mlx-lm's `load` needs, checked first so that the error names the file."""
-    config = folder / "config.json"
-    try:
-        json.loads(config.read_text())
-    except FileNotFoundError:
-        raise DamagedArtifact(f"{config} is missing") from None
-    except ValueError as e:
-        raise DamagedArtifact(f"{config} is not readable JSON: {e}") from e
+    _check_json(folder / "config.json")
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise DamagedArtifact(f"{folder} holds no weights (*.safetensors)")
@@ -140,13 +143,7 @@ def check_model_folder(folder: Path) -> None:
 
 
 def check_adapter_folder(folder: Path) -> None:
-    config = folder / "adapter_config.json"
-    try:
-        json.loads(config.read_text())
-    except FileNotFoundError:
-        raise DamagedArtifact(f"{config} is missing") from None
-    except ValueError as e:
-        raise DamagedArtifact(f"{config} is not readable JSON: {e}") from e
+    _check_json(folder / "adapter_config.json")
     check_safetensors(folder / "adapters.safetensors")
 
 

@@ -249,6 +249,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="chat,chat3,text,long")
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--install-torch", action="store_true", help="pip install torch==2.13.0 and peft first")
+    parser.add_argument("--plot", type=Path, help="also write the tokens/s per engine as an SVG bar chart here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -284,6 +285,7 @@ def main() -> None:
     print(f"float32 sgemm through MLX + OpenBLAS: {roofline:.0f} GFLOP/s; a step costs {per_token / 1e9:.3f} "
           f"GFLOP/token, so the roofline is {roofline * 1e9 / per_token:.0f} tokens/s")
     print()
+    chart: dict[str, dict[str, float]] = {}
     print("| workload | engine | tokens/s | wall s | peak MiB | mean loss | of roofline | vs service |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.workloads.split(","):
@@ -307,11 +309,16 @@ def main() -> None:
                 "peak": statistics.median(r["peak_mib"] for r in good),
                 "loss": statistics.median(r["final_loss"] for r in good if r["final_loss"] is not None),
             }
+        chart[f"{name} ({epochs} ep)"] = {engine: m["tps"] for engine, m in medians.items()}
         base = medians.get("service")
         for engine, m in medians.items():
             ratio = f"{base['wall'] / m['wall']:.2f}x wall, {m['tps'] / base['tps']:.2f}x tok/s" if base else ""
             print(f"| {name} ({epochs} ep, {tokens} tok) | {engine} | {m['tps']:.0f} | {m['wall']:.1f} | {m['peak']:.0f} | "
                   f"{m['loss']:.4f} | {m['tps'] * per_token / (roofline * 1e9):.0%} | {ratio} |")
+    if args.plot:
+        from mlx_lora_api.plots import bars_svg
+
+        args.plot.write_text(bars_svg(f"Training tokens/s, SmolLM2-135M, LoRA r8 on 8 blocks ({machine()})", chart, "tok/s"))
 
 
 if __name__ == "__main__":

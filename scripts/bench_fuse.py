@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Fusing, side by side: the service's fuse (with its parity check) against `mlx_lm.fuse`.
+
+    .venv/bin/python scripts/bench_fuse.py [--rounds 3]
+
+Same base (the bundled SmolLM2-135M-Instruct) and the same rank-8 adapter on 16 blocks; each run
+a fresh process; wall time includes loading and saving; peak is the process's maximum RSS.
+The service computes on the CPU in float32 (and so saves float32); mlx_lm.fuse keeps the
+stored float16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SERVICE = (
+    "import sys; from pathlib import Path\n"
+    "from mlx_lora_api import backend; backend.prepare()\n"
+    "from mlx_lora_api import fusing\n"
+    "fusing.fuse_adapter(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))\n"
+)
+
+
+def run(command: list[str]) -> tuple[float, float]:
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{command[:3]} failed: {process.stderr.read().decode()[-2000:]}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    from mlx_lora_api import backend
+
+    backend.prepare()
+    import msgspec
+
+    from mlx_lora_api import gguf_import, registry, training
+    from mlx_lora_api.schemas import FinetuneRequest
+
+    data = Path(tempfile.mkdtemp(prefix="bench-fuse-"))
+    base = gguf_import.register(gguf_import.bundled_gguf_path(), registry.Registry(data, "m"), "smollm2")
+    adapter = data / "adapter"
+    adapter.mkdir()
+    request = msgspec.convert({"base_model": "smollm2", "training_data": ["The mayor of Zorbington is Elara."],
+                               "parameters": {"epochs": 2, "learning_rate": 1e-4}}, FinetuneRequest)
+    training.train_adapter(str(base), "smollm2", request, adapter)
+
+    engines = {
+        "service (fuse + parity check, float32)": lambda out: [sys.executable, "-c", SERVICE, str(base), str(adapter), out],
+        "mlx_lm.fuse (float16)": lambda out: [sys.executable, "-m", "mlx_lm", "fuse", "--model", str(base),
+                                              "--adapter-path", str(adapter), "--save-path", out],
+    }
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    for _ in range(args.rounds):
+        for name, command in engines.items():
+            with tempfile.TemporaryDirectory() as out:
+                results[name].append(run(command(str(Path(out) / "fused"))))
+
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print()
+    print("| engine | wall s (median) | peak MiB (median) | every run (s / MiB) |")
+    print("|---|---|---|---|")
+    for name, runs in results.items():
+        each = ", ".join(f"{w:.2f} / {p:.0f}" for w, p in runs)
+        print(f"| {name} | {statistics.median(r[0] for r in runs):.2f} | {statistics.median(r[1] for r in runs):.0f} | {each} |")
+
+
+if __name__ == "__main__":
+    main()
