@@ -10,7 +10,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from . import errors
 from .endpoints import decode, read_body, respond, sse
 from .schemas import (
     ChatChoice,

@@ -75,7 +75,7 @@ def bars_svg(title: str, groups: dict[str, dict[str, float]], unit: str) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{height}" font-family="sans-serif"'
         ' font-size="11">',
-        f'<rect width="100%" height="100%" fill="white"/>',
+        '<rect width="100%" height="100%" fill="white"/>',
         f'<text x="10" y="18" font-size="13">{escape(title)}</text>',
     ]
     y = 34

@@ -28,7 +28,6 @@ def frozen_blocks(model, params) -> int:
         return 0
     if getattr(inner, "swa_idx", None) is not None or not hasattr(inner, "embed_tokens"):
         return 0  # sliding-window layers need masks this module does not build
-    layers = len(inner.layers)
     trainable = [i for i, layer in enumerate(inner.layers) if any(True for _ in _leaves(layer.trainable_parameters()))]
     return min(trainable) if trainable else 0
 

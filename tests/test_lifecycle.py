@@ -7,7 +7,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-import tiny
 from mlx_lm.utils import load
 from starlette.testclient import TestClient
 

@@ -14,7 +14,16 @@ from schemathesis.checks import CHECKS  # noqa: E402
 # (ids, limits, model lookup, the Hub stand-in) without starting a training job.
 # Valid-looking requests still fail there (404, 503), so "valid data is accepted" is left out.
 EXAMPLES = 25  # per operation
-EXCLUDED = ["positive_data_acceptance", "missing_required_header", "ignored_auth", "unsupported_method"]
+EXCLUDED = ["positive_data_acceptance", "missing_required_header", "ignored_auth", "unsupported_method",
+            "not_a_server_error"]
+
+
+def no_server_error(ctx, response, case):
+    """No 5xx, but the one the service means: 503 for a Hub repo id while the Hub is out of reach
+    (here it always is: the tests point the Hub at a closed port)."""
+    if response.status_code >= 500:
+        hub_down = response.status_code == 503 and "the Hub cannot be reached" in response.text
+        assert hub_down, f"server error {response.status_code}: {response.text[:300]}"
 
 
 @pytest.fixture
@@ -35,7 +44,7 @@ def test_the_description_is_openapi_3_1_with_every_route(tmp_path):
 
 def test_no_input_breaks_the_service_or_its_schema(api_schema):
     """Every operation, examples from its schema and outside it; no 5xx, every answer as described."""
-    from hypothesis import given, strategies as st
+    from hypothesis import given
 
     excluded = [c for c in CHECKS.get_all() if c.__name__ in EXCLUDED]
     operations = [result.ok() for result in api_schema.get_all_operations()]
@@ -50,7 +59,8 @@ def test_no_input_breaks_the_service_or_its_schema(api_schema):
         @given(case=strategy)
         @hypothesis_settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def fuzz(case):
-            response = case.call_and_validate(headers={"Host": "127.0.0.1:8000"}, excluded_checks=excluded)
+            response = case.call_and_validate(headers={"Host": "127.0.0.1:8000"}, excluded_checks=excluded,
+                                              additional_checks=[no_server_error])
             calls.append(response.status_code)
 
         fuzz()
