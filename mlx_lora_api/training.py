@@ -17,6 +17,7 @@ from typing import Any, Callable
 import msgspec
 
 from . import datasets
+from .cpu_parallel import parallel_attention
 from .losses import masked_loss
 from .schemas import FinetuneRequest, Parameters
 
@@ -381,19 +382,20 @@ def train_adapter(
             "num_layers": num_layers,
         }
     )
-    if start is None:
-        hook.evaluate(0)
-    if args.iters > 0:
-        train(
-            model=model,
-            optimizer=optimizer,
-            train_dataset=train_set,
-            val_dataset=None,
-            args=args,
-            loss=loss_fn,
-            iterate_batches=datasets.make_iterate_batches(plan[done:], on_truncate, prefix_cache=cache),
-            training_callback=hook,
-        )
+    with parallel_attention(model):
+        if start is None:
+            hook.evaluate(0)
+        if args.iters > 0:
+            train(
+                model=model,
+                optimizer=optimizer,
+                train_dataset=train_set,
+                val_dataset=None,
+                args=args,
+                loss=loss_fn,
+                iterate_batches=datasets.make_iterate_batches(plan[done:], on_truncate, prefix_cache=cache),
+                training_callback=hook,
+            )
     hook.finish()
     hook.metrics.update(
         trainable_parameters=trainable, seconds=round(time.perf_counter() - started, 3), num_layers=num_layers

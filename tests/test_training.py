@@ -231,3 +231,23 @@ def test_cross_entropy_split_over_cpu_streams_equals_mlx_one():
     targets = mx.random.randint(0, 50, (3, 7))
     assert mx.allclose(losses.token_cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets),
                        atol=1e-6).item()
+
+
+def test_splitting_work_over_cpu_streams_leaves_the_adapter_unchanged(tmp_path, tiny_model_template, monkeypatch):
+    from mlx_lora_api import cpu_parallel
+
+    def train_once(name):
+        out = tmp_path / name
+        out.mkdir()
+        req = FinetuneRequest(
+            base_model="tiny-base",
+            training_data=["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "a dog"],
+            parameters=Parameters(learning_rate=2e-3, epochs=3, batch_size=4, prefix_cache=False),
+        )
+        training.train_adapter(str(tiny_model_template), "tiny-base", req, out)
+        return mx.load(str(out / "adapters.safetensors"))
+
+    split = train_once("split")
+    monkeypatch.setattr(cpu_parallel, "cpu_streams", lambda: [])
+    single = train_once("single")
+    assert all(mx.allclose(split[k], single[k], atol=1e-5).item() for k in single)
