@@ -4,7 +4,7 @@ On the CPU, MLX runs an element-wise op such as `exp` on one thread (and, on x86
 slower than numpy's vectorized exp), so the softmax over a 49,152-word vocabulary and the
 softmax of attention dominate a LoRA step. Ops placed on different CPU streams run on
 different threads: splitting those two softmaxes by rows or by batch over one stream per core
-runs them in parallel, with the same results.
+runs them in parallel, with the same results. SwiGLU's sigmoid gets the same treatment.
 """
 
 from __future__ import annotations
@@ -58,16 +58,28 @@ def _attention(original):
     return attention
 
 
+def _rows(original):
+    def split(*arrays):
+        return split_rows(original, *arrays)
+
+    return split
+
+
 @contextlib.contextmanager
-def parallel_attention(model):
-    """While training `model` on the CPU, split its attention over the CPU streams by batch."""
+def parallel_training(model):
+    """While training `model` on the CPU, split its attention and its SwiGLU by batch over the
+    CPU streams (the names its model module calls; other architectures are left as they are)."""
     module = sys.modules.get(type(model).__module__)
-    original = getattr(module, "scaled_dot_product_attention", None)
-    if original is None or len(cpu_streams()) < 2:
+    originals = {name: getattr(module, name, None) for name in ("scaled_dot_product_attention", "swiglu")}
+    originals = {name: fn for name, fn in originals.items() if fn is not None}
+    if not originals or len(cpu_streams()) < 2:
         yield
         return
-    module.scaled_dot_product_attention = _attention(original)
+    wrappers = {"scaled_dot_product_attention": _attention, "swiglu": _rows}
+    for name, original in originals.items():
+        setattr(module, name, wrappers[name](original))
     try:
         yield
     finally:
-        module.scaled_dot_product_attention = original
+        for name, original in originals.items():
+            setattr(module, name, original)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import msgspec
 
 from . import datasets
-from .cpu_parallel import parallel_attention
+from .cpu_parallel import parallel_training
 from .losses import masked_loss
 from .schemas import FinetuneRequest, Parameters
 
@@ -382,7 +382,7 @@ def train_adapter(
             "num_layers": num_layers,
         }
     )
-    with parallel_attention(model):
+    with parallel_training(model):
         if start is None:
             hook.evaluate(0)
         if args.iters > 0:
