@@ -92,7 +92,7 @@ def _dequantized(tensor) -> np.ndarray:
     shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
     try:
         values = dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError as e:
+    except NotImplementedError as e:  # the gguf package's answer for a quantization type it lacks
         raise GGUFImportError(
             f"tensor {tensor.name!r} uses {tensor.tensor_type.name}, which the gguf package cannot dequantize"
         ) from e
