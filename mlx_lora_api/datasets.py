@@ -56,12 +56,12 @@ def epoch_plan(lengths: Sequence[int], batch_size: int, epochs: int, seed: int) 
     return plan
 
 
-def collate(items: list[tuple[list[int], int]], max_seq_length: int):
+def collate(items: list[tuple[list[int], int]], max_seq_length: int, pad_multiple: int = PAD_MULTIPLE):
     """Pad one batch; returns (tokens, [[offset, length], ...]) as mx arrays."""
     import mlx.core as mx
 
     lengths = [min(len(tokens), max_seq_length) for tokens, _ in items]
-    width = min(1 + PAD_MULTIPLE * math.ceil(max(lengths) / PAD_MULTIPLE), max_seq_length)
+    width = min(1 + pad_multiple * math.ceil(max(lengths) / pad_multiple), max_seq_length)
     array = np.zeros((len(items), width), np.int32)
     for row, ((tokens, _), length) in enumerate(zip(items, lengths)):
         array[row, :length] = tokens[:length]
@@ -73,12 +73,15 @@ def item_lengths(dataset) -> list[int]:
     return [len(dataset[i][0]) for i in range(len(dataset))]
 
 
-def padded_tokens(lengths: Sequence[int], batches: list[list[int]]) -> int:
-    return sum(len(b) * (1 + PAD_MULTIPLE * math.ceil(max(lengths[i] for i in b) / PAD_MULTIPLE)) for b in batches)
+def padded_tokens(lengths: Sequence[int], batches: list[list[int]], pad_multiple: int = PAD_MULTIPLE) -> int:
+    return sum(len(b) * (1 + pad_multiple * math.ceil(max(lengths[i] for i in b) / pad_multiple)) for b in batches)
 
 
 def make_iterate_batches(
-    plan: list[list[int]], on_truncate: Callable[[int], None] | None = None, prefix_cache=None
+    plan: list[list[int]],
+    on_truncate: Callable[[int], None] | None = None,
+    prefix_cache=None,
+    pad_multiple: int = PAD_MULTIPLE,
 ) -> Callable[..., Iterator]:
     """A drop-in for mlx-lm's `iterate_batches`: the training set follows `plan`; any other
     set (validation, called with loop=False) is walked once in order, partial batch included.
@@ -99,7 +102,7 @@ def make_iterate_batches(
             if longest > max_seq_length and on_truncate and not warned:
                 on_truncate(longest)
                 warned = True
-            tokens, lengths = collate(items, max_seq_length)
+            tokens, lengths = collate(items, max_seq_length, pad_multiple)
             if prefix_cache is None:
                 yield tokens, lengths
             else:

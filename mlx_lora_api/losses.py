@@ -15,8 +15,8 @@ def token_cross_entropy(logits, targets):
     return flat.reshape(shape)
 
 
-def masked_mean(logits, batch, lengths):
-    """Mean over the targets that count, and their number.
+def target_mask(batch, lengths):
+    """Which targets count, (B, T-1).
 
     mlx-lm's `default_loss` also counts the target one past each sequence's end (a padding
     0), training every sample to predict token 0 after its last token (mlx-lm pull request
@@ -25,10 +25,16 @@ def masked_mean(logits, batch, lengths):
     """
     import mlx.core as mx
 
-    targets = batch[:, 1:]
-    steps = mx.arange(1, targets.shape[1] + 1)
-    mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
-    ce = token_cross_entropy(logits, targets) * mask
+    steps = mx.arange(1, batch.shape[1])
+    return mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
+
+
+def masked_mean(logits, batch, lengths):
+    """Mean over the targets that count, and their number."""
+    import mlx.core as mx
+
+    mask = target_mask(batch, lengths)
+    ce = token_cross_entropy(logits, batch[:, 1:]) * mask
     ntoks = mask.sum()
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
@@ -36,3 +42,21 @@ def masked_mean(logits, batch, lengths):
 def masked_loss(model, batch, lengths):
     """A drop-in for mlx-lm's `default_loss`, without its off-by-one."""
     return masked_mean(model(batch[:, :-1]), batch, lengths)
+
+
+def hidden_mean(model, hidden, batch, lengths):
+    """`masked_mean` of the logits of the final hidden states `hidden` (B, T-1, D), through
+    `cpu_head` (the caller has checked `cpu_head.output_weight(model)`)."""
+    from . import cpu_head
+
+    mask = target_mask(batch, lengths)
+    ce = cpu_head.cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), cpu_head.output_weight(model), batch[:, 1:].reshape(-1), mask.reshape(-1)
+    )
+    ntoks = mask.sum()
+    return ce.sum() / ntoks, ntoks
+
+
+def cpu_head_loss(model, batch, lengths):
+    """`masked_loss` with the output layer's softmax taken by numpy (`cpu_head`)."""
+    return hidden_mean(model, model.model(batch[:, :-1]), batch, lengths)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 
+from .cpu_parallel import frozen_forward
+
 log = logging.getLogger("mlx_lora_api")
 
 DEFAULT_BUDGET_BYTES = 2 << 30
@@ -56,8 +58,9 @@ def prefix(model, inputs, start: int):
     return mx.stop_gradient(h)
 
 
-def suffix(model, h, start: int):
-    """Logits from hidden states entering block `start`: the rest of the model's __call__."""
+def suffix(model, h, start: int, logits: bool = True):
+    """Logits from hidden states entering block `start`: the rest of the model's __call__
+    (or, with logits=False, the final hidden states before the output layer)."""
     from mlx_lm.models.base import create_attention_mask
 
     inner = model.model
@@ -65,6 +68,8 @@ def suffix(model, h, start: int):
     for layer in inner.layers[start:]:
         h = layer(h, mask, cache=None)
     h = inner.norm(h)
+    if not logits:
+        return h
     if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
         return inner.embed_tokens.as_linear(h)
     return model.lm_head(h)
@@ -79,34 +84,51 @@ def split_matches(model, inputs, start: int) -> bool:
     return whole.shape == split.shape and mx.allclose(whole, split, atol=1e-4, rtol=1e-4).item()
 
 
-def make_loss(start: int):
-    """losses.masked_loss on (hidden states, tokens, lengths) batches."""
-    from .losses import masked_mean
+def make_loss(start: int, cpu_head: bool = False):
+    """losses.masked_loss on (hidden states, tokens, lengths) batches; with `cpu_head`, through
+    `losses.hidden_mean`."""
+    from .losses import hidden_mean, masked_mean
 
     def loss(model, hidden, batch, lengths):
         return masked_mean(suffix(model, hidden, start), batch, lengths)
 
-    return loss
+    def head_loss(model, hidden, batch, lengths):
+        return hidden_mean(model, suffix(model, hidden, start, logits=False), batch, lengths)
+
+    return head_loss if cpu_head else loss
 
 
 class Cache:
-    """Hidden states per batch (keyed by the batch's sample indices), computed on first use."""
+    """Hidden states per batch (keyed by the batch's sample indices), computed on first use.
 
-    def __init__(self, model, start: int):
+    With keep=False nothing is kept: each batch's frozen blocks run forward on their own,
+    outside the training step, which then holds the activations of the trainable blocks only
+    (a single epoch, or a cache over budget)."""
+
+    def __init__(self, model, start: int, keep: bool = True, fast: bool = True):
         self.model = model
         self.start = start
+        self.keep = keep
+        self.fast = fast  # cpu_parallel.frozen_forward's kernels
         self._states: dict[tuple[int, ...], object] = {}
         self.nbytes = 0
 
-    def __call__(self, key: tuple[int, ...], tokens):
+    def compute(self, tokens):
+        """The hidden states entering block `start` for a batch of `tokens` (B, T+1), evaluated."""
         import mlx.core as mx
 
-        states = self._states.get(key)
-        if states is None:
+        with frozen_forward(self.model, self.fast):
             states = prefix(self.model, tokens[:, :-1], self.start)
             mx.eval(states)
-            self._states[key] = states
-            self.nbytes += states.nbytes
+        return states
+
+    def __call__(self, key: tuple[int, ...], tokens):
+        states = self._states.get(key)
+        if states is None:
+            states = self.compute(tokens)
+            if self.keep:
+                self._states[key] = states
+                self.nbytes += states.nbytes
         return states
 
 

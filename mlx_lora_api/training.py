@@ -18,7 +18,7 @@ import msgspec
 
 from . import datasets
 from .cpu_parallel import parallel_training
-from .losses import masked_loss
+from .losses import cpu_head_loss, masked_loss
 from .schemas import FinetuneRequest, Parameters
 
 EventSink = Callable[[dict], None]
@@ -64,27 +64,67 @@ def adapter_config(params: Parameters, base_ref: str, num_layers: int, iters: in
     return config
 
 
-def _prefix_cache(model, params: Parameters, train_set, plan, on_event: EventSink):
-    """(cache, loss) for training on cached frozen-block outputs, or (None, masked_loss)."""
-    from . import prefix_cache
+class Levers(msgspec.Struct, frozen=True):
+    """The training speed-ups, each exact (tests train with and without and compare the
+    adapters); all on by default. All off, a step computes what mlx-lm's trainer computes, as
+    mlx-lm does it (scripts/bench_train.py's `service_plain` engine)."""
 
-    if not params.prefix_cache or params.epochs < 2:
-        return None, masked_loss
-    start = prefix_cache.frozen_blocks(model, params)
-    if start == 0:
-        return None, masked_loss
-    lengths = datasets.item_lengths(train_set)
-    unique = {tuple(b): b for b in plan}.values()
-    hidden = model.args.hidden_size
-    if not prefix_cache.fits(datasets.padded_tokens(lengths, list(unique)), hidden):
-        on_event({"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"})
-        return None, masked_loss
-    tokens, _ = datasets.collate([train_set[i] for i in plan[0]], params.max_seq_length)
-    if not prefix_cache.split_matches(model, tokens[:, :-1], start):
-        on_event({"type": "info", "message": "this model's forward pass cannot be split; frozen blocks not cached"})
-        return None, masked_loss
-    on_event({"type": "info", "message": f"the first {start} blocks are frozen: their outputs are computed once"})
-    return prefix_cache.Cache(model, start), prefix_cache.make_loss(start)
+    pad_multiple: int = datasets.PAD_MULTIPLE  # mlx-lm: 32
+    prefix_cache: bool = True  # cache the frozen blocks' outputs (also needs params.prefix_cache)
+    cpu_head: bool = True  # the output layer's softmax in numpy (CPU only)
+    cpu_ops: bool = True  # SwiGLU, attention and cross-entropy vectorized and split over the CPU's cores
+    keep_freed_memory: bool = True  # see backend.keep_freed_memory
+
+
+PLAIN = Levers(pad_multiple=32, prefix_cache=False, cpu_head=False, cpu_ops=False, keep_freed_memory=False)
+
+
+class LossPlan(msgspec.Struct):
+    """How the steps compute the loss: `loss(model, *batch)` on the batches that
+    `make_iterate_batches(..., prefix_cache=cache)` yields, compiled (as mlx-lm does) or not."""
+
+    loss: Callable
+    cache: Any = None
+    eager: bool = False
+
+
+def plan_loss(model, params: Parameters, train_set, plan, on_event: EventSink, levers: Levers) -> LossPlan:
+    """The fastest way to compute `masked_loss` here, checked on the first batch against it."""
+    from . import backend, cpu_head, prefix_cache
+
+    head = levers.cpu_head and backend.on_cpu() and cpu_head.output_weight(model) is not None
+    start = prefix_cache.frozen_blocks(model, params) if levers.prefix_cache and params.prefix_cache else 0
+    keep = params.epochs >= 2  # one epoch: the frozen blocks still run outside the step, nothing kept
+    if start and keep:
+        lengths = datasets.item_lengths(train_set)
+        unique = {tuple(b): b for b in plan}.values()
+        if not prefix_cache.fits(datasets.padded_tokens(lengths, list(unique), levers.pad_multiple),
+                                 model.args.hidden_size):
+            on_event({"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"})
+            keep = False
+    if not start and not head:
+        return LossPlan(masked_loss)
+    tokens, lengths = datasets.collate([train_set[i] for i in plan[0]], params.max_seq_length, levers.pad_multiple)
+    expected = masked_loss(model, tokens, lengths)[0]
+    if start:
+        cache = prefix_cache.Cache(model, start, keep, fast=levers.cpu_ops)
+        chosen = LossPlan(prefix_cache.make_loss(start, head), cache, eager=head)
+        got = chosen.loss(model, cache.compute(tokens), tokens, lengths)[0]
+    else:
+        chosen = LossPlan(cpu_head_loss, eager=True)
+        got = cpu_head_loss(model, tokens, lengths)[0]
+    if not mx_close(got, expected):
+        on_event({"type": "info", "message": "this model's forward pass cannot be split; trained without shortcuts"})
+        return LossPlan(masked_loss)
+    if start and keep:
+        on_event({"type": "info", "message": f"the first {start} blocks are frozen: their outputs are computed once"})
+    return chosen
+
+
+def mx_close(a, b) -> bool:
+    import mlx.core as mx
+
+    return mx.allclose(a, b, atol=1e-4, rtol=1e-4).item()
 
 
 def build_schedule(params: Parameters, updates: int):
@@ -298,6 +338,7 @@ def train_adapter(
     out_dir: Path,
     on_event: EventSink = lambda event: None,
     resume: bool = False,
+    levers: Levers = Levers(),
 ) -> dict[str, Any]:
     """Train and write `adapter_config.json` and `adapters.safetensors` into `out_dir`.
 
@@ -315,6 +356,8 @@ def train_adapter(
 
     params = request.parameters
     started = time.perf_counter()
+    if levers.keep_freed_memory:
+        backend.keep_freed_memory()
     on_event({"type": "loading", "base_model": base_ref})
     model, tokenizer = load(base_path)
     backend.cast_for_compute(model)
@@ -352,12 +395,13 @@ def train_adapter(
         grad_accumulation_steps=params.grad_accumulation_steps,
     )
 
-    cache, loss_fn = _prefix_cache(model, params, train_set, plan, on_event)
+    chosen = plan_loss(model, params, train_set, plan, on_event, levers)
 
     def validate() -> float:
         loss = evaluate(
             model, val_set, params.batch_size, params.val_batches, params.max_seq_length,
-            loss=loss_fn, iterate_batches=datasets.make_iterate_batches(plan, prefix_cache=cache),
+            loss=chosen.loss,
+            iterate_batches=datasets.make_iterate_batches(plan, prefix_cache=chosen.cache, pad_multiple=levers.pad_multiple),
         )
         model.train()
         return loss
@@ -382,7 +426,7 @@ def train_adapter(
             "num_layers": num_layers,
         }
     )
-    with parallel_training(model):
+    with parallel_training(model, ops=levers.cpu_ops, eager=chosen.eager):
         if start is None:
             hook.evaluate(0)
         if args.iters > 0:
@@ -392,8 +436,10 @@ def train_adapter(
                 train_dataset=train_set,
                 val_dataset=None,
                 args=args,
-                loss=loss_fn,
-                iterate_batches=datasets.make_iterate_batches(plan[done:], on_truncate, prefix_cache=cache),
+                loss=chosen.loss,
+                iterate_batches=datasets.make_iterate_batches(
+                    plan[done:], on_truncate, prefix_cache=chosen.cache, pad_multiple=levers.pad_multiple
+                ),
                 training_callback=hook,
             )
     hook.finish()

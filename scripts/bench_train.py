@@ -91,7 +91,8 @@ def run_service(model_dir: Path, samples: list, epochs: int, out: Path) -> dict:
                   "num_layers": LAYERS, "steps_per_report": 10**6, "save_every": 10**6}
     request = msgspec.convert({"base_model": "bench", "training_data": samples, "parameters": parameters},
                               FinetuneRequest)
-    training.train_adapter(str(model_dir), "bench", request, out, on_event)
+    levers = msgspec.json.decode(os.environ.get("BENCH_LEVERS", "{}"), type=training.Levers)  # for experiments
+    training.train_adapter(str(model_dir), "bench", request, out, on_event, levers=levers)
     return {"train_seconds": time.perf_counter() - marks["start"], "final_loss": marks.get("loss")}
 
 

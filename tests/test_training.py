@@ -227,27 +227,55 @@ def test_no_cache_where_it_would_not_be_exact(tmp_path, tiny_model_template):
 
 
 def test_cross_entropy_split_over_cpu_streams_equals_mlx_one():
-    logits = mx.random.normal((3, 7, 50)) * 4
-    targets = mx.random.randint(0, 50, (3, 7))
-    assert mx.allclose(losses.token_cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets),
-                       atol=1e-6).item()
-
-
-def test_splitting_work_over_cpu_streams_leaves_the_adapter_unchanged(tmp_path, tiny_model_template, monkeypatch):
     from mlx_lora_api import cpu_parallel
 
-    def train_once(name):
+    logits = mx.random.normal((3, 7, 50)) * 4
+    targets = mx.random.randint(0, 50, (3, 7))
+    with cpu_parallel.parallel_training(nn.Module()):
+        split = losses.token_cross_entropy(logits, targets)
+    assert len(cpu_parallel.cpu_streams()) >= 2  # else nothing was split
+    assert mx.allclose(split, nn.losses.cross_entropy(logits, targets), atol=1e-6).item()
+
+
+def test_the_speed_levers_leave_the_adapter_unchanged(tmp_path, tiny_model_template, monkeypatch):
+    """Every lever on (padding to 8, frozen-block cache, numpy head, vectorized ops split over
+    the cores) against all off (mlx-lm's way): the same losses and the same adapter, to float32
+    rounding. Plain SGD, so that the comparison is of the gradients themselves: Adam divides
+    each gradient by its own running magnitude, which turns 1-ulp differences in near-zero
+    gradients into differences of a good part of a step (measured: up to 3e-4 here)."""
+    from mlx_lora_api import cpu_head, cpu_ops
+
+    calls = {}
+    for module, name in ((cpu_head, "cross_entropy"), (cpu_ops, "swiglu"), (cpu_ops, "attention")):
+        def counted(*args, _original=getattr(module, name), _name=name):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    results = {}
+    for name, levers in (("on", training.Levers()), ("off", training.PLAIN)):
         out = tmp_path / name
         out.mkdir()
+        events = []
         req = FinetuneRequest(
             base_model="tiny-base",
-            training_data=["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "a dog"],
-            parameters=Parameters(learning_rate=2e-3, epochs=3, batch_size=4, prefix_cache=False),
+            training_data=["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "a dog",
+                           "Five samples: the last batch of each epoch is a partial one."],
+            validation_data=["def add(a, b):"],
+            parameters=Parameters(learning_rate=0.05, optimizer="sgd", epochs=3, batch_size=2, num_layers=1,
+                                  steps_per_eval=3, steps_per_report=1),
         )
-        training.train_adapter(str(tiny_model_template), "tiny-base", req, out)
-        return mx.load(str(out / "adapters.safetensors"))
-
-    split = train_once("split")
-    monkeypatch.setattr(cpu_parallel, "cpu_streams", lambda: [])
-    single = train_once("single")
-    assert all(mx.allclose(split[k], single[k], atol=1e-5).item() for k in single)
+        training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append, levers=levers)
+        results[name] = (mx.load(str(out / "adapters.safetensors")), events)
+        if name == "on":
+            assert set(calls) == {"cross_entropy", "swiglu", "attention"}  # every lever ran
+            calls.clear()
+    assert not calls  # and none with the levers off
+    (on, on_events), (off, off_events) = results["on"], results["off"]
+    assert any("frozen" in e.get("message", "") for e in on_events if e["type"] == "info")
+    assert not any(e["type"] == "info" for e in off_events)
+    for kind, key in (("train", "train_loss"), ("val", "val_loss")):
+        curves = [[e[key] for e in events if e["type"] == kind] for events in (on_events, off_events)]
+        assert len(curves[0]) >= 3 and curves[0] == pytest.approx(curves[1], rel=1e-5)
+    assert all(mx.abs(off[k]).max().item() > 1e-3 for k in off if k.endswith("lora_b"))  # it trained
+    assert all(mx.allclose(on[k], off[k], atol=1e-6, rtol=0).item() for k in off)
