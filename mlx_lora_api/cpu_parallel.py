@@ -1,12 +1,10 @@
-"""How a training run uses the CPU: its cores, compiled or eager steps, vectorized kernels.
+"""How a training run uses the CPU: eager steps with numpy kernels, and MLX's CPU streams.
 
-On the CPU, MLX runs an element-wise op such as `exp` on one thread (and, on x86, about 17x
-slower than numpy's vectorized exp), so softmaxes and sigmoids weigh on a LoRA step. Three
-answers, each measured (docs/benchmarks.md): ops placed on different CPU streams run on
-different threads, so a compiled step splits the cross-entropy, attention and SwiGLU by batch
-over one stream per core (`parallel_training`); the output layer's softmax goes to numpy
-(`cpu_head`, which needs eager steps); and the frozen blocks' forward pass uses `cpu_ops`'
-polynomial exp (`frozen_forward`).
+On the CPU, MLX runs an element-wise op such as `exp` on one thread and, on x86, at scalar
+speed, so softmaxes and sigmoids weigh on a LoRA step. `parallel_training` puts
+`cpu_kernels`' numpy-backed attention and SwiGLU in the model's place while it trains (which
+needs steps that are not compiled); where MLX's own cross-entropy remains, it is split by rows
+over one CPU stream per core, and streams run on different threads.
 """
 
 from __future__ import annotations
@@ -48,43 +46,26 @@ def split_rows(fn, *arrays):
     return mx.concatenate(parts)
 
 
-def _split_attention(original):
-    import mlx.core as mx
+def _attention(original):
+    from . import cpu_kernels
 
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
-        # Only the training case: no KV cache, a causal or no mask (arrays would need slicing too).
-        if cache is not None or sinks is not None or not (mask is None or isinstance(mask, str)):
-            return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
-        return split_rows(
-            lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask), queries, keys, values
-        )
-
-    return attention
-
-
-def _split_swiglu(original):
-    def swiglu(*arrays):
-        return split_rows(original, *arrays)
-
-    return swiglu
-
-
-def _fast_attention(original):
-    from . import cpu_ops
-
-    def attention(queries, keys, values, cache, scale, mask, sinks=None):
+        # The training case only: no KV cache, a causal or no mask (arrays would need slicing).
         causal = isinstance(mask, str) and mask == "causal"
         if cache is not None or sinks is not None or not (mask is None or causal):
             return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
-        return cpu_ops.attention(queries, keys, values, scale, causal)
+        return cpu_kernels.attention(queries, keys, values, scale, causal)
 
     return attention
 
 
-def _fast_swiglu(original):
-    from . import cpu_ops
+def _swiglu(original):
+    from . import cpu_kernels
 
-    return cpu_ops.swiglu
+    def swiglu(gate, x):
+        return cpu_kernels.swiglu(gate, x)
+
+    return swiglu
 
 
 @contextlib.contextmanager
@@ -101,26 +82,21 @@ def _patched(model, wrappers: dict):
             setattr(module, name, original)
 
 
-_eager: list[bool] = []  # parallel_training's eager flag, innermost last
-
-
 @contextlib.contextmanager
 def parallel_training(model, ops: bool = True, eager: bool = False):
     """While training `model` on the CPU.
 
-    With `eager`, training steps are not compiled (`cpu_head` evaluates mid-step; measured as
-    fast as a compiled step on the CPU). With `ops` and compiled steps, attention, SwiGLU and
-    the cross-entropy are split by batch over the CPU streams (the names the model's module
-    calls; other architectures are left as they are). In an eager step the split measured no
-    faster (458 against 440 ms a step), so it is off there.
+    With `eager`, nothing is compiled, training steps included (`cpu_kernels` evaluate
+    mid-step; an eager step measured as fast as a compiled one on the CPU), and with `ops` too
+    the model's attention and SwiGLU (the names its module calls; other architectures are left
+    as they are) become `cpu_kernels`'. With `ops`, MLX's cross-entropy (where the output
+    layer is not `cpu_kernels`') is split by rows over the CPU streams.
     """
     import mlx.core as mx
 
-    split = ops and not eager and len(cpu_streams()) >= 2
-    wrappers = {"scaled_dot_product_attention": _split_attention, "swiglu": _split_swiglu} if split else {}
+    wrappers = {"scaled_dot_product_attention": _attention, "swiglu": _swiglu} if ops and eager else {}
     with _patched(model, wrappers):
-        _active.append(split)
-        _eager.append(eager)
+        _active.append(ops)
         if eager:
             mx.disable_compile()
         try:
@@ -128,25 +104,4 @@ def parallel_training(model, ops: bool = True, eager: bool = False):
         finally:
             if eager:
                 mx.enable_compile()
-            _eager.pop()
             _active.pop()
-
-
-@contextlib.contextmanager
-def frozen_forward(model, fast: bool = True):
-    """For a forward pass that nothing differentiates (the frozen blocks): with `fast`, on the
-    CPU, `cpu_ops`' attention and SwiGLU, compiled even inside an eager `parallel_training`."""
-    import mlx.core as mx
-
-    if not fast or not cpu_streams():
-        yield
-        return
-    eager = bool(_eager and _eager[-1])
-    with _patched(model, {"scaled_dot_product_attention": _fast_attention, "swiglu": _fast_swiglu}):
-        if eager:
-            mx.enable_compile()
-        try:
-            yield
-        finally:
-            if eager:
-                mx.disable_compile()

@@ -46,17 +46,18 @@ def masked_loss(model, batch, lengths):
 
 def hidden_mean(model, hidden, batch, lengths):
     """`masked_mean` of the logits of the final hidden states `hidden` (B, T-1, D), through
-    `cpu_head` (the caller has checked `cpu_head.output_weight(model)`)."""
-    from . import cpu_head
+    `cpu_kernels.cross_entropy` (the caller has checked `cpu_kernels.output_weight(model)`)."""
+    from . import cpu_kernels
 
     mask = target_mask(batch, lengths)
-    ce = cpu_head.cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), cpu_head.output_weight(model), batch[:, 1:].reshape(-1), mask.reshape(-1)
+    ce = cpu_kernels.cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), cpu_kernels.output_weight(model), batch[:, 1:].reshape(-1),
+        mask.reshape(-1),
     )
     ntoks = mask.sum()
     return ce.sum() / ntoks, ntoks
 
 
 def cpu_head_loss(model, batch, lengths):
-    """`masked_loss` with the output layer's softmax taken by numpy (`cpu_head`)."""
+    """`masked_loss` with the output layer's softmax taken by numpy (`cpu_kernels`)."""
     return hidden_mean(model, model.model(batch[:, :-1]), batch, lengths)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 
-from .cpu_parallel import frozen_forward
-
 log = logging.getLogger("mlx_lora_api")
 
 DEFAULT_BUDGET_BYTES = 2 << 30
@@ -86,7 +84,7 @@ def split_matches(model, inputs, start: int) -> bool:
 
 def make_loss(start: int, cpu_head: bool = False):
     """losses.masked_loss on (hidden states, tokens, lengths) batches; with `cpu_head`, through
-    `losses.hidden_mean`."""
+    `losses.hidden_mean` (cpu_kernels' output layer)."""
     from .losses import hidden_mean, masked_mean
 
     def loss(model, hidden, batch, lengths):
@@ -105,11 +103,10 @@ class Cache:
     outside the training step, which then holds the activations of the trainable blocks only
     (a single epoch, or a cache over budget)."""
 
-    def __init__(self, model, start: int, keep: bool = True, fast: bool = True):
+    def __init__(self, model, start: int, keep: bool = True):
         self.model = model
         self.start = start
         self.keep = keep
-        self.fast = fast  # cpu_parallel.frozen_forward's kernels
         self._states: dict[tuple[int, ...], object] = {}
         self.nbytes = 0
 
@@ -117,9 +114,8 @@ class Cache:
         """The hidden states entering block `start` for a batch of `tokens` (B, T+1), evaluated."""
         import mlx.core as mx
 
-        with frozen_forward(self.model, self.fast):
-            states = prefix(self.model, tokens[:, :-1], self.start)
-            mx.eval(states)
+        states = prefix(self.model, tokens[:, :-1], self.start)
+        mx.eval(states)
         return states
 
     def __call__(self, key: tuple[int, ...], tokens):

@@ -71,8 +71,8 @@ class Levers(msgspec.Struct, frozen=True):
 
     pad_multiple: int = datasets.PAD_MULTIPLE  # mlx-lm: 32
     prefix_cache: bool = True  # cache the frozen blocks' outputs (also needs params.prefix_cache)
-    cpu_head: bool = True  # the output layer's softmax in numpy (CPU only)
-    cpu_ops: bool = True  # SwiGLU, attention and cross-entropy vectorized and split over the CPU's cores
+    cpu_head: bool = True  # the output layer's softmax in numpy (CPU only; cpu_kernels)
+    cpu_ops: bool = True  # attention's and SwiGLU's in numpy, eager steps; MLX's cross-entropy over the cores
     keep_freed_memory: bool = True  # see backend.keep_freed_memory
 
 
@@ -89,10 +89,12 @@ class LossPlan(msgspec.Struct):
 
 
 def plan_loss(model, params: Parameters, train_set, plan, on_event: EventSink, levers: Levers) -> LossPlan:
-    """The fastest way to compute `masked_loss` here, checked on the first batch against it."""
-    from . import backend, cpu_head, prefix_cache
+    """The fastest way to compute `masked_loss` here, checked against it on the first sample."""
+    from . import backend, cpu_kernels, prefix_cache
 
-    head = levers.cpu_head and backend.on_cpu() and cpu_head.output_weight(model) is not None
+    on_cpu = backend.on_cpu()
+    head = levers.cpu_head and on_cpu and cpu_kernels.output_weight(model) is not None
+    eager = on_cpu and (head or levers.cpu_ops)
     start = prefix_cache.frozen_blocks(model, params) if levers.prefix_cache and params.prefix_cache else 0
     keep = params.epochs >= 2  # one epoch: the frozen blocks still run outside the step, nothing kept
     if start and keep:
@@ -103,19 +105,20 @@ def plan_loss(model, params: Parameters, train_set, plan, on_event: EventSink, l
             on_event({"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"})
             keep = False
     if not start and not head:
-        return LossPlan(masked_loss)
-    tokens, lengths = datasets.collate([train_set[i] for i in plan[0]], params.max_seq_length, levers.pad_multiple)
+        return LossPlan(masked_loss, eager=eager)
+    # One sample is enough to catch a model these shortcuts do not fit, at a quarter of a batch's cost.
+    tokens, lengths = datasets.collate([train_set[plan[0][0]]], params.max_seq_length, levers.pad_multiple)
     expected = masked_loss(model, tokens, lengths)[0]
     if start:
-        cache = prefix_cache.Cache(model, start, keep, fast=levers.cpu_ops)
-        chosen = LossPlan(prefix_cache.make_loss(start, head), cache, eager=head)
+        cache = prefix_cache.Cache(model, start, keep)
+        chosen = LossPlan(prefix_cache.make_loss(start, head), cache, eager=eager)
         got = chosen.loss(model, cache.compute(tokens), tokens, lengths)[0]
     else:
         chosen = LossPlan(cpu_head_loss, eager=True)
         got = cpu_head_loss(model, tokens, lengths)[0]
     if not mx_close(got, expected):
         on_event({"type": "info", "message": "this model's forward pass cannot be split; trained without shortcuts"})
-        return LossPlan(masked_loss)
+        return LossPlan(masked_loss, eager=eager)
     if start and keep:
         on_event({"type": "info", "message": f"the first {start} blocks are frozen: their outputs are computed once"})
     return chosen

@@ -72,7 +72,10 @@ def tokenized(model_dir: Path, samples: list) -> list[list[int]]:
     return [dataset[i][0] for i in range(len(dataset))]
 
 
-def run_service(model_dir: Path, samples: list, epochs: int, out: Path) -> dict:
+def run_service(model_dir: Path, samples: list, epochs: int, out: Path, plain: bool = False) -> dict:
+    """The service's training job (training.train_adapter, as its worker runs it); with
+    `plain`, every speed lever off (training.PLAIN), to measure the service's own overhead
+    over mlx-lm's trainer at mlx-lm's settings."""
     from mlx_lora_api import backend
 
     backend.prepare()
@@ -92,6 +95,8 @@ def run_service(model_dir: Path, samples: list, epochs: int, out: Path) -> dict:
     request = msgspec.convert({"base_model": "bench", "training_data": samples, "parameters": parameters},
                               FinetuneRequest)
     levers = msgspec.json.decode(os.environ.get("BENCH_LEVERS", "{}"), type=training.Levers)  # for experiments
+    if plain:
+        levers = training.PLAIN
     training.train_adapter(str(model_dir), "bench", request, out, on_event, levers=levers)
     return {"train_seconds": time.perf_counter() - marks["start"], "final_loss": marks.get("loss")}
 
@@ -186,6 +191,7 @@ def run_torch(model_dir: Path, samples: list, epochs: int, out: Path, bf16: bool
 
 ENGINES = {
     "service": run_service,
+    "service_plain": lambda *a: run_service(*a, plain=True),
     "mlx_lm": run_mlx_lm,
     "torch_fp32": lambda *a: run_torch(*a, bf16=False),
     "torch_bf16": lambda *a: run_torch(*a, bf16=True),
@@ -287,6 +293,7 @@ def main() -> None:
           f"GFLOP/token, so the roofline is {roofline * 1e9 / per_token:.0f} tokens/s")
     print()
     chart: dict[str, dict[str, float]] = {}
+    overheads: dict[str, float] = {}
     print("| workload | engine | tokens/s | wall s | peak MiB | mean loss | of roofline | vs service |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.workloads.split(","):
@@ -316,6 +323,11 @@ def main() -> None:
             ratio = f"{base['wall'] / m['wall']:.2f}x wall, {m['tps'] / base['tps']:.2f}x tok/s" if base else ""
             print(f"| {name} ({epochs} ep, {tokens} tok) | {engine} | {m['tps']:.0f} | {m['wall']:.1f} | {m['peak']:.0f} | "
                   f"{m['loss']:.4f} | {m['tps'] * per_token / (roofline * 1e9):.0%} | {ratio} |")
+        if "service_plain" in medians and "mlx_lm" in medians:
+            overheads[name] = medians["mlx_lm"]["tps"] / medians["service_plain"]["tps"] - 1
+    for name, overhead in overheads.items():
+        print(f"{name}: the service with every lever off trains {overhead:+.1%} slower than mlx-lm's trainer "
+              "(tokens/s; negative: faster)")
     if args.plot:
         from mlx_lora_api.plots import bars_svg
 

@@ -243,15 +243,15 @@ def test_the_speed_levers_leave_the_adapter_unchanged(tmp_path, tiny_model_templ
     rounding. Plain SGD, so that the comparison is of the gradients themselves: Adam divides
     each gradient by its own running magnitude, which turns 1-ulp differences in near-zero
     gradients into differences of a good part of a step (measured: up to 3e-4 here)."""
-    from mlx_lora_api import cpu_head, cpu_ops
+    from mlx_lora_api import cpu_kernels
 
     calls = {}
-    for module, name in ((cpu_head, "cross_entropy"), (cpu_ops, "swiglu"), (cpu_ops, "attention")):
-        def counted(*args, _original=getattr(module, name), _name=name):
+    for name in ("cross_entropy", "swiglu", "attention"):
+        def counted(*args, _original=getattr(cpu_kernels, name), _name=name):
             calls[_name] = calls.get(_name, 0) + 1
             return _original(*args)
 
-        monkeypatch.setattr(module, name, counted)
+        monkeypatch.setattr(cpu_kernels, name, counted)
     results = {}
     for name, levers in (("on", training.Levers()), ("off", training.PLAIN)):
         out = tmp_path / name

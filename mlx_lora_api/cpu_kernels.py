@@ -1,0 +1,149 @@
+"""Softmax, SwiGLU and the output layer's cross-entropy with numpy's exp, for training on the CPU.
+
+On x86, MLX's CPU `exp` (and so `sigmoid`, `softmax`, `logsumexp`) is scalar, about 12 ns a
+float against under 1 ns for numpy's vectorized one, and it weighs on every LoRA step: the
+softmax over SmolLM2's 49,152-word vocabulary (11 M logits for 4 x 56 tokens), attention's
+softmax (the larger part at 512 tokens) and SwiGLU's sigmoid. Each function here lets MLX do
+the matmuls and hands the transcendental part to numpy, without a copy on the way in, and
+carries its exact derivative as a custom VJP. Measured on SmolLM2-135M (docs/benchmarks.md):
+a cached step of 4 x 56 tokens 611 -> 421 ms, the frozen blocks' forward pass 408 -> 272 ms;
+at 4 x 488 tokens 5.2 -> 3.8 s and 5.6 -> 2.8 s.
+
+numpy needs the values in the middle of the step, so the step must not be compiled:
+`cpu_parallel.parallel_training(eager=True)` (an eager step measured as fast on the CPU).
+Only `hidden` (and `x`, `gate`, `scores`) get gradients: the output layer's weight must be
+frozen (`output_weight` checks it).
+"""
+
+from __future__ import annotations
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # logits = output layer(model.model(x)), no scaling
+
+
+def softmax(scores):
+    """Softmax over the last axis (float32; -inf entries get 0)."""
+    import mlx.core as mx
+    import numpy as np
+
+    @mx.custom_function
+    def fn(x):
+        mx.eval(x)
+        values = np.asarray(x)
+        e = np.subtract(values, values.max(axis=-1, keepdims=True))
+        np.exp(e, out=e)
+        e /= e.sum(axis=-1, keepdims=True)
+        return mx.array(e)
+
+    @fn.vjp
+    def _(x, cotangent, output):
+        return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
+
+    return fn(scores)
+
+
+def swiglu(gate, x):
+    """silu(gate) * x, as mlx-lm's `swiglu`."""
+    import mlx.core as mx
+    import numpy as np
+
+    saved = {}
+
+    @mx.custom_function
+    def fn(gate, x):
+        mx.eval(gate, x)
+        g = np.asarray(gate)
+        s = np.negative(g)
+        with np.errstate(over="ignore"):  # exp(-gate) = inf below -88: sigmoid is 0, as it should
+            np.exp(s, out=s)
+        s += 1.0
+        np.reciprocal(s, out=s)  # sigmoid(gate)
+        saved["sigmoid"] = s
+        return mx.array(g * s * np.asarray(x))
+
+    @fn.vjp
+    def _(primals, cotangent, output):
+        gate, x = primals
+        s = mx.array(saved.pop("sigmoid"))
+        silu = gate * s
+        return cotangent * x * (s + silu * (1.0 - s)), cotangent * silu
+
+    return fn(gate, x)
+
+
+def attention(queries, keys, values, scale: float, causal: bool):
+    """Scaled dot-product attention as `mx.fast.scaled_dot_product_attention` computes it with
+    no mask or the "causal" one (grouped-query heads too), through this module's softmax."""
+    import mlx.core as mx
+
+    batch, heads, length, _ = queries.shape
+    kv_heads, kv_length = keys.shape[1], keys.shape[2]
+    q = (queries * scale).reshape(batch, kv_heads, heads // kv_heads, length, -1)
+    scores = q @ keys[:, :, None].swapaxes(-1, -2)
+    if causal:
+        visible = mx.arange(kv_length)[None] <= (mx.arange(length) + (kv_length - length))[:, None]
+        scores = mx.where(visible, scores, -mx.inf)
+    out = softmax(scores) @ values[:, :, None]
+    return out.reshape(batch, heads, length, -1)
+
+
+def output_weight(model):
+    """The (vocab, hidden) weight of `model`'s output layer where this head computes its
+    logits exactly, else None."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    inner = getattr(model, "model", None)
+    if getattr(model, "model_type", None) not in SUPPORTED or inner is None:
+        return None
+    if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
+        layer, kind = getattr(inner, "embed_tokens", None), nn.Embedding
+    else:
+        layer, kind = model.lm_head, nn.Linear
+    if type(layer) is not kind or "bias" in layer or layer.weight.dtype != mx.float32:
+        return None  # quantized, wrapped by LoRA, with a bias, or not float32
+    if "weight" in layer.trainable_parameters():
+        return None  # a full fine-tune trains it: this head gives no gradient for the weight
+    return layer.weight
+
+
+def cross_entropy(hidden, weight, targets, mask):
+    """Cross-entropy per position of logits `hidden @ weight.T` against `targets`: hidden
+    (N, D) float32, weight (V, D), targets (N,) token ids, mask (N,) which positions count.
+    Positions outside the mask get 0 and no gradient; only `hidden` gets a gradient.
+    Evaluates its inputs (not compilable)."""
+    import mlx.core as mx
+    import numpy as np
+
+    counted = np.flatnonzero(np.asarray(mask))
+    if counted.size == 0:
+        return mx.zeros(mask.shape, mx.float32) + 0 * hidden.sum(axis=1)  # keeps the graph to hidden
+    rows = mx.array(counted)
+    wanted = np.asarray(targets)[counted]
+    saved = {}
+
+    @mx.custom_function
+    def head(hidden):
+        logits = hidden[rows] @ weight.T
+        mx.eval(logits)
+        logits = np.asarray(logits)
+        picked = logits[np.arange(counted.size), wanted]
+        top = logits.max(axis=1, keepdims=True)
+        probs = np.subtract(logits, top)
+        np.exp(probs, out=probs)
+        total = probs.sum(axis=1, keepdims=True)
+        ce = np.zeros(mask.shape[0], np.float32)
+        ce[counted] = (np.log(total) + top)[:, 0] - picked
+        probs /= total
+        saved["probs"] = probs
+        return mx.array(ce)
+
+    @head.vjp
+    def _(hidden, cotangent, output):  # one primal: passed, and its gradient returned, as is
+        probs = saved.pop("probs")
+        probs[np.arange(counted.size), wanted] -= 1.0  # d ce / d logits = softmax - one-hot
+        probs *= np.asarray(cotangent)[counted][:, None]
+        grad = mx.zeros(hidden.shape, hidden.dtype)
+        grad[rows] = mx.array(probs) @ weight
+        return grad
+
+    return head(hidden)
