@@ -3,14 +3,17 @@
 directly, and PyTorch + PEFT (float32, and bfloat16 autocast) on the same data and batches.
 
     .venv/bin/python scripts/bench_train.py [--rounds 3] [--workloads chat,chat3,text,long] [--engines ...]
-    .venv/bin/python scripts/bench_train.py --install-torch   # pip install torch==2.13.0 peft first
+    .venv/bin/python scripts/bench_train.py --install-torch   # torch==2.13.0 + peft into .venv-bench/ first
 
 Every run is a fresh process (model loading included in its wall time), the engines alternate
 round after round, and the table gives medians. Model: the bundled SmolLM2-135M-Instruct in
 float32 (the CPU fast path: OpenBLAS loaded before MLX), rank-8 LoRA (scale 20) on all seven
 linear layers of the last 8 blocks, Adam at 1e-5, batches of 4 sorted by length as mlx-lm
 builds them. The PyTorch replica uses the same chat template, the same batches in the same
-order, the same loss mask and mlx's Adam update rule (no bias correction).
+order, the same loss mask and mlx's Adam update rule (no bias correction). PyTorch runs from its
+own virtual environment (.venv-bench/, made by --install-torch), as the service's does not hold
+it: with torch installed, `transformers` imports it on the service's first tokenizer load too,
+and that second of import time would count against the MLX engines.
 
 tokens/s counts the tokens of the samples (the same number for every engine) over the training
 time; wall is the whole process, model loading included; peak is the process's maximum RSS;
@@ -30,8 +33,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -76,6 +77,8 @@ def run_service(model_dir: Path, samples: list, epochs: int, out: Path, plain: b
     """The service's training job (training.train_adapter, as its worker runs it); with
     `plain`, every speed lever off (training.PLAIN), to measure the service's own overhead
     over mlx-lm's trainer at mlx-lm's settings."""
+    import msgspec
+
     from mlx_lora_api import backend
 
     backend.prepare()
@@ -139,15 +142,16 @@ def run_mlx_lm(model_dir: Path, samples: list, epochs: int, out: Path) -> dict:
     return {"train_seconds": time.perf_counter() - started, "final_loss": Marks.loss}
 
 
-def run_torch(model_dir: Path, samples: list, epochs: int, out: Path, bf16: bool) -> dict:
+def run_torch(model_dir: Path, data: Path, bf16: bool) -> dict:
+    """Runs in .venv-bench: torch, transformers and peft only; the tokens and the batch plan
+    come from the parent (`torch_data`)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from mlx_lora_api import datasets
-
     torch.manual_seed(0)
-    tokens = tokenized(model_dir, samples)
+    given = json.loads(data.read_text())
+    tokens, plan = given["tokens"], given["plan"]
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     layers = model.config.num_hidden_layers
     config = LoraConfig(
@@ -161,7 +165,6 @@ def run_torch(model_dir: Path, samples: list, epochs: int, out: Path, bf16: bool
     # mlx's Adam: no bias correction, eps 1e-8, betas (0.9, 0.999)
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
-    plan = datasets.epoch_plan([len(t) for t in tokens], BATCH, epochs, seed=0)
     losses = []
     started = time.perf_counter()
     for indices in plan:
@@ -193,9 +196,34 @@ ENGINES = {
     "service": run_service,
     "service_plain": lambda *a: run_service(*a, plain=True),
     "mlx_lm": run_mlx_lm,
-    "torch_fp32": lambda *a: run_torch(*a, bf16=False),
-    "torch_bf16": lambda *a: run_torch(*a, bf16=True),
+    "torch_fp32": None,  # run_torch, in .venv-bench
+    "torch_bf16": None,
 }
+TORCH_VENV = ROOT / ".venv-bench"
+
+
+def torch_python() -> str | None:
+    """The interpreter that has torch and peft: .venv-bench's, else this one's, else None."""
+    for python in (TORCH_VENV / "bin" / "python", Path(sys.executable)):
+        if python.exists() and subprocess.run([python, "-c", "import torch, peft"], capture_output=True).returncode == 0:
+            return str(python)
+    return None
+
+
+def install_torch() -> None:
+    if not (TORCH_VENV / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", TORCH_VENV], check=True)
+    subprocess.run([TORCH_VENV / "bin" / "python", "-m", "pip", "install", "-q", "torch==2.13.0", "peft"], check=True)
+
+
+def torch_data(model_dir: Path, samples: list, epochs: int, path: Path) -> Path:
+    """The tokens (our chat template, as the MLX engines see them) and the batch plan, for run_torch."""
+    from mlx_lora_api import datasets
+
+    tokens = tokenized(model_dir, samples)
+    plan = datasets.epoch_plan([len(t) for t in tokens], BATCH, epochs, seed=0)
+    path.write_text(json.dumps({"tokens": tokens, "plan": plan}))
+    return path
 
 
 # -- the parent: rounds, measurements, table ------------------------------------------------
@@ -224,11 +252,12 @@ def flops_per_token(model_dir: Path) -> float:
     return c["num_hidden_layers"] * block + output + LAYERS * block + output
 
 
-def run_once(engine: str, model_dir: Path, name: str) -> dict:
+def run_once(engine: str, model_dir: Path, name: str, python: str, data: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
+        extra = ["--data", str(data)] if data else []
         process = subprocess.Popen(
-            [sys.executable, __file__, "--child", engine, "--workload", name, "--model", str(model_dir), "--out", out],
+            [python, __file__, "--child", engine, "--workload", name, "--model", str(model_dir), "--out", out, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
         )
         stdout = process.stdout.read()
@@ -255,29 +284,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", default="chat,chat3,text,long")
     parser.add_argument("--engines", default=",".join(ENGINES))
-    parser.add_argument("--install-torch", action="store_true", help="pip install torch==2.13.0 and peft first")
+    parser.add_argument("--install-torch", action="store_true", help="install torch==2.13.0 and peft into .venv-bench first")
     parser.add_argument("--plot", type=Path, help="also write the tokens/s per engine as an SVG bar chart here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        samples, epochs = workload(args.workload)
-        result = ENGINES[args.child](args.model, samples, epochs, args.out)
+        if args.child.startswith("torch"):
+            result = run_torch(args.model, args.data, bf16=args.child == "torch_bf16")
+        else:
+            samples, epochs = workload(args.workload)
+            result = ENGINES[args.child](args.model, samples, epochs, args.out)
         print(json.dumps(result))
         return
     if args.install_torch:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "torch==2.13.0", "peft"], check=True)
+        install_torch()
 
     from mlx_lora_api import gguf_import, registry
 
     engines = args.engines.split(",")
-    try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
+    python_for_torch = torch_python() if any(e.startswith("torch") for e in engines) else None
+    if python_for_torch is None:
         skipped = [e for e in engines if e.startswith("torch")]
         engines = [e for e in engines if not e.startswith("torch")]
         if skipped:
@@ -301,9 +332,12 @@ def main() -> None:
         with open(os.devnull, "w"):
             tokens = sum(map(len, tokenized(model_dir, samples))) * epochs
         results: dict[str, list[dict]] = {e: [] for e in engines}
+        given = torch_data(model_dir, samples, epochs, data / f"{name}.json") if python_for_torch else None
         for _ in range(args.rounds):
             for engine in engines:
-                results[engine].append(run_once(engine, model_dir, name))
+                torch_engine = engine.startswith("torch")
+                results[engine].append(run_once(engine, model_dir, name, python_for_torch if torch_engine else sys.executable,
+                                                given if torch_engine else None))
         medians = {}
         for engine, runs in results.items():
             good = [r for r in runs if "error" not in r]
