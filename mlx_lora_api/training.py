@@ -4,6 +4,9 @@ trainer and write the adapter in mlx-lm's folder format.
 mlx-lm's `train` does the stepping; this module brings what it lacks for a service: exact
 epochs (datasets.make_iterate_batches), progress events through `on_event`, float32 on the
 CPU, and an adapter_config.json that `mlx_lm.generate --adapter-path` reads unchanged.
+`plan_loss` picks the speed-ups (`Levers`) that apply, each exact: the frozen blocks' outputs
+cached (`prefix_cache`) and, on the CPU, numpy for the softmaxes and sigmoids (`cpu_kernels`,
+with eager steps) and glibc keeping freed memory.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class Levers(msgspec.Struct, frozen=True):
     prefix_cache: bool = True  # cache the frozen blocks' outputs (also needs params.prefix_cache)
     cpu_head: bool = True  # the output layer's softmax in numpy (CPU only; cpu_kernels)
     cpu_ops: bool = True  # attention's and SwiGLU's in numpy, eager steps; MLX's cross-entropy over the cores
-    keep_freed_memory: bool = True  # see backend.keep_freed_memory
+    keep_freed_memory: bool = True  # glibc keeps freed memory (CPU only; backend.keep_freed_memory)
 
 
 PLAIN = Levers(pad_multiple=32, prefix_cache=False, cpu_head=False, cpu_ops=False, keep_freed_memory=False)
@@ -359,8 +362,8 @@ def train_adapter(
 
     params = request.parameters
     started = time.perf_counter()
-    if levers.keep_freed_memory:
-        backend.keep_freed_memory()
+    if levers.keep_freed_memory and backend.on_cpu():
+        backend.keep_freed_memory()  # this process ends with the job (worker, CLI)
     on_event({"type": "loading", "base_model": base_ref})
     model, tokenizer = load(base_path)
     backend.cast_for_compute(model)
