@@ -4,7 +4,8 @@
     .venv/bin/python scripts/bench_fuse.py [--rounds 3]
 
 Same base (the bundled SmolLM2-135M-Instruct) and the same rank-8 adapter on 16 blocks; each run
-a fresh process; wall time includes loading and saving; peak is the process's maximum RSS.
+a fresh process; wall time includes loading and saving; peak is the process's maximum RSS
+(VmHWM, printed by the process itself as it exits).
 The service computes on the CPU in float32 (and so saves float32); mlx_lm.fuse keeps the
 stored float16.
 """
@@ -12,7 +13,6 @@ stored float16.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -29,15 +29,22 @@ SERVICE = (
     "from mlx_lora_api import fusing\n"
     "fusing.fuse_adapter(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))\n"
 )
+MLX_LM = "import runpy, sys; sys.argv[0] = 'mlx_lm'; runpy.run_module('mlx_lm', run_name='__main__')\n"
+# Each child prints its own peak: wait4's ru_maxrss would start from this parent's high-water mark
+# (Linux keeps it across fork and exec), and this parent trains the adapter first.
+PEAK = (
+    "\nimport atexit\n"
+    "atexit.register(lambda: print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0]))\n"
+)
 
 
 def run(command: list[str]) -> tuple[float, float]:
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{command[:3]} failed: {process.stderr.read().decode()[-2000:]}")
-    return time.perf_counter() - started, usage.ru_maxrss / 1024
+    process = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if process.returncode != 0:
+        raise SystemExit(f"{command[:3]} failed: {process.stderr[-2000:]}")
+    peak_kib = [line.split()[1] for line in process.stdout.splitlines() if line.startswith("VmHWM ")][-1]
+    return time.perf_counter() - started, int(peak_kib) / 1024
 
 
 def main() -> None:
@@ -62,8 +69,9 @@ def main() -> None:
     training.train_adapter(str(base), "smollm2", request, adapter)
 
     engines = {
-        "service (fuse + parity check, float32)": lambda out: [sys.executable, "-c", SERVICE, str(base), str(adapter), out],
-        "mlx_lm.fuse (float16)": lambda out: [sys.executable, "-m", "mlx_lm", "fuse", "--model", str(base),
+        "service (fuse + parity check, float32)": lambda out: [sys.executable, "-c", PEAK + SERVICE, str(base),
+                                                               str(adapter), out],
+        "mlx_lm.fuse (float16)": lambda out: [sys.executable, "-c", PEAK + MLX_LM, "fuse", "--model", str(base),
                                               "--adapter-path", str(adapter), "--save-path", out],
     }
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}

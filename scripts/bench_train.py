@@ -16,7 +16,8 @@ it: with torch installed, `transformers` imports it on the service's first token
 and that second of import time would count against the MLX engines.
 
 tokens/s counts the tokens of the samples (the same number for every engine) over the training
-time; wall is the whole process, model loading included; peak is the process's maximum RSS;
+time; wall is the whole process, model loading included; peak is the process's maximum RSS
+(VmHWM, read by the process itself);
 loss is the mean train loss over all steps (mlx-lm's own counts one padding target more per
 sample than the others: see training.masked_loss).
 """
@@ -252,6 +253,20 @@ def flops_per_token(model_dir: Path) -> float:
     return c["num_hidden_layers"] * block + output + LAYERS * block + output
 
 
+def peak_mib() -> float:
+    """This process's peak resident memory. Not wait4's ru_maxrss: on Linux a child starts from
+    its parent's high-water mark (kept across fork and exec), so every engine would read at
+    least the parent's peak."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def run_once(engine: str, model_dir: Path, name: str, python: str, data: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
@@ -261,12 +276,11 @@ def run_once(engine: str, model_dir: Path, name: str, python: str, data: Path | 
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
         )
         stdout = process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)
+        status = process.wait()
         wall = time.perf_counter() - started
     if status != 0:
         return {"error": f"exit status {status}"}
-    result = json.loads(stdout.strip().splitlines()[-1])
-    return {**result, "wall_seconds": wall, "peak_mib": usage.ru_maxrss / 1024}
+    return {**json.loads(stdout.strip().splitlines()[-1]), "wall_seconds": wall}
 
 
 def machine() -> str:
@@ -299,7 +313,7 @@ def main() -> None:
         else:
             samples, epochs = workload(args.workload)
             result = ENGINES[args.child](args.model, samples, epochs, args.out)
-        print(json.dumps(result))
+        print(json.dumps({**result, "peak_mib": peak_mib()}))
         return
     if args.install_torch:
         install_torch()
