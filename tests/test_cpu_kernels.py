@@ -81,3 +81,11 @@ def test_cpu_head_only_where_it_computes_the_models_logits(tiny_model_template):
     model, _ = load(str(tiny_model_template))
     nn.quantize(model, group_size=32, bits=4)
     assert cpu_kernels.output_weight(model) is None
+
+
+def test_training_processes_keep_freed_memory_on_glibc():
+    import sys
+
+    from mlx_lora_api import backend
+
+    assert backend.keep_freed_memory() is sys.platform.startswith("linux")
