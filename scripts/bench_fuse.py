@@ -69,7 +69,7 @@ def main() -> None:
     training.train_adapter(str(base), "smollm2", request, adapter)
 
     engines = {
-        "service (fuse + parity check, float32)": lambda out: [sys.executable, "-c", PEAK + SERVICE, str(base),
+        "service (float32 fuse + parity check, saved as stored)": lambda out: [sys.executable, "-c", PEAK + SERVICE, str(base),
                                                                str(adapter), out],
         "mlx_lm.fuse (float16)": lambda out: [sys.executable, "-c", PEAK + MLX_LM, "fuse", "--model", str(base),
                                               "--adapter-path", str(adapter), "--save-path", out],
