@@ -1,4 +1,4 @@
-"""Softmax, SwiGLU and the output layer's cross-entropy with numpy's exp, for training on the CPU.
+"""Attention, SwiGLU and the output layer's cross-entropy with numpy's exp, for training on the CPU.
 
 On x86, MLX's CPU `exp` (and so `sigmoid`, `softmax`, `logsumexp`) is scalar, about 12 ns a
 float against under 1 ns for numpy's vectorized one, and it weighs on every LoRA step: the
@@ -11,34 +11,13 @@ at 4 x 488 tokens 5.2 -> 3.8 s and 5.6 -> 2.8 s.
 
 numpy needs the values in the middle of the step, so the step must not be compiled:
 `cpu_parallel.parallel_training(eager=True)` (an eager step measured as fast on the CPU).
-Only `hidden` (and `x`, `gate`, `scores`) get gradients: the output layer's weight must be
+Only `hidden` (and attention's and SwiGLU's inputs) get gradients: the output layer's weight must be
 frozen (`output_weight` checks it).
 """
 
 from __future__ import annotations
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # logits = output layer(model.model(x)), no scaling
-
-
-def softmax(scores):
-    """Softmax over the last axis (float32; -inf entries get 0)."""
-    import mlx.core as mx
-    import numpy as np
-
-    @mx.custom_function
-    def fn(x):
-        mx.eval(x)
-        values = np.asarray(x)
-        e = np.subtract(values, values.max(axis=-1, keepdims=True))
-        np.exp(e, out=e)
-        e /= e.sum(axis=-1, keepdims=True)
-        return mx.array(e)
-
-    @fn.vjp
-    def _(x, cotangent, output):
-        return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
-
-    return fn(scores)
 
 
 def swiglu(gate, x):
@@ -72,18 +51,49 @@ def swiglu(gate, x):
 
 def attention(queries, keys, values, scale: float, causal: bool):
     """Scaled dot-product attention as `mx.fast.scaled_dot_product_attention` computes it with
-    no mask or the "causal" one (grouped-query heads too), through this module's softmax."""
+    no mask or the "causal" one (grouped-query heads too), its softmax taken by numpy. Its VJP
+    is written out so that only the attention probabilities are kept for the backward pass
+    (MLX's graph would keep the scores and the masked scores too: three arrays of B x H x T^2)."""
     import mlx.core as mx
+    import numpy as np
 
-    batch, heads, length, _ = queries.shape
+    batch, heads, length, dim = queries.shape
     kv_heads, kv_length = keys.shape[1], keys.shape[2]
-    q = (queries * scale).reshape(batch, kv_heads, heads // kv_heads, length, -1)
-    scores = q @ keys[:, :, None].swapaxes(-1, -2)
-    if causal:
-        visible = mx.arange(kv_length)[None] <= (mx.arange(length) + (kv_length - length))[:, None]
-        scores = mx.where(visible, scores, -mx.inf)
-    out = softmax(scores) @ values[:, :, None]
-    return out.reshape(batch, heads, length, -1)
+    group = heads // kv_heads
+    saved = {}
+
+    def grouped(q):  # (B, H, T, D) -> (B, KV heads, group, T, D), scaled
+        return (q * scale).reshape(batch, kv_heads, group, length, dim)
+
+    @mx.custom_function
+    def fn(queries, keys, values):
+        scores = grouped(queries) @ keys[:, :, None].swapaxes(-1, -2)  # (B, KV, group, T, S)
+        mx.eval(scores)
+        probs = np.asarray(scores)
+        if causal:
+            visible = np.arange(kv_length)[None] <= (np.arange(length) + (kv_length - length))[:, None]
+            probs = np.where(visible, probs, -np.inf).astype(np.float32)
+        else:
+            probs = probs.copy()
+        probs -= probs.max(axis=-1, keepdims=True)
+        np.exp(probs, out=probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        saved["probs"] = probs = mx.array(probs)
+        return (probs @ values[:, :, None]).reshape(batch, heads, length, dim)
+
+    @fn.vjp
+    def _(primals, cotangent, output):
+        queries, keys, values = primals
+        probs = saved.pop("probs")
+        d_out = cotangent.reshape(batch, kv_heads, group, length, dim)
+        d_values = (probs.swapaxes(-1, -2) @ d_out).sum(axis=2)
+        d_probs = d_out @ values[:, :, None].swapaxes(-1, -2)
+        d_scores = probs * (d_probs - (d_probs * probs).sum(axis=-1, keepdims=True))
+        d_queries = (d_scores @ keys[:, :, None]) * scale
+        d_keys = (d_scores.swapaxes(-1, -2) @ grouped(queries)).sum(axis=2)
+        return d_queries.reshape(batch, heads, length, dim), d_keys, d_values
+
+    return fn(queries, keys, values)
 
 
 def output_weight(model):

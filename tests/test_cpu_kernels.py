@@ -12,13 +12,7 @@ def grads(fn, *args):
     return mx.grad(lambda *a: (fn(*a) * mx.cos(a[0])).sum(), argnums=tuple(range(len(args))))(*args)
 
 
-def test_softmax_and_swiglu_match_mlx_with_their_gradients():
-    x = mx.random.normal((3, 5, 40)) * 6
-    masked = mx.where(mx.arange(40) < 20, x, -mx.inf)
-    for scores in (x, masked):
-        assert mx.allclose(cpu_kernels.softmax(scores), mx.softmax(scores, axis=-1), atol=1e-6).item()
-    assert mx.allclose(grads(cpu_kernels.softmax, x)[0], grads(lambda a: mx.softmax(a, axis=-1), x)[0],
-                       atol=1e-6).item()
+def test_swiglu_matches_mlx_with_its_gradients():
     gate, up = mx.random.normal((2, 7, 48)) * 30, mx.random.normal((2, 7, 48))
     assert mx.allclose(cpu_kernels.swiglu(gate, up), mlx_swiglu(gate, up), atol=1e-5).item()
     for ours, theirs in zip(grads(cpu_kernels.swiglu, gate, up), grads(mlx_swiglu, gate, up)):
