@@ -17,7 +17,7 @@ frozen (`output_weight` checks it).
 
 from __future__ import annotations
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # logits = output layer(model.model(x)), no scaling
+from .prefix_cache import SUPPORTED
 
 
 def swiglu(gate, x):

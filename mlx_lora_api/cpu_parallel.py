@@ -62,10 +62,7 @@ def _attention(original):
 def _swiglu(original):
     from . import cpu_kernels
 
-    def swiglu(gate, x):
-        return cpu_kernels.swiglu(gate, x)
-
-    return swiglu
+    return cpu_kernels.swiglu
 
 
 @contextlib.contextmanager

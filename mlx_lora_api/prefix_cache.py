@@ -16,7 +16,7 @@ import logging
 log = logging.getLogger("mlx_lora_api")
 
 DEFAULT_BUDGET_BYTES = 2 << 30
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # model(x) = output layer(model.model(x)), no scaling
 
 
 def frozen_blocks(model, params) -> int:
@@ -71,15 +71,6 @@ def suffix(model, h, start: int, logits: bool = True):
     if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
         return inner.embed_tokens.as_linear(h)
     return model.lm_head(h)
-
-
-def split_matches(model, inputs, start: int) -> bool:
-    """Does prefix-then-suffix compute what the model computes (on this batch)?"""
-    import mlx.core as mx
-
-    whole = model(inputs)
-    split = suffix(model, prefix(model, inputs, start), start)
-    return whole.shape == split.shape and mx.allclose(whole, split, atol=1e-4, rtol=1e-4).item()
 
 
 def make_loss(start: int, cpu_head: bool = False):

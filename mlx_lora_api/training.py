@@ -122,7 +122,7 @@ def plan_loss(model, params: Parameters, train_set, plan, on_event: EventSink, l
         chosen = LossPlan(prefix_cache.make_loss(start, head), cache, eager=eager, pad_multiple=pad)
         got = chosen.loss(model, cache.compute(tokens), tokens, lengths)[0]
     else:
-        chosen = LossPlan(cpu_head_loss, eager=True, pad_multiple=pad)
+        chosen = LossPlan(cpu_head_loss, eager=eager, pad_multiple=pad)
         got = cpu_head_loss(model, tokens, lengths)[0]
     if not mx_close(got, expected):
         on_event({"type": "info", "message": "this model's forward pass cannot be split; trained without shortcuts"})
