@@ -17,6 +17,7 @@ frozen (`output_weight` checks it).
 
 from __future__ import annotations
 
+from . import bf16
 from .prefix_cache import SUPPORTED
 
 
@@ -118,7 +119,7 @@ def output_weight(model):
 
 def cross_entropy(hidden, weight, targets, mask):
     """Cross-entropy per position of logits `hidden @ weight.T` against `targets`: hidden
-    (N, D) float32, weight (V, D), targets (N,) token ids, mask (N,) which positions count.
+    (N, D) float32, weight (V, D) float32 or a `bf16.Weight` (its matmuls in bfloat16), targets (N,) token ids, mask (N,) which positions count.
     Positions outside the mask get 0 and no gradient; only `hidden` gets a gradient.
     Evaluates its inputs (not compilable)."""
     import mlx.core as mx
@@ -133,9 +134,12 @@ def cross_entropy(hidden, weight, targets, mask):
 
     @mx.custom_function
     def head(hidden):
-        logits = hidden[rows] @ weight.T
-        mx.eval(logits)
-        logits = np.asarray(logits)
+        if isinstance(weight, bf16.Weight):
+            logits = weight.matmul(bf16.bits(hidden[rows]), transpose=True)
+        else:
+            logits = hidden[rows] @ weight.T
+            mx.eval(logits)
+            logits = np.asarray(logits)
         picked = logits[np.arange(counted.size), wanted]
         top = logits.max(axis=1, keepdims=True)
         probs = np.subtract(logits, top)
@@ -153,7 +157,10 @@ def cross_entropy(hidden, weight, targets, mask):
         probs[np.arange(counted.size), wanted] -= 1.0  # d ce / d logits = softmax - one-hot
         probs *= np.asarray(cotangent)[counted][:, None]
         grad = mx.zeros(hidden.shape, hidden.dtype)
-        grad[rows] = mx.array(probs) @ weight
+        if isinstance(weight, bf16.Weight):
+            grad[rows] = mx.array(weight.matmul(bf16.bits(mx.array(probs)), transpose=False))
+        else:
+            grad[rows] = mx.array(probs) @ weight
         return grad
 
     return head(hidden)

@@ -50,9 +50,9 @@ def hidden_mean(model, hidden, batch, lengths):
     from . import cpu_kernels
 
     mask = target_mask(batch, lengths)
+    weight = getattr(model, "bf16_output", None) or cpu_kernels.output_weight(model)  # see bf16.matmuls
     ce = cpu_kernels.cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), cpu_kernels.output_weight(model), batch[:, 1:].reshape(-1),
-        mask.reshape(-1),
+        hidden.reshape(-1, hidden.shape[-1]), weight, batch[:, 1:].reshape(-1), mask.reshape(-1)
     )
     ntoks = mask.sum()
     return ce.sum() / ntoks, ntoks

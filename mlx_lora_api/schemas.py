@@ -140,6 +140,11 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     keep: Literal["last", "best"] = "last"
     # Reuse the frozen blocks' outputs from the second epoch on (exact; see prefix_cache.py).
     prefix_cache: bool = True
+    # On the CPU, multiply by the frozen weights in bfloat16 (Intel AMX / AVX-512 BF16 through
+    # oneMKL; float32 accumulation), as PyTorch's bfloat16 autocast does. Faster, not exact: see
+    # bf16.py. Where it cannot apply (no such CPU, no oneMKL, a GPU), training runs in float32 and
+    # the job's events say why.
+    cpu_bfloat16: bool = False
 
     def __post_init__(self):
         if self.alpha is not None and self.scale is not None:

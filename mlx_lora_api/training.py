@@ -57,6 +57,7 @@ def adapter_config(params: Parameters, base_ref: str, num_layers: int, iters: in
         "grad_checkpoint": params.grad_checkpoint,
         "grad_accumulation_steps": params.grad_accumulation_steps,
         "seed": params.seed,
+        "cpu_bfloat16": params.cpu_bfloat16,
     }
     if params.fine_tune_type != "full":
         config["lora_parameters"] = {
@@ -130,6 +131,19 @@ def plan_loss(model, params: Parameters, train_set, plan, on_event: EventSink, l
     if start and keep:
         on_event({"type": "info", "message": f"the first {start} blocks are frozen: their outputs are computed once"})
     return chosen
+
+
+def use_bfloat16(model, params: Parameters, chosen: LossPlan, on_event: EventSink) -> None:
+    """bf16.convert where the user asked for it and it applies; else an event that says why not."""
+    from . import bf16
+
+    if not params.cpu_bfloat16:
+        return
+    reason = bf16.unavailable() or (None if chosen.eager else "it needs eager steps (the cpu_head or cpu_ops lever)")
+    if reason:
+        on_event({"type": "info", "message": f"cpu_bfloat16 does not apply ({reason}): training in float32"})
+    else:
+        bf16.convert(model, on_event)
 
 
 def mx_close(a, b) -> bool:
@@ -439,6 +453,7 @@ def train_adapter(
             "num_layers": num_layers,
         }
     )
+    use_bfloat16(model, params, chosen, on_event)
     with parallel_training(model, ops=levers.cpu_ops, eager=chosen.eager):
         if start is None:
             hook.evaluate(0)

@@ -74,10 +74,12 @@ def tokenized(model_dir: Path, samples: list) -> list[list[int]]:
     return [dataset[i][0] for i in range(len(dataset))]
 
 
-def run_service(model_dir: Path, samples: list, epochs: int, out: Path, plain: bool = False) -> dict:
+def run_service(model_dir: Path, samples: list, epochs: int, out: Path, plain: bool = False,
+                bfloat16: bool = False) -> dict:
     """The service's training job (training.train_adapter, as its worker runs it); with
     `plain`, every speed lever off (training.PLAIN), to measure the service's own overhead
-    over mlx-lm's trainer at mlx-lm's settings."""
+    over mlx-lm's trainer at mlx-lm's settings; with `bfloat16`, the `cpu_bfloat16` parameter
+    (the frozen weights' matmuls in bfloat16, as PyTorch's autocast)."""
     import msgspec
 
     from mlx_lora_api import backend
@@ -93,9 +95,11 @@ def run_service(model_dir: Path, samples: list, epochs: int, out: Path, plain: b
             marks["start"] = time.perf_counter()
         if event["type"] == "train":
             marks["loss"] = event["train_loss"]
+        if event["type"] == "info" and "cpu_bfloat16 does not apply" in event["message"]:
+            raise SystemExit(event["message"])  # a float32 run must not be reported as bfloat16
 
     parameters = {"learning_rate": LEARNING_RATE, "epochs": epochs, "batch_size": BATCH, "rank": RANK, "scale": SCALE,
-                  "num_layers": LAYERS, "steps_per_report": 10**6, "save_every": 10**6}
+                  "num_layers": LAYERS, "steps_per_report": 10**6, "save_every": 10**6, "cpu_bfloat16": bfloat16}
     request = msgspec.convert({"base_model": "bench", "training_data": samples, "parameters": parameters},
                               FinetuneRequest)
     levers = msgspec.json.decode(os.environ.get("BENCH_LEVERS", "{}"), type=training.Levers)  # for experiments
@@ -196,6 +200,7 @@ def run_torch(model_dir: Path, data: Path, bf16: bool) -> dict:
 ENGINES = {
     "service": run_service,
     "service_plain": lambda *a: run_service(*a, plain=True),
+    "service_bf16": lambda *a: run_service(*a, bfloat16=True),
     "mlx_lm": run_mlx_lm,
     "torch_fp32": None,  # run_torch, in .venv-bench
     "torch_bf16": None,
@@ -317,6 +322,7 @@ def main() -> None:
         return
     if args.install_torch:
         install_torch()
+        return
 
     from mlx_lora_api import gguf_import, registry
 

@@ -1,0 +1,74 @@
+"""cpu_bfloat16: the frozen weights' matmuls in bfloat16 through oneMKL, against float32."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_lora_api import bf16, cpu_kernels, training
+from mlx_lora_api.schemas import FinetuneRequest, Parameters
+
+needs_bf16 = pytest.mark.skipif(bf16.unavailable() is not None, reason=f"bfloat16 matmuls: {bf16.unavailable()}")
+SAMPLES = ["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "a dog",
+           "Five samples: the last batch of each epoch is a partial one."]
+
+
+def close(a, b, rel):
+    """Within `rel` of the largest magnitude: bfloat16 keeps 8 significant bits (rel 2^-9 a value)."""
+    return mx.abs(a - b).max().item() <= rel * mx.abs(b).max().item()
+
+
+def test_rounding_is_to_nearest_even():
+    x = mx.array([1.0, 1.00390625, 1.01171875, -3.0e-3, 65504.0], mx.float32)
+    assert (mx.array(bf16.bits(x)).view(mx.bfloat16) == x.astype(mx.bfloat16)).all().item()
+
+
+@needs_bf16
+def test_linear_and_its_gradient_match_float32_to_bfloat16_precision():
+    x, w = mx.random.normal((2, 7, 48)), mx.random.normal((40, 48))
+    weight = bf16.Weight(w)
+    assert close(bf16.linear(x, weight), x @ w.T, 1e-2)
+    cot = mx.random.normal((2, 7, 40))
+    got = mx.grad(lambda x: (bf16.linear(x, weight) * cot).sum())(x)
+    assert got.shape == x.shape and close(got, cot @ w, 1e-2)
+
+
+@needs_bf16
+def test_output_layer_in_bfloat16_matches_float32():
+    hidden, w = mx.random.normal((12, 16)), mx.random.normal((50, 16))
+    targets, mask = mx.random.randint(0, 50, (12,)), mx.array([True] * 9 + [False] * 3)
+    ours = cpu_kernels.cross_entropy(hidden, bf16.Weight(w), targets, mask)
+    assert close(ours, nn.losses.cross_entropy(hidden @ w.T, targets) * mask, 2e-2) and (ours[9:] == 0).all().item()
+    got = mx.grad(lambda h: cpu_kernels.cross_entropy(h, bf16.Weight(w), targets, mask).sum())(hidden)
+    expected = mx.grad(lambda h: (nn.losses.cross_entropy(h @ w.T, targets) * mask).sum())(hidden)
+    assert close(got, expected, 2e-2)
+
+
+def train(tmp_path, template, name, **params):
+    out = tmp_path / name
+    out.mkdir()
+    events = []
+    request = FinetuneRequest(base_model="tiny-base", training_data=SAMPLES, parameters=Parameters(
+        learning_rate=0.05, optimizer="sgd", epochs=3, batch_size=2, num_layers=1, steps_per_report=1, **params))
+    training.train_adapter(str(template), "tiny-base", request, out, events.append)
+    losses = [e["train_loss"] for e in events if e["type"] == "train"]
+    return mx.load(str(out / "adapters.safetensors")), losses, events
+
+
+@needs_bf16
+def test_training_with_bfloat16_matmuls_follows_the_float32_run(tmp_path, tiny_model_template):
+    exact, exact_losses, _ = train(tmp_path, tiny_model_template, "fp32")
+    fast, fast_losses, events = train(tmp_path, tiny_model_template, "bf16", cpu_bfloat16=True)
+    # q, k, v, o, gate, up, down of both blocks (the trained one's under LoRA) and the tied output layer
+    assert any("15 frozen weights multiply in bfloat16" in e.get("message", "") for e in events)
+    assert sum(fast_losses[-3:]) < 0.9 * sum(fast_losses[:3])  # it learned: the last epoch against the first
+    assert fast_losses == pytest.approx(exact_losses, rel=2e-2) and fast_losses != exact_losses
+    assert all(close(fast[k], exact[k], 5e-2) for k in exact)
+
+
+def test_where_bfloat16_does_not_apply_training_says_so_and_runs_in_float32(tmp_path, tiny_model_template, monkeypatch):
+    exact, exact_losses, _ = train(tmp_path, tiny_model_template, "fp32")
+    monkeypatch.setattr(bf16, "unavailable", lambda: "this CPU has neither AMX nor AVX-512 BF16")
+    same, losses, events = train(tmp_path, tiny_model_template, "asked", cpu_bfloat16=True)
+    assert {"type": "info", "message": "cpu_bfloat16 does not apply (this CPU has neither AMX nor AVX-512 BF16):"
+            " training in float32"} in events
+    assert losses == exact_losses and all(mx.array_equal(same[k], exact[k]).item() for k in exact)
