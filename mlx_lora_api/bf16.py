@@ -106,73 +106,118 @@ class Weight:
         return c
 
 
-def linear(x, weight: Weight):
-    """x @ weight.T with x's gradient (the weight is frozen); evaluates mid-graph (eager steps)."""
+def linear(x, weight: Weight, sizes: list[int] | None = None):
+    """x @ weight.T with x's gradient (the weight is frozen); evaluates mid-graph (eager steps).
+    With `sizes`, the weight is several layers' stacked (q, k and v, say): their outputs, one
+    matmul for all forward and one for x's gradient backward."""
     import mlx.core as mx
 
     out_features, in_features = weight.shape
+    sizes = sizes or [out_features]
+    cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
     lead = x.shape[:-1]
 
     @mx.custom_function
     def fn(x):
-        return mx.array(weight.matmul(bits(x.reshape(-1, in_features)), True)).reshape(*lead, out_features)
+        y = mx.array(weight.matmul(bits(x.reshape(-1, in_features)), True)).reshape(*lead, out_features)
+        return mx.split(y, cuts, axis=-1) if cuts else [y]
 
     @fn.vjp
-    def _(x, cotangent, output):  # one primal: passed, and its gradient returned, as is
-        grad = weight.matmul(bits(cotangent.reshape(-1, out_features)), False)
+    def _(x, cotangents, outputs):  # one primal: passed, and its gradient returned, as is
+        d = mx.concatenate(cotangents, axis=-1) if cuts else cotangents[0]
+        grad = weight.matmul(bits(d.reshape(-1, out_features)), False)
         return mx.array(grad).reshape(*lead, in_features)
 
     return fn(x)
 
 
-def _linear_class():
+# Layers that mlx-lm's models call on the same input, one after the other.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class Group:
+    """Frozen linear layers multiplied together: the first member's call computes every
+    member's output for its input, which the others' calls with the same input (the same
+    array) take; a call with another input computes afresh."""
+
+    def __init__(self, weights: list):
+        import mlx.core as mx
+
+        self.sizes = [w.shape[0] for w in weights]
+        self.weight = Weight(mx.concatenate(weights) if len(weights) > 1 else weights[0])
+        self._last: tuple | None = None
+
+    def __call__(self, x) -> list:
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, linear(x, self.weight, self.sizes))
+        return self._last[1]
+
+
+def _member_class():
     import mlx.nn as nn
 
-    class Linear(nn.Module):
-        """A frozen nn.Linear whose matmul runs in bfloat16."""
+    class Member(nn.Module):
+        """A frozen nn.Linear whose matmul runs in bfloat16, alone or in a `Group`."""
 
-        def __init__(self, original: nn.Linear):
+        def __init__(self, group: Group, index: int, original: nn.Linear):
             super().__init__()
-            self.weight16 = Weight(original.weight)
+            self.group, self.index = group, index
             if "bias" in original:
                 self.bias = original.bias
             self.freeze()
 
         def __call__(self, x):
-            y = linear(x, self.weight16)
+            y = self.group(x)[self.index]
             return y + self.bias if "bias" in self else y
 
-    return Linear
+    return Member
 
 
-def _frozen_linears(model):
-    """(parent, name) of every frozen float32 nn.Linear in the blocks, LoRA's base layers included
-    (not DoRA's, which reads its base layer's weight itself)."""
+def _frozen_linears(model) -> list[tuple]:
+    """(owner, role, parent, name) of every frozen float32 nn.Linear in the blocks: it is
+    parent[name], and the model calls it as owner[role] (itself, or the LoRALinear around it;
+    not DoRA's, which reads its base layer's weight itself)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.tuner.lora import LoRALinear
 
     found = []
     for _, module in (m for block in model.model.layers for m in block.named_modules()):
-        if hasattr(module, "lora_a") and type(module) is not LoRALinear:
-            continue
-        for name, child in module.children().items():
-            if type(child) is nn.Linear and child.weight.dtype == mx.float32 and not child.trainable_parameters():
-                found.append((module, name))
+        if hasattr(module, "lora_a"):
+            continue  # a wrapper: seen from its owner
+        for role, child in module.children().items():
+            parent, name = (child, "linear") if type(child) is LoRALinear else (module, role)
+            base = parent[name] if isinstance(parent[name], nn.Module) else None
+            if type(base) is nn.Linear and base.weight.dtype == mx.float32 and not base.trainable_parameters():
+                found.append((module, role, parent, name))
     return found
 
 
 def convert(model, on_event=lambda event: None) -> int:
     """Make `model`'s frozen linear layers and output layer multiply in bfloat16 (see the
-    module's doc); returns how many weights were converted. One way: the frozen layers' float32
-    weights are let go (memory), so the model is for this training run only afterwards; the
-    trainable parameters, which the adapter file holds, stay float32."""
+    module's doc), layers that share their input (`GROUPS`) in one matmul; returns how many
+    weights were converted. One way: the frozen layers' float32 weights are let go (memory), so
+    the model is for this training run only afterwards; the trainable parameters, which the
+    adapter file holds, stay float32."""
     from . import cpu_kernels
 
-    Linear = _linear_class()
+    Member = _member_class()
     layers = _frozen_linears(model)
-    for parent, name in layers:
-        parent[name] = Linear(parent[name])
+    by_owner: dict[int, dict[str, tuple]] = {}
+    for owner, role, parent, name in layers:
+        by_owner.setdefault(id(owner), {})[role] = (parent, name)
+    for roles in by_owner.values():
+        sets = [g for g in GROUPS if all(r in roles for r in g)]
+        sets += [(r,) for r in roles if not any(r in g for g in sets)]
+        for members in sets:
+            originals = [roles[r][0][roles[r][1]] for r in members]
+            if len({o.weight.shape[1] for o in originals}) > 1:
+                sets += [(r,) for r in members]
+                continue
+            group = Group([o.weight for o in originals])
+            for i, (r, original) in enumerate(zip(members, originals)):
+                parent, name = roles[r]
+                parent[name] = Member(group, i, original)
     head = cpu_kernels.output_weight(model)
     if head is not None:
         model.bf16_output = Weight(head)  # read by losses.hidden_mean

@@ -26,10 +26,27 @@ def test_rounding_is_to_nearest_even():
 def test_linear_and_its_gradient_match_float32_to_bfloat16_precision():
     x, w = mx.random.normal((2, 7, 48)), mx.random.normal((40, 48))
     weight = bf16.Weight(w)
-    assert close(bf16.linear(x, weight), x @ w.T, 1e-2)
+    (y,) = bf16.linear(x, weight)
+    assert close(y, x @ w.T, 1e-2)
     cot = mx.random.normal((2, 7, 40))
-    got = mx.grad(lambda x: (bf16.linear(x, weight) * cot).sum())(x)
+    got = mx.grad(lambda x: (bf16.linear(x, weight)[0] * cot).sum())(x)
     assert got.shape == x.shape and close(got, cot @ w, 1e-2)
+
+
+@needs_bf16
+def test_a_group_multiplies_its_members_together_and_computes_afresh_for_another_input():
+    x, other = mx.random.normal((2, 7, 48)), mx.random.normal((2, 7, 48))
+    ws = [mx.random.normal((40, 48)), mx.random.normal((24, 48)), mx.random.normal((24, 48))]
+    group = bf16.Group(ws)
+    outputs = group(x)
+    assert group(x) is outputs  # the same input: taken, not computed again
+    assert all(close(y, x @ w.T, 1e-2) for y, w in zip(outputs, ws))
+    assert close(group(other)[1], other @ ws[1].T, 1e-2)
+    cots = [mx.random.normal((2, 7, w.shape[0])) for w in ws]
+    got = mx.grad(lambda x: sum((y * c).sum() for y, c in zip(group(x), cots)))(x)
+    assert close(got, sum(c @ w for c, w in zip(cots, ws)), 1e-2)
+    got = mx.grad(lambda x: (group(x)[2] * cots[2]).sum())(x)  # one member used: the others add nothing
+    assert close(got, cots[2] @ ws[2], 1e-2)
 
 
 @needs_bf16
