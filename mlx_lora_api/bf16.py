@@ -4,11 +4,12 @@ On the CPU the service computes in float32 (MLX's CPU bfloat16 matmul runs at ab
 GFLOP/s). CPUs with Intel AMX or AVX-512 BF16 multiply bfloat16 much faster than float32:
 oneMKL's `cblas_gemm_bf16bf16f32` (bfloat16 inputs, float32 accumulation and result)
 measured 600-1,200 GFLOP/s at a LoRA step's shapes on a 2-core Sapphire Rapids, against
-250-340 for OpenBLAS's float32 sgemm. `matmuls(model)` puts that in place of the matmuls
+250-340 for OpenBLAS's float32 sgemm. `convert(model)` puts that in place of the matmuls
 with the weights that do not train: every frozen `nn.Linear` in the blocks (LoRA's base
-layers too) and the output layer of `cpu_kernels.cross_entropy`. The LoRA matrices, attention
-and everything element-wise stay float32, as under PyTorch's bfloat16 autocast. Not exact:
-inputs are rounded to bfloat16 (8 bits of mantissa), so losses move in the third decimal.
+layers too; forward, and backward where MLX's graph allows: see `linear`) and the output layer
+of `cpu_kernels.cross_entropy` (both ways). The LoRA matrices, attention and everything
+element-wise stay float32, as under PyTorch's bfloat16 autocast. Not exact: inputs are rounded
+to bfloat16 (8 significant bits), so losses move in the third decimal.
 
 MKL comes from PyPI's `mkl` wheel (the project's `bf16` extra), loaded privately (RTLD_LOCAL)
 beside the OpenBLAS that MLX's own matmuls use.
@@ -79,13 +80,15 @@ def bits(x) -> "np.ndarray":
 
 
 class Weight:
-    """A frozen (out, in) float32 weight, kept as bfloat16 for `matmul`."""
+    """A frozen (out, in) float32 weight, kept as bfloat16 for `matmul`, and as it is too
+    where gradients pass through it (`float32`; see `linear`)."""
 
-    def __init__(self, weight):
+    def __init__(self, weight, float32: bool = False):
         import numpy as np
 
         self.bits = np.ascontiguousarray(bits(weight))
         self.shape = tuple(weight.shape)
+        self.float32 = weight if float32 else None
 
     def matmul(self, a: "np.ndarray", transpose: bool) -> "np.ndarray":
         """a (M, K) uint16 bfloat16 bits times W.T (transpose: K = in) or W (K = out), in float32."""
@@ -108,8 +111,13 @@ class Weight:
 
 def linear(x, weight: Weight, sizes: list[int] | None = None):
     """x @ weight.T with x's gradient (the weight is frozen); evaluates mid-graph (eager steps).
-    With `sizes`, the weight is several layers' stacked (q, k and v, say): their outputs, one
-    matmul for all forward and one for x's gradient backward."""
+    With `sizes`, the weight is several layers' stacked (q, k and v, say): their outputs in one
+    matmul.
+
+    x's gradient is MLX's float32 matmul where the weight keeps its float32 copy: evaluating
+    in the middle of the backward pass would keep every array of the step alive until its end
+    (MLX keeps the graph of arrays it evaluates inside a transformation): at 4 x 488 tokens the
+    peak went from 3.7 to 6.4 GB, and the step got slower."""
     import mlx.core as mx
 
     out_features, in_features = weight.shape
@@ -125,6 +133,8 @@ def linear(x, weight: Weight, sizes: list[int] | None = None):
     @fn.vjp
     def _(x, cotangents, outputs):  # one primal: passed, and its gradient returned, as is
         d = mx.concatenate(cotangents, axis=-1) if cuts else cotangents[0]
+        if weight.float32 is not None:
+            return d @ weight.float32
         grad = weight.matmul(bits(d.reshape(-1, out_features)), False)
         return mx.array(grad).reshape(*lead, in_features)
 
@@ -138,19 +148,28 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class Group:
     """Frozen linear layers multiplied together: the first member's call computes every
     member's output for its input, which the others' calls with the same input (the same
-    array) take; a call with another input computes afresh."""
+    array) take; a call with another input, or a member's second call, computes afresh. The
+    outputs are let go once every member has taken its own (holding them would hold the
+    step's graph)."""
 
-    def __init__(self, weights: list):
+    def __init__(self, weights: list, float32: bool = False):
         import mlx.core as mx
 
         self.sizes = [w.shape[0] for w in weights]
-        self.weight = Weight(mx.concatenate(weights) if len(weights) > 1 else weights[0])
-        self._last: tuple | None = None
+        self.weight = Weight(mx.concatenate(weights) if len(weights) > 1 else weights[0], float32)
+        self._input = None
+        self._outputs: list = []
+        self._waiting: set[int] = set()
 
-    def __call__(self, x) -> list:
-        if self._last is None or self._last[0] is not x:
-            self._last = (x, linear(x, self.weight, self.sizes))
-        return self._last[1]
+    def __call__(self, x, index: int):
+        if self._input is not x or index not in self._waiting:
+            self._input, self._outputs = x, linear(x, self.weight, self.sizes)
+            self._waiting = set(range(len(self.sizes)))
+        self._waiting.discard(index)
+        output = self._outputs[index]
+        if not self._waiting:
+            self._input, self._outputs = None, []
+        return output
 
 
 def _member_class():
@@ -167,29 +186,34 @@ def _member_class():
             self.freeze()
 
         def __call__(self, x):
-            y = self.group(x)[self.index]
+            y = self.group(x, self.index)
             return y + self.bias if "bias" in self else y
 
     return Member
 
 
 def _frozen_linears(model) -> list[tuple]:
-    """(owner, role, parent, name) of every frozen float32 nn.Linear in the blocks: it is
-    parent[name], and the model calls it as owner[role] (itself, or the LoRALinear around it;
-    not DoRA's, which reads its base layer's weight itself)."""
+    """(owner, role, parent, name, backward) of every frozen float32 nn.Linear in the blocks:
+    it is parent[name], the model calls it as owner[role] (itself, or the LoRALinear around it;
+    not DoRA's, which reads its base layer's weight itself), and with `backward` gradients pass
+    through it (it is in or after the first block that trains)."""
     import mlx.core as mx
     import mlx.nn as nn
+    from mlx.utils import tree_flatten
     from mlx_lm.tuner.lora import LoRALinear
 
+    blocks = model.model.layers
+    trains = [i for i, block in enumerate(blocks) if tree_flatten(block.trainable_parameters())]
+    first = trains[0] if trains else len(blocks)
     found = []
-    for _, module in (m for block in model.model.layers for m in block.named_modules()):
+    for i, module in ((i, m) for i, block in enumerate(blocks) for _, m in block.named_modules()):
         if hasattr(module, "lora_a"):
             continue  # a wrapper: seen from its owner
         for role, child in module.children().items():
             parent, name = (child, "linear") if type(child) is LoRALinear else (module, role)
             base = parent[name] if isinstance(parent[name], nn.Module) else None
             if type(base) is nn.Linear and base.weight.dtype == mx.float32 and not base.trainable_parameters():
-                found.append((module, role, parent, name))
+                found.append((module, role, parent, name, i >= first))
     return found
 
 
@@ -204,8 +228,8 @@ def convert(model, on_event=lambda event: None) -> int:
     Member = _member_class()
     layers = _frozen_linears(model)
     by_owner: dict[int, dict[str, tuple]] = {}
-    for owner, role, parent, name in layers:
-        by_owner.setdefault(id(owner), {})[role] = (parent, name)
+    for owner, role, parent, name, backward in layers:
+        by_owner.setdefault(id(owner), {})[role] = (parent, name, backward)
     for roles in by_owner.values():
         sets = [g for g in GROUPS if all(r in roles for r in g)]
         sets += [(r,) for r in roles if not any(r in g for g in sets)]
@@ -214,9 +238,9 @@ def convert(model, on_event=lambda event: None) -> int:
             if len({o.weight.shape[1] for o in originals}) > 1:
                 sets += [(r,) for r in members]
                 continue
-            group = Group([o.weight for o in originals])
+            group = Group([o.weight for o in originals], float32=roles[members[0]][2])
             for i, (r, original) in enumerate(zip(members, originals)):
-                parent, name = roles[r]
+                parent, name, _ = roles[r]
                 parent[name] = Member(group, i, original)
     head = cpu_kernels.output_weight(model)
     if head is not None:
