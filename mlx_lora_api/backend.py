@@ -61,11 +61,16 @@ def prepare() -> str | None:
         log.warning("No optimized BLAS found: CPU training runs about 30x slower; %s", BLAS_HINT)
         return None
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         log.warning("Could not load the BLAS at %s (%s); %s", path, e, BLAS_HINT)
         return None
     _state["blas"] = path
+    try:
+        library.openblas_get_corename.restype = ctypes.c_char_p
+        _state["blas_kernels"] = library.openblas_get_corename().decode()
+    except (AttributeError, UnicodeDecodeError):
+        pass  # not OpenBLAS; with it, which kernels it chose (or OPENBLAS_CORETYPE asked for)
     return path
 
 
@@ -120,4 +125,5 @@ def describe() -> dict:
         "mlx": mx.__version__,
         "device": "cpu" if on_cpu() else "gpu",
         "blas": _state.get("blas"),
+        "blas_kernels": _state.get("blas_kernels"),
     }

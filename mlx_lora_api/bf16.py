@@ -4,10 +4,12 @@ On the CPU the service computes in float32 (MLX's CPU bfloat16 matmul runs at ab
 GFLOP/s). CPUs with Intel AMX or AVX-512 BF16 multiply bfloat16 much faster than float32:
 oneMKL's `cblas_gemm_bf16bf16f32` (bfloat16 inputs, float32 accumulation and result)
 measured 600-1,200 GFLOP/s at a LoRA step's shapes on a 2-core Sapphire Rapids, against
-250-340 for OpenBLAS's float32 sgemm. `convert(model)` puts that in place of the matmuls
-with the weights that do not train: every frozen `nn.Linear` in the blocks (LoRA's base
-layers too; forward, and backward where MLX's graph allows: see `linear`) and the output layer
-of `cpu_kernels.cross_entropy` (both ways). The LoRA matrices, attention and everything
+250-340 for OpenBLAS's float32 sgemm. Where it is not faster (`slower`), training stays in
+float32: on a 2-core AMD EPYC (Zen 5, AVX-512 BF16) it measured about 220 GFLOP/s against
+OpenBLAS's 400-480. `convert(model)` puts bfloat16 matmuls in place of those with the
+weights that do not train: every frozen `nn.Linear` in the blocks (LoRA's base layers too;
+forward, and backward where MLX's graph allows: see `linear`) and the output layer of
+`cpu_kernels.cross_entropy` (both ways). The LoRA matrices, attention and everything
 element-wise stay float32, as under PyTorch's bfloat16 autocast. Not exact: inputs are rounded
 to bfloat16 (8 significant bits), so losses move in the third decimal.
 
@@ -25,7 +27,9 @@ from pathlib import Path
 
 MKL_ENV = "MLX_LORA_API_MKL"  # path of libmkl_rt.so, or "none"
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+MIN_GAIN = 1.2  # bfloat16 is used where its matmul is at least this much faster than float32's
 _lib: list = []
+_timed: dict[str, str | None] = {}
 
 
 def _mkl():
@@ -67,6 +71,44 @@ def unavailable() -> str | None:
     except OSError as e:
         return str(e)
     return None
+
+
+def slower() -> str | None:
+    """Why bfloat16 matmuls would not speed training up here, or None: oneMKL's bfloat16 gemm
+    and MLX's float32 one, timed once per process on a block-sized product (about 0.1 s)."""
+    if "slower" not in _timed:
+        bf16_gflops, fp32_gflops = _measure()
+        _timed["slower"] = None if bf16_gflops >= MIN_GAIN * fp32_gflops else (
+            f"oneMKL's bfloat16 matmul runs at {bf16_gflops:.0f} GFLOP/s on this CPU, float32's at "
+            f"{fp32_gflops:.0f}: not the {MIN_GAIN}x it takes to pay off"
+        )
+    return _timed["slower"]
+
+
+def _measure(m: int = 512, n: int = 1536, k: int = 1024, repeats: int = 5) -> tuple[float, float]:
+    """GFLOP/s of (m, k) x (k, n) in bfloat16 through oneMKL and in float32 through MLX, each
+    the best of `repeats` after three warm-up calls (thread pools, buffers, clocks: a fresh
+    process's first calls measured up to 40% slow)."""
+    import time
+
+    import mlx.core as mx
+
+    a, w = mx.random.normal((m, k)), mx.random.normal((n, k))
+    mx.eval(a, w)
+    weight, a_bits = Weight(w), bits(a)
+
+    def rate(step) -> float:
+        for _ in range(3):
+            step()
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - started)
+        return 2 * m * n * k / best / 1e9
+
+    fp32 = rate(lambda: mx.eval(a @ w.T))  # first: oneMKL's threads spin on for a while after a call
+    return rate(lambda: weight.matmul(a_bits, True)), fp32
 
 
 def bits(x) -> "np.ndarray":

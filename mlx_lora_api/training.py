@@ -140,6 +140,7 @@ def use_bfloat16(model, params: Parameters, chosen: LossPlan, on_event: EventSin
     if not params.cpu_bfloat16:
         return
     reason = bf16.unavailable() or (None if chosen.eager else "it needs eager steps (the cpu_head or cpu_ops lever)")
+    reason = reason or bf16.slower()
     if reason:
         on_event({"type": "info", "message": f"cpu_bfloat16 does not apply ({reason}): training in float32"})
     else:

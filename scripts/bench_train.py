@@ -15,6 +15,10 @@ own virtual environment (.venv-bench/, made by --install-torch), as the service'
 it: with torch installed, `transformers` imports it on the service's first tokenizer load too,
 and that second of import time would count against the MLX engines.
 
+Engines: service (every speed lever on), service_plain (every lever off: the service's own
+overhead over mlx-lm), service_bf16 (service with `cpu_bfloat16`; it fails, saying why, where
+that parameter does not apply or pay, as on AMD CPUs), mlx_lm, torch_fp32, torch_bf16.
+
 tokens/s counts the tokens of the samples (the same number for every engine) over the training
 time; wall is the whole process, model loading included; peak is the process's maximum RSS
 (VmHWM, read by the process itself);
@@ -242,9 +246,10 @@ def sgemm_gflops() -> float:
         "a = mx.random.normal((1024, 1024)); b = mx.random.normal((1024, 1024)); mx.eval(a @ b)\n"
         "t = time.perf_counter()\n"
         "for _ in range(20): mx.eval(a @ b)\n"
-        "print(2 * 1024**3 * 20 / (time.perf_counter() - t) / 1e9)\n"
+        "print(2 * 1024**3 * 20 / (time.perf_counter() - t) / 1e9, backend.describe()['blas_kernels'])\n"
     )
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout)
+    gflops, kernels = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    return float(gflops), kernels
 
 
 def flops_per_token(model_dir: Path) -> float:
@@ -278,13 +283,13 @@ def run_once(engine: str, model_dir: Path, name: str, python: str, data: Path | 
         extra = ["--data", str(data)] if data else []
         process = subprocess.Popen(
             [python, __file__, "--child", engine, "--workload", name, "--model", str(model_dir), "--out", out, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )
-        stdout = process.stdout.read()
-        status = process.wait()
+        stdout, stderr = process.communicate()
         wall = time.perf_counter() - started
-    if status != 0:
-        return {"error": f"exit status {status}"}
+    if process.returncode != 0:
+        last = stderr.strip().splitlines()[-1:] or [""]
+        return {"error": f"exit status {process.returncode}: {last[0]}"}
     return {**json.loads(stdout.strip().splitlines()[-1]), "wall_seconds": wall}
 
 
@@ -336,11 +341,11 @@ def main() -> None:
 
     data = Path(tempfile.mkdtemp(prefix="bench-train-"))
     model_dir = gguf_import.register(gguf_import.bundled_gguf_path(), registry.Registry(data, "m"), "smollm2")
-    roofline = sgemm_gflops()
+    roofline, kernels = sgemm_gflops()
     per_token = flops_per_token(model_dir)
     print(f"machine: {machine()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"float32 sgemm through MLX + OpenBLAS: {roofline:.0f} GFLOP/s; a step costs {per_token / 1e9:.3f} "
+    print(f"float32 sgemm through MLX + OpenBLAS ({kernels} kernels): {roofline:.0f} GFLOP/s; a step costs {per_token / 1e9:.3f} "
           f"GFLOP/token, so the roofline is {roofline * 1e9 / per_token:.0f} tokens/s")
     print()
     chart: dict[str, dict[str, float]] = {}

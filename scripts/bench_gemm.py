@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""The matmuls a training step is made of, float32 (MLX + OpenBLAS) against bfloat16 (oneMKL's
+`cblas_gemm_bf16bf16f32`, what `cpu_bfloat16` uses), in GFLOP/s, at SmolLM2-135M's shapes for a
+batch of 4 x 56 tokens. Shows on the spot whether `cpu_bfloat16` can pay on this CPU.
+
+    .venv/bin/python scripts/bench_gemm.py [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = [  # M x N x K: (M, K) @ (K, N)
+    ("q, o projections", 224, 576, 576),
+    ("gate, up projections", 224, 1536, 576),
+    ("down projection", 224, 576, 1536),
+    ("output layer's logits", 224, 49152, 576),
+    ("output layer's gradient", 224, 576, 49152),
+    ("square", 2048, 2048, 2048),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+
+    from mlx_lora_api import backend
+
+    blas = backend.prepare()
+    import mlx.core as mx
+
+    from mlx_lora_api import bf16
+    from scripts.bench_train import machine
+
+    verdict = bf16.slower() if not bf16.unavailable() else None  # timed before any other oneMKL call
+
+    def rate(flop: float, step) -> float:
+        """The median of `repeats` calls after three warm-up calls (thread pools, buffers, clocks)."""
+        for _ in range(3):
+            step()
+        seconds = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - started)
+        return flop / statistics.median(seconds) / 1e9
+
+    reason = bf16.unavailable()
+    print(f"machine: {machine()}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    kernels = backend.describe()["blas_kernels"]
+    print(f"float32: MLX {mx.__version__} with {blas or 'its own BLAS'} ({kernels or 'kernels unknown'}; "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}); bfloat16: {reason or 'oneMKL'}")
+    print()
+    print("| matmul | M x N x K | float32 GFLOP/s | bfloat16 GFLOP/s | bf16 / fp32 |")
+    print("|---|---|---|---|---|")
+    # Every float32 timing first: oneMKL's OpenMP threads keep spinning for a while after a call
+    # (KMP_BLOCKTIME), which would slow OpenBLAS's timed right after them.
+    inputs = {}
+    for name, m, n, k in SHAPES:
+        a, w = mx.random.normal((m, k)), mx.random.normal((n, k))
+        mx.eval(a, w)
+        inputs[name] = a, w, rate(2 * m * n * k, lambda: mx.eval(a @ w.T))
+    for name, m, n, k in SHAPES:
+        a, w, fp32 = inputs[name]
+        if reason:
+            print(f"| {name} | {m} x {n} x {k} | {fp32:.0f} | | |")
+            continue
+        weight, a_bits = bf16.Weight(w), bf16.bits(a)
+        half = rate(2 * m * n * k, lambda: weight.matmul(a_bits, True))
+        print(f"| {name} | {m} x {n} x {k} | {fp32:.0f} | {half:.0f} | {half / fp32:.2f}x |")
+    if not reason:
+        print()
+        print(f"training with cpu_bfloat16 here: {verdict or 'bfloat16 (it pays)'}")
+
+
+if __name__ == "__main__":
+    main()
