@@ -75,7 +75,7 @@ def unavailable() -> str | None:
 
 def slower() -> str | None:
     """Why bfloat16 matmuls would not speed training up here, or None: oneMKL's bfloat16 gemm
-    and MLX's float32 one, timed once per process on a block-sized product (about 0.1 s)."""
+    and MLX's float32 one, timed once per process on a block-sized product (about 0.15 s)."""
     if "slower" not in _timed:
         bf16_gflops, fp32_gflops = _measure()
         _timed["slower"] = None if bf16_gflops >= MIN_GAIN * fp32_gflops else (
@@ -87,8 +87,8 @@ def slower() -> str | None:
 
 def _measure(m: int = 512, n: int = 1536, k: int = 1024, repeats: int = 5) -> tuple[float, float]:
     """GFLOP/s of (m, k) x (k, n) in bfloat16 through oneMKL and in float32 through MLX, each
-    the best of `repeats` after three warm-up calls (thread pools, buffers, clocks: a fresh
-    process's first calls measured up to 40% slow)."""
+    the best of `repeats` after 50 ms of warm-up calls (thread pools, buffers, clocks: a fresh
+    process's first calls measured up to 55% slow)."""
     import time
 
     import mlx.core as mx
@@ -98,7 +98,8 @@ def _measure(m: int = 512, n: int = 1536, k: int = 1024, repeats: int = 5) -> tu
     weight, a_bits = Weight(w), bits(a)
 
     def rate(step) -> float:
-        for _ in range(3):
+        warm = time.perf_counter() + 0.05
+        while time.perf_counter() < warm:
             step()
         best = float("inf")
         for _ in range(repeats):
