@@ -63,8 +63,9 @@ def main() -> None:
     print()
     print("| matmul | M x N x K | float32 GFLOP/s | bfloat16 GFLOP/s | bf16 / fp32 |")
     print("|---|---|---|---|---|")
-    # Every float32 timing first: oneMKL's OpenMP threads keep spinning for a while after a call
-    # (KMP_BLOCKTIME), which would slow OpenBLAS's timed right after them.
+    # Every float32 timing first, and a pause after the verdict's: oneMKL's OpenMP threads keep
+    # spinning for 200 ms after a call (KMP_BLOCKTIME), and OpenBLAS timed meanwhile gets one core.
+    time.sleep(0.5)
     inputs = {}
     for name, m, n, k in SHAPES:
         a, w = mx.random.normal((m, k)), mx.random.normal((n, k))
