@@ -161,7 +161,7 @@ def test_unknown_jobs_routes_and_query_values(client):
 
 
 def test_cancel_a_queued_job_and_a_running_one(client, data_dir):
-    first = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 200, "save_every": 2}}).json()
+    first = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 10_000, "save_every": 2}}).json()
     second = client.post("/lora-finetune", json=SEED).json()
     r = client.post(f"/jobs/{second['job_id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
@@ -188,7 +188,7 @@ def wait_until_training(client, job_id, iterations=1, timeout=60):
 
 
 def test_a_killed_worker_fails_its_job_and_the_next_job_runs(client, data_dir):
-    doomed = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 500}}).json()
+    doomed = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 10_000}}).json()
     after = client.post("/lora-finetune", json=SEED).json()
     wait_until_training(client, doomed["job_id"])
     os.kill(client.app.state.service.runner._current[1].pid, signal.SIGKILL)
@@ -255,7 +255,7 @@ def test_jobs_left_running_by_a_dead_server_are_run_again(settings):
 
 
 def test_resume_a_cancelled_fine_tune_from_its_checkpoint(client, data_dir):
-    body = {**SEED, "parameters": {"epochs": 400, "save_every": 2, "learning_rate": 0.001}}
+    body = {**SEED, "parameters": {"epochs": 10_000, "save_every": 2, "learning_rate": 0.001}}
     job = client.post("/lora-finetune", json=body).json()
     wait_until_training(client, job["job_id"], iterations=3)
     client.post(f"/jobs/{job['job_id']}/cancel")
@@ -265,12 +265,13 @@ def test_resume_a_cancelled_fine_tune_from_its_checkpoint(client, data_dir):
     r = client.post(f"/jobs/{job['job_id']}/resume")
     assert r.status_code == 202 and "its last checkpoint" in r.json()["message"]
     wait_until_training(client, job["job_id"], iterations=last + 1)
+    client.post(f"/jobs/{job['job_id']}/cancel")
+    assert wait_job(client, job["job_id"])["status"] == "cancelled"
     events = client.get(f"/jobs/{job['job_id']}/metrics").json()["train"]
+    # the event stream follows a job until it ends: read it once the job has
     resumed_from = [e for e in client.get(f"/jobs/{job['job_id']}/events").text.split("\n") if '"resumed"' in e]
     assert resumed_from and f'"iteration": {last}' in resumed_from[0]
     assert events[-1]["iteration"] > last
-    client.post(f"/jobs/{job['job_id']}/cancel")
-    wait_job(client, job["job_id"])
     assert client.post("/jobs/job-000000000000/resume").status_code == 404
     finished = client.post("/lora-finetune?wait=true", json=SEED).json()
     r = client.post(f"/jobs/{finished['job_id']}/resume")

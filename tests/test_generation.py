@@ -90,7 +90,7 @@ def test_generate_answers_for_base_adapter_and_fused_models(client):
 
 def test_generate_refuses_bad_requests(client):
     slow = client.post("/lora-finetune", json={"base_model": "default", "training_data": ["x"],
-                                                "parameters": {"epochs": 300}}).json()
+                                                "parameters": {"epochs": 10_000}}).json()
     r = client.post("/generate", json={"model": slow["model_id"], "prompt": "hi"})
     assert r.status_code == 409 and "still being made" in r.json()["message"]
     client.post(f"/jobs/{slow['job_id']}/cancel")
