@@ -246,7 +246,10 @@ class Registry:
         raise errors.NotFound(self._not_found(ref, field))
 
     def _resolve_folder(self, ref: str, field: str) -> BaseModel:
-        path = Path(ref).expanduser().resolve()
+        try:
+            path = Path(ref).expanduser().resolve()
+        except RuntimeError as e:  # "~someone" with no such user
+            raise errors.NotFound(f"`{field}` folder {ref!r} cannot be found: {e}") from e
         if not any(path.is_relative_to(root) for root in self.model_roots):
             roots = ", ".join(str(r) for r in self.model_roots)
             raise errors.Forbidden(f"`{field}` folder {ref!r} is outside the allowed model roots ({roots})")
