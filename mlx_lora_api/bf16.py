@@ -1,40 +1,50 @@
-"""bfloat16 matmuls for the frozen weights on the CPU, through oneMKL (opt-in: `cpu_bfloat16`).
+"""bfloat16 matmuls for the frozen weights on the CPU (opt-in: `cpu_bfloat16`).
 
 On the CPU the service computes in float32 (MLX's CPU bfloat16 matmul runs at about 5
-GFLOP/s). CPUs with Intel AMX or AVX-512 BF16 multiply bfloat16 much faster than float32:
-oneMKL's `cblas_gemm_bf16bf16f32` (bfloat16 inputs, float32 accumulation and result)
-measured 600-1,200 GFLOP/s at a LoRA step's shapes on a 2-core Sapphire Rapids, against
-250-340 for OpenBLAS's float32 sgemm. Where it is not faster (`slower`), training stays in
-float32: on a 2-core AMD EPYC (Zen 5, AVX-512 BF16) it measured about 220 GFLOP/s against
-OpenBLAS's 400-480. `convert(model)` puts bfloat16 matmuls in place of those with the
-weights that do not train: every frozen `nn.Linear` in the blocks (LoRA's base layers too;
-forward, and backward where MLX's graph allows: see `linear`) and the output layer of
-`cpu_kernels.cross_entropy` (both ways). The LoRA matrices, attention and everything
-element-wise stay float32, as under PyTorch's bfloat16 autocast. Not exact: inputs are rounded
-to bfloat16 (8 significant bits), so losses move in the third decimal.
+GFLOP/s). CPUs with AVX-512 BF16 or Intel AMX multiply bfloat16 faster than float32, which is
+how PyTorch's bf16 autocast gets ahead. Two bfloat16 gemms (bfloat16 inputs, float32
+accumulation and result) can do it here:
 
-MKL comes from PyPI's `mkl` wheel (the project's `bf16` extra), loaded privately (RTLD_LOCAL)
-beside the OpenBLAS that MLX's own matmuls use.
+- the service's own AVX-512 BF16 kernel (`bf16_gemm.c`, VDPBF16PS; built with the system's C
+  compiler into the user's cache folder at first use): on a 2-core AMD EPYC Zen 5 about 1,000
+  GFLOP/s at a LoRA block's shapes, against 250 for OpenBLAS's AVX2 float32 sgemm and 450 for
+  its AVX-512 one;
+- oneMKL's `cblas_gemm_bf16bf16f32` (PyPI's `mkl` wheel, the project's `bf16` extra, loaded
+  privately beside the OpenBLAS that MLX uses): 600-1,800 GFLOP/s with AMX on a 2-core Sapphire
+  Rapids, but about 210 on that AMD CPU.
+
+`slower` times each against float32 once per process and picks the fastest; where none is at
+least `MIN_GAIN` faster, training stays float32. `convert(model)` puts bfloat16 matmuls in place
+of those with the weights that do not train: every frozen `nn.Linear` in the blocks (LoRA's base
+layers too; forward, and backward where MLX's graph allows: see `linear`) and the output layer of
+`cpu_kernels.cross_entropy` (both ways). The LoRA matrices, attention and everything element-wise
+stay float32, as under PyTorch's bfloat16 autocast. Not exact: inputs are rounded to bfloat16 (8
+significant bits), so losses move in the third decimal.
 """
 
 from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 MKL_ENV = "MLX_LORA_API_MKL"  # path of libmkl_rt.so, or "none"
+KERNEL_SOURCE = Path(__file__).with_name("bf16_gemm.c")
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 MIN_GAIN = 1.2  # bfloat16 is used where its matmul is at least this much faster than float32's
-_lib: list = []
-_timed: dict[str, str | None] = {}
+ENGINES = {"avx512": "the service's AVX-512 BF16 kernel", "mkl": "oneMKL"}
+_libs: dict[str, object] = {}
+_timed: dict[str, object] = {}
 
 
 def _mkl():
-    if _lib:
-        return _lib[0]
+    if "mkl" in _libs:
+        return _libs["mkl"]
     path = os.environ.get(MKL_ENV)
     if path == "none":
         raise OSError(f"{MKL_ENV}=none")
@@ -46,16 +56,62 @@ def _mkl():
     os.environ.setdefault("MKL_NUM_THREADS", str(os.cpu_count() or 1))
     lib = ctypes.CDLL(path)
     lib.cblas_gemm_bf16bf16f32.restype = None
-    _lib.append(lib)
+    _libs["mkl"] = lib
     return lib
 
 
-def cpu_has_bf16() -> bool:
+def _kernel():
+    """bf16_gemm.c, compiled once per version of its source into the user's cache folder."""
+    if "avx512" in _libs:
+        return _libs["avx512"]
+    if " avx512_bf16" not in _cpuinfo():
+        raise OSError("this CPU has no AVX-512 BF16")
+    digest = hashlib.sha256(KERNEL_SOURCE.read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-lora-api"
+    target = cache / f"bf16_gemm-{digest}.so"
+    if not target.exists():
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise OSError("no C compiler (cc) to build the AVX-512 BF16 kernel with")
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}")
+        flags = ["-O3", "-mavx512f", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+        built = subprocess.run([compiler, *flags, "-o", str(partial), str(KERNEL_SOURCE)], capture_output=True, text=True)
+        if built.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise OSError(f"building the AVX-512 BF16 kernel failed: {built.stderr.strip()[-300:]}")
+        os.replace(partial, target)  # whole, or not at all: workers may build at once
+    # OpenMP's idle threads would otherwise spin after each product, taking the core that
+    # MLX's single-threaded ops and OpenBLAS need next (3-epoch chat run 25.0 -> 15.1 s).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when libgomp loads, just below
+    lib = ctypes.CDLL(str(target))
+    lib.bf16_pack_a.restype = lib.bf16_gemm.restype = None
+    _libs["avx512"] = lib
+    return lib
+
+
+def _cpuinfo() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    flags = _cpuinfo()
     return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def engines() -> dict[str, str]:
+    """Each bfloat16 gemm: None where it can run here, else why not."""
+    found = {}
+    for name, load in (("avx512", _kernel), ("mkl", _mkl)):
+        try:
+            load()
+            found[name] = None
+        except OSError as e:
+            found[name] = str(e)
+    return found
 
 
 def unavailable() -> str | None:
@@ -66,36 +122,46 @@ def unavailable() -> str | None:
         return "off the CPU the model trains in its own dtype"
     if not cpu_has_bf16():
         return "this CPU has neither AMX nor AVX-512 BF16"
-    try:
-        _mkl()
-    except OSError as e:
-        return str(e)
+    found = engines()
+    if all(found.values()):
+        return "no bfloat16 gemm can run here: " + "; ".join(found.values())
     return None
 
 
 def slower() -> str | None:
-    """Why bfloat16 matmuls would not speed training up here, or None: oneMKL's bfloat16 gemm
-    and MLX's float32 one, timed once per process on a block-sized product (about 0.15 s)."""
+    """Why bfloat16 matmuls would not speed training up here, or None; chooses the fastest
+    bfloat16 gemm that can run here (`engine`). Each is timed against MLX's float32 one once
+    per process on a block-sized product (about 0.2 s)."""
     if "slower" not in _timed:
-        bf16_gflops, fp32_gflops = _measure()
-        _timed["slower"] = None if bf16_gflops >= MIN_GAIN * fp32_gflops else (
-            f"oneMKL's bfloat16 matmul runs at {bf16_gflops:.0f} GFLOP/s on this CPU, float32's at "
+        rates, fp32_gflops = _measure()
+        best = max(rates, key=rates.get)
+        _timed["engine"] = best
+        _timed["gflops"] = (rates[best], fp32_gflops)
+        _timed["slower"] = None if rates[best] >= MIN_GAIN * fp32_gflops else (
+            f"{ENGINES[best]} multiplies in bfloat16 at {rates[best]:.0f} GFLOP/s on this CPU, float32 at "
             f"{fp32_gflops:.0f}: not the {MIN_GAIN}x it takes to pay off"
         )
     return _timed["slower"]
 
 
-def _measure(m: int = 512, n: int = 1536, k: int = 1024, repeats: int = 5) -> tuple[float, float]:
-    """GFLOP/s of (m, k) x (k, n) in bfloat16 through oneMKL and in float32 through MLX, each
-    the best of `repeats` after 50 ms of warm-up calls (thread pools, buffers, clocks: a fresh
-    process's first calls measured up to 55% slow)."""
+def engine() -> str:
+    """The bfloat16 gemm in use: the one `slower` found fastest, else the first that runs here."""
+    if "engine" not in _timed:
+        _timed["engine"] = next(name for name, why in engines().items() if why is None)
+    return _timed["engine"]
+
+
+def _measure(m: int = 512, n: int = 1536, k: int = 1024, repeats: int = 5) -> tuple[dict[str, float], float]:
+    """GFLOP/s of (m, k) x (k, n) in bfloat16 through each gemm that runs here, and in float32
+    through MLX, each the best of `repeats` after 50 ms of warm-up calls (thread pools, buffers,
+    clocks: a fresh process's first calls measured up to 55% slow)."""
     import time
 
     import mlx.core as mx
 
     a, w = mx.random.normal((m, k)), mx.random.normal((n, k))
     mx.eval(a, w)
-    weight, a_bits = Weight(w), bits(a)
+    weight = Weight(w)
 
     def rate(step) -> float:
         warm = time.perf_counter() + 0.05
@@ -109,7 +175,8 @@ def _measure(m: int = 512, n: int = 1536, k: int = 1024, repeats: int = 5) -> tu
         return 2 * m * n * k / best / 1e9
 
     fp32 = rate(lambda: mx.eval(a @ w.T))  # first: oneMKL's threads spin on for a while after a call
-    return rate(lambda: weight.matmul(a_bits, True)), fp32
+    rates = {name: rate(lambda: weight.product(a, True, name)) for name, why in engines().items() if why is None}
+    return rates, fp32
 
 
 def bits(x) -> "np.ndarray":
@@ -123,7 +190,7 @@ def bits(x) -> "np.ndarray":
 
 
 class Weight:
-    """A frozen (out, in) float32 weight, kept as bfloat16 for `matmul`, and as it is too
+    """A frozen (out, in) float32 weight, kept in bfloat16 for `product`, and as it is too
     where gradients pass through it (`float32`; see `linear`)."""
 
     def __init__(self, weight, float32: bool = False):
@@ -132,18 +199,71 @@ class Weight:
         self.bits = np.ascontiguousarray(bits(weight))
         self.shape = tuple(weight.shape)
         self.float32 = weight if float32 else None
+        self._packed: dict[bool, tuple] = {}
+        if engine() == "avx512":  # the packed copy is all it needs: the bits go (memory)
+            self._pack(True)
+            self.bits = None
 
-    def matmul(self, a: "np.ndarray", transpose: bool) -> "np.ndarray":
-        """a (M, K) uint16 bfloat16 bits times W.T (transpose: K = in) or W (K = out), in float32."""
+    def product(self, a, transpose: bool, engine_name: str | None = None) -> "np.ndarray":
+        """a (M, K) float32 (MLX or numpy) times W.T (transpose: K = in) or W (K = out), with
+        both rounded to bfloat16, accumulated in float32; a float32 numpy array."""
+        import mlx.core as mx
+        import numpy as np
+
+        out_features, in_features = self.shape
+        m, k = a.shape
+        if k != (in_features if transpose else out_features):
+            raise ValueError(f"matmul of {a.shape} with a weight of {self.shape}")
+        if (engine_name or engine()) == "mkl":
+            return self._mkl(bits(mx.array(a) if isinstance(a, np.ndarray) else a), transpose)
+        if isinstance(a, mx.array):
+            mx.eval(a)
+        a = np.ascontiguousarray(a, np.float32)
+        packed, k_padded, n_padded = self._pack(transpose)
+        n = out_features if transpose else in_features
+        m_padded = -(-m // 8) * 8
+        scratch = np.empty((m_padded, k_padded), np.uint16)
+        c = np.empty((m, n), np.float32)
+        lib = _kernel()
+        lib.bf16_pack_a(ctypes.c_void_p(a.ctypes.data), m, k, m_padded, k_padded, ctypes.c_void_p(scratch.ctypes.data))
+        lib.bf16_gemm(ctypes.c_void_p(scratch.ctypes.data), m, m_padded, k_padded, ctypes.c_void_p(packed.ctypes.data),
+                      n, n_padded, ctypes.c_void_p(c.ctypes.data), n)
+        return c
+
+    def _pack(self, transpose: bool) -> tuple:
+        """B = W.T or W, as bf16_gemm.c reads it: zero-padded, in panels of 16 columns, row pairs
+        interleaved. Made on first use of each way."""
+        import numpy as np
+
+        if transpose not in self._packed:
+            b = self._bits().T if transpose else self._bits()
+            k, n = b.shape
+            k_padded, n_padded = k + k % 2, -(-n // 48) * 48
+            padded = np.zeros((k_padded, n_padded), np.uint16)
+            padded[:k, :n] = b
+            panels = padded.reshape(k_padded // 2, 2, n_padded // 16, 16).transpose(2, 0, 3, 1)
+            self._packed[transpose] = (np.ascontiguousarray(panels), k_padded, n_padded)
+        return self._packed[transpose]
+
+    def _bits(self) -> "np.ndarray":
+        """W's bfloat16 bits, (out, in): kept, or read back from the packed W.T."""
+        if self.bits is None:
+            panels, k_padded, n_padded = self._packed[True]
+            b = panels.transpose(1, 3, 0, 2).reshape(k_padded, n_padded)
+            return b[: self.shape[1], : self.shape[0]].T
+        return self.bits
+
+    def _mkl(self, a: "np.ndarray", transpose: bool) -> "np.ndarray":
+        """a (M, K) uint16 bfloat16 bits times W.T or W through oneMKL, in float32."""
         import numpy as np
 
         out_features, in_features = self.shape
         m, k = a.shape
         n = out_features if transpose else in_features
-        if k != (in_features if transpose else out_features):
-            raise ValueError(f"matmul of {a.shape} with a weight of {self.shape}")
         a = np.ascontiguousarray(a)
         c = np.empty((m, n), np.float32)
+        if self.bits is None:
+            self.bits = np.ascontiguousarray(self._bits())
         _mkl().cblas_gemm_bf16bf16f32(
             _ROW_MAJOR, _NO_TRANS, _TRANS if transpose else _NO_TRANS, m, n, k, ctypes.c_float(1.0),
             ctypes.c_void_p(a.ctypes.data), k, ctypes.c_void_p(self.bits.ctypes.data), in_features,
@@ -170,7 +290,7 @@ def linear(x, weight: Weight, sizes: list[int] | None = None):
 
     @mx.custom_function
     def fn(x):
-        y = mx.array(weight.matmul(bits(x.reshape(-1, in_features)), True)).reshape(*lead, out_features)
+        y = mx.array(weight.product(x.reshape(-1, in_features), True)).reshape(*lead, out_features)
         return mx.split(y, cuts, axis=-1) if cuts else [y]
 
     @fn.vjp
@@ -178,7 +298,7 @@ def linear(x, weight: Weight, sizes: list[int] | None = None):
         d = mx.concatenate(cotangents, axis=-1) if cuts else cotangents[0]
         if weight.float32 is not None:
             return d @ weight.float32
-        grad = weight.matmul(bits(d.reshape(-1, out_features)), False)
+        grad = weight.product(d.reshape(-1, out_features), False)
         return mx.array(grad).reshape(*lead, in_features)
 
     return fn(x)
@@ -289,5 +409,9 @@ def convert(model, on_event=lambda event: None) -> int:
     if head is not None:
         model.bf16_output = Weight(head)  # read by losses.hidden_mean
     count = len(layers) + (head is not None)
-    on_event({"type": "info", "message": f"cpu_bfloat16: {count} frozen weights multiply in bfloat16 (oneMKL)"})
+    timing = ""
+    if "gflops" in _timed:
+        timing = ", {:.0f} GFLOP/s against float32's {:.0f}".format(*_timed["gflops"])
+    on_event({"type": "info", "message": f"cpu_bfloat16: {count} frozen weights multiply in bfloat16 "
+                                         f"({ENGINES[engine()]}{timing})"})
     return count

@@ -135,7 +135,7 @@ def cross_entropy(hidden, weight, targets, mask):
     @mx.custom_function
     def head(hidden):
         if isinstance(weight, bf16.Weight):
-            logits = weight.matmul(bf16.bits(hidden[rows]), transpose=True)
+            logits = weight.product(hidden[rows], transpose=True)
         else:
             logits = hidden[rows] @ weight.T
             mx.eval(logits)
@@ -158,7 +158,7 @@ def cross_entropy(hidden, weight, targets, mask):
         probs *= np.asarray(cotangent)[counted][:, None]
         grad = mx.zeros(hidden.shape, hidden.dtype)
         if isinstance(weight, bf16.Weight):
-            grad[rows] = mx.array(weight.matmul(bf16.bits(mx.array(probs)), transpose=False))
+            grad[rows] = mx.array(weight.product(probs, transpose=False))
         else:
             grad[rows] = mx.array(probs) @ weight
         return grad

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""The matmuls a training step is made of, float32 (MLX + OpenBLAS) against bfloat16 (oneMKL's
-`cblas_gemm_bf16bf16f32`, what `cpu_bfloat16` uses), in GFLOP/s, at SmolLM2-135M's shapes for a
-batch of 4 x 56 tokens. Shows on the spot whether `cpu_bfloat16` can pay on this CPU.
+"""The matmuls a training step is made of, float32 (MLX + OpenBLAS) against the bfloat16 gemms
+`cpu_bfloat16` can use (the service's AVX-512 BF16 kernel, oneMKL's `cblas_gemm_bf16bf16f32`), in
+GFLOP/s, at SmolLM2-135M's shapes for a batch of 4 x 56 tokens, input conversion included. Shows on
+the spot whether `cpu_bfloat16` pays on this CPU, and with which gemm.
 
     .venv/bin/python scripts/bench_gemm.py [--repeats 10]
 """
@@ -41,8 +42,6 @@ def main() -> None:
     from mlx_lora_api import bf16
     from scripts.bench_train import machine
 
-    verdict = bf16.slower() if not bf16.unavailable() else None  # timed before any other oneMKL call
-
     def rate(flop: float, step) -> float:
         """The median of `repeats` calls after three warm-up calls (thread pools, buffers, clocks)."""
         for _ in range(3):
@@ -55,14 +54,20 @@ def main() -> None:
         return flop / statistics.median(seconds) / 1e9
 
     reason = bf16.unavailable()
+    runnable = [name for name, why in bf16.engines().items() if why is None] if not reason else []
+    kernels = backend.describe()["blas_kernels"]
     print(f"machine: {machine()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    kernels = backend.describe()["blas_kernels"]
     print(f"float32: MLX {mx.__version__} with {blas or 'its own BLAS'} ({kernels or 'kernels unknown'}; "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}); bfloat16: {reason or 'oneMKL'}")
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')})")
+    for name, why in (bf16.engines().items() if not reason else []):
+        print(f"bfloat16, {bf16.ENGINES[name]}: {why or 'runs here'}")
+    if reason:
+        print(f"bfloat16: {reason}")
+    verdict = bf16.slower() if not reason else None  # timed before any other oneMKL call
     print()
-    print("| matmul | M x N x K | float32 GFLOP/s | bfloat16 GFLOP/s | bf16 / fp32 |")
-    print("|---|---|---|---|---|")
+    print("| matmul | M x N x K | float32 GFLOP/s | " + " | ".join(f"{n} bf16 GFLOP/s" for n in runnable) + " |")
+    print("|---|---|---|" + "---|" * len(runnable))
     # Every float32 timing first, and a pause after the verdict's: oneMKL's OpenMP threads keep
     # spinning for 200 ms after a call (KMP_BLOCKTIME), and OpenBLAS timed meanwhile gets one core.
     time.sleep(0.5)
@@ -73,15 +78,12 @@ def main() -> None:
         inputs[name] = a, w, rate(2 * m * n * k, lambda: mx.eval(a @ w.T))
     for name, m, n, k in SHAPES:
         a, w, fp32 = inputs[name]
-        if reason:
-            print(f"| {name} | {m} x {n} x {k} | {fp32:.0f} | | |")
-            continue
-        weight, a_bits = bf16.Weight(w), bf16.bits(a)
-        half = rate(2 * m * n * k, lambda: weight.matmul(a_bits, True))
-        print(f"| {name} | {m} x {n} x {k} | {fp32:.0f} | {half:.0f} | {half / fp32:.2f}x |")
+        weight = bf16.Weight(w)
+        cells = [f"{rate(2 * m * n * k, lambda: weight.product(a, True, e)):.0f}" for e in runnable]
+        print(f"| {name} | {m} x {n} x {k} | {fp32:.0f} | " + " | ".join(cells) + " |")
     if not reason:
         print()
-        print(f"training with cpu_bfloat16 here: {verdict or 'bfloat16 (it pays)'}")
+        print(f"training with cpu_bfloat16 here: {verdict or 'bfloat16, ' + bf16.ENGINES[bf16.engine()]}")
 
 
 if __name__ == "__main__":
