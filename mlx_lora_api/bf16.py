@@ -85,7 +85,7 @@ def _kernel():
     # MLX's single-threaded ops and OpenBLAS need next (3-epoch chat run 25.0 -> 15.1 s).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when libgomp loads, just below
     lib = ctypes.CDLL(str(target))
-    lib.bf16_pack_a.restype = lib.bf16_gemm.restype = None
+    lib.bf16_matmul.restype = None
     _libs["avx512"] = lib
     return lib
 
@@ -224,10 +224,10 @@ class Weight:
         m_padded = -(-m // 8) * 8
         scratch = np.empty((m_padded, k_padded), np.uint16)
         c = np.empty((m, n), np.float32)
-        lib = _kernel()
-        lib.bf16_pack_a(ctypes.c_void_p(a.ctypes.data), m, k, m_padded, k_padded, ctypes.c_void_p(scratch.ctypes.data))
-        lib.bf16_gemm(ctypes.c_void_p(scratch.ctypes.data), m, m_padded, k_padded, ctypes.c_void_p(packed.ctypes.data),
-                      n, n_padded, ctypes.c_void_p(c.ctypes.data), n)
+        _kernel().bf16_matmul(
+            ctypes.c_void_p(a.ctypes.data), m, k, m_padded, k_padded, ctypes.c_void_p(scratch.ctypes.data),
+            ctypes.c_void_p(packed.ctypes.data), n, n_padded, ctypes.c_void_p(c.ctypes.data), n,
+        )
         return c
 
     def _pack(self, transpose: bool) -> tuple:

@@ -24,9 +24,9 @@ static inline uint16_t round_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* a: M x K float32 -> out: MP x KP bfloat16, zero-padded. */
-void bf16_pack_a(const float *a, int m, int k, int mp, int kp, uint16_t *out) {
-#pragma omp parallel for schedule(static)
+/* a: M x K float32 -> out: MP x KP bfloat16, zero-padded. Inside a parallel region. */
+static void pack_a(const float *a, int m, int k, int mp, int kp, uint16_t *out) {
+#pragma omp for schedule(static)
     for (int r = 0; r < mp; r++) {
         uint16_t *row = out + (size_t)r * kp;
         if (r >= m) {
@@ -44,11 +44,11 @@ void bf16_pack_a(const float *a, int m, int k, int mp, int kp, uint16_t *out) {
     }
 }
 
-/* c (M x N, row stride ldc) = a_packed (MP x KP) x b_packed (KP x NP). */
-void bf16_gemm(const uint16_t *a, int m, int mp, int kp, const uint16_t *b, int n, int np, float *c, int ldc) {
+/* c (M x N, row stride ldc) = a_packed (MP x KP) x b_packed (KP x NP). Inside a parallel region. */
+static void gemm(const uint16_t *a, int m, int mp, int kp, const uint16_t *b, int n, int np, float *c, int ldc) {
     const int pairs = kp / 2;
     const int blocks = np / NR;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int blk = 0; blk < blocks; blk++) {
         const int n0 = blk * NR;
         if (n0 >= n) continue;
@@ -89,5 +89,17 @@ void bf16_gemm(const uint16_t *a, int m, int mp, int kp, const uint16_t *b, int 
                 }
             }
         }
+    }
+}
+
+/* c (M x N) = round(a) (M x K float32) x b_packed; scratch holds MP x KP bfloat16. One parallel
+ * region: the threads wake once a product (with OMP_WAIT_POLICY=PASSIVE each wake-up costs). */
+void bf16_matmul(const float *a, int m, int k, int mp, int kp, uint16_t *scratch, const uint16_t *b, int n, int np,
+                 float *c, int ldc) {
+#pragma omp parallel
+    {
+        pack_a(a, m, k, mp, kp, scratch);
+        /* the implicit barrier of pack_a's loop: every row is packed before any is read */
+        gemm(scratch, m, mp, kp, b, n, np, c, ldc);
     }
 }
