@@ -76,7 +76,11 @@ def _kernel():
         cache.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}")
         flags = ["-O3", "-mavx512f", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
-        built = subprocess.run([compiler, *flags, "-o", str(partial), str(KERNEL_SOURCE)], capture_output=True, text=True)
+        try:
+            built = subprocess.run([compiler, *flags, "-o", str(partial), str(KERNEL_SOURCE)], capture_output=True,
+                                   text=True)
+        except OSError as e:
+            raise OSError(f"could not run the C compiler {compiler!r} to build the AVX-512 BF16 kernel: {e}") from e
         if built.returncode != 0:
             partial.unlink(missing_ok=True)
             raise OSError(f"building the AVX-512 BF16 kernel failed: {built.stderr.strip()[-300:]}")

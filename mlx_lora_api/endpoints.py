@@ -178,7 +178,7 @@ async def _model_job(request: Request, decoder, make_spec, noun: str) -> Respons
     service = request.app.state.service
     model_id = request.path_params["model_id"]
     body = await read_body(request)
-    payload = decode(decoder, body) if body.strip() else decoder.decode(b"{}")
+    payload = decode(decoder, body if body.strip() else b"{}")  # no body: every default (push has none for repo_id)
     spec = await run_in_threadpool(make_spec(service), model_id, payload)
     job = await run_in_threadpool(service.submit, spec)
     message = f"{noun} of {model_id} queued as job {job.job_id}; follow it at GET /jobs/{job.job_id}"

@@ -123,6 +123,7 @@ BAD_REQUESTS = [
     ("/lora-finetune", {"base_model": "someone/unreachable-model", "training_data": ["x"]}, 503,
      "the Hub cannot be reached"),
     ("/lora-finetune", {"base_model": "/etc", "training_data": ["x"]}, 403, "outside the allowed model roots"),
+    ("/models/tiny-base/push", b"\t", 422, "missing required field `repo_id`"),  # no body: was a 500 (fuzz run)
     ("/lora-fuse", {"base_model": "~no-such-user-0", "lora_adapter": "a"}, 404,
      "`base_model` folder '~no-such-user-0' cannot be found"),  # found by the schemathesis fuzz run: was a 500
     ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "suffix": "../up"}, 422, "`$.suffix`"),

@@ -134,3 +134,14 @@ def test_each_gemm_multiplies_both_ways_exactly_as_bfloat16_inputs_say(engine, m
     d = mx.random.normal((m, n))
     expected = d.astype(mx.bfloat16).astype(mx.float32) @ rounded[1]
     assert close(mx.array(weight.product(np.array(d), False, engine)), expected, 1e-5)  # numpy input too
+
+
+def test_without_a_compiler_the_kernel_says_why_and_builds_nothing(tmp_path, monkeypatch):
+    if " avx512_bf16" not in bf16._cpuinfo():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    monkeypatch.setattr(bf16, "_libs", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    why = bf16.engines()["avx512"]
+    assert why.startswith("could not run the C compiler") and "no-such-cc" in why
+    assert not list(tmp_path.rglob("*.so*"))  # no half-built kernel left to be loaded later
