@@ -107,13 +107,18 @@ def cpu_has_bf16() -> bool:
 
 
 def engines() -> dict[str, str]:
-    """Each bfloat16 gemm: None where it can run here, else why not."""
+    """Each bfloat16 gemm: None where it can run here, else why not (asked once a process: a
+    failed build is not tried again at every call)."""
     found = {}
     for name, load in (("avx512", _kernel), ("mkl", _mkl)):
+        if isinstance(_libs.get(name), OSError):
+            found[name] = str(_libs[name])
+            continue
         try:
             load()
             found[name] = None
         except OSError as e:
+            _libs[name] = e
             found[name] = str(e)
     return found
 

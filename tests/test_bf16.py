@@ -145,3 +145,5 @@ def test_without_a_compiler_the_kernel_says_why_and_builds_nothing(tmp_path, mon
     why = bf16.engines()["avx512"]
     assert why.startswith("could not run the C compiler") and "no-such-cc" in why
     assert not list(tmp_path.rglob("*.so*"))  # no half-built kernel left to be loaded later
+    monkeypatch.setenv("CC", "cc")
+    assert bf16.engines()["avx512"] == why  # not tried again in this process
