@@ -267,7 +267,8 @@ def test_resume_a_cancelled_fine_tune_from_its_checkpoint(client, data_dir):
     last = cancelled["checkpoints"][-1]["iteration"]
     r = client.post(f"/jobs/{job['job_id']}/resume")
     assert r.status_code == 202 and "its last checkpoint" in r.json()["message"]
-    wait_until_training(client, job["job_id"], iterations=last + 1)
+    # past where the first run stopped: the progress shown until the resumed worker reports is the old one
+    wait_until_training(client, job["job_id"], iterations=cancelled["progress"]["iteration"] + 1)
     client.post(f"/jobs/{job['job_id']}/cancel")
     assert wait_job(client, job["job_id"])["status"] == "cancelled"
     events = client.get(f"/jobs/{job['job_id']}/metrics").json()["train"]
