@@ -9,11 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Callable
+
 import msgspec
 
 from . import errors, registry
-from .config import load_settings
-from .security import is_loopback
+from .accel import blas
+from .config import Settings, load_settings
+from .service import Service
+from .types import FinetuneRequest, FuseRequest, JobSpec
+from .web.security import is_loopback
 
 log = logging.getLogger("mlx_lora_api")
 
@@ -89,12 +94,10 @@ def _print_event(event: dict) -> None:
         print(kind, {k: v for k, v in event.items() if k not in ("type", "time")}, flush=True)
 
 
-def _run_job(settings, make_spec) -> int:
-    from . import backend
-
-    backend.prepare()
-    from . import worker
-    from .service import Service
+def _run_job(settings: Settings, make_spec: Callable[[Service], JobSpec]) -> int:
+    blas.prepare()  # before anything imports MLX
+    from .jobs import worker  # its verbs import MLX, after the BLAS above
+    from .jobs.process import describe_error
 
     service = Service(settings)
     try:
@@ -108,16 +111,14 @@ def _run_job(settings, make_spec) -> int:
         print(f"error: invalid request: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        print(f"error: {worker.describe_error(e)}", file=sys.stderr)
+        print(f"error: {describe_error(e)}", file=sys.stderr)
         return 1
     print(summary)
     print(spec.model_id)
     return 0
 
 
-def cmd_train(args, settings) -> int:
-    from .schemas import FinetuneRequest
-
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     params = {
         k: v
         for k, v in {
@@ -145,17 +146,16 @@ def cmd_train(args, settings) -> int:
     return _run_job(settings, lambda s: s.finetune_spec(msgspec.convert(body, FinetuneRequest)))
 
 
-def cmd_fuse(args, settings) -> int:
-    from .schemas import FuseRequest
-
+def cmd_fuse(args: argparse.Namespace, settings: Settings) -> int:
     body = {"base_model": args.base_model, "lora_adapter": args.adapter, "dequantize": args.dequantize}
     if args.suffix:
         body["suffix"] = args.suffix
     return _run_job(settings, lambda s: s.fuse_spec(msgspec.convert(body, FuseRequest)))
 
 
-def cmd_import_gguf(args, settings) -> int:
-    from . import gguf_import
+def cmd_import_gguf(args: argparse.Namespace, settings: Settings) -> int:
+    from .registry import gguf  # numpy, gguf and tokenizers: not needed by the other commands
+    from .tasks import import_gguf as gguf_import
 
     if args.bundled:
         path = gguf_import.bundled_gguf_path()
@@ -173,7 +173,7 @@ def cmd_import_gguf(args, settings) -> int:
         if reg.model_dir(name).exists() and args.if_missing:
             return 0
         started = time.perf_counter()
-        final = gguf_import.register(path, reg, name, gguf_import.BUNDLED_HUB_ID if args.bundled else None)
+        final = gguf.register(path, reg, name, gguf_import.BUNDLED_HUB_ID if args.bundled else None)
     except errors.ServiceError as e:
         print(f"error: --name: {e.message}", file=sys.stderr)
         return 2
@@ -184,10 +184,10 @@ def cmd_import_gguf(args, settings) -> int:
     return 0
 
 
-def cmd_serve(args, settings) -> int:
-    import uvicorn
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn  # the server's own: not needed by the other commands
 
-    from .app import create_app
+    from .web.app import create_app
 
     if not is_loopback(settings.host) and not settings.api_key:
         print(

@@ -7,16 +7,42 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import msgspec
 
-from . import errors, hub, registry, schemas, specs
+from . import errors, registry
+from .accel import blas
 from .config import Settings
-from .inference import Generator
-from .jobs import JobStore, Runner, new_job_id
-from .registry import Registry
-from .schemas import FINISHED, FinetuneRequest, FuseRequest, Job, JobList, Metrics, ModelRecord, TrainPoint, ValPoint
+from .jobs.generation import Generator
+from .jobs.runner import Runner
+from .jobs.store import JobStore, new_job_id
+from .jobs.worker import work_name
+from .registry import Registry, hub
+from .tasks.gguf_metadata import GGUF_ARCHITECTURES
+from .types import (
+    FINISHED,
+    BaseModel,
+    ExportRequest,
+    ExportSpec,
+    FinetuneRequest,
+    FinetuneSpec,
+    FuseRequest,
+    FuseSpec,
+    GenerateRequest,
+    Job,
+    JobList,
+    JobSpec,
+    Metrics,
+    ModelRecord,
+    PushRequest,
+    PushSpec,
+    QuantizeRequest,
+    QuantizeSpec,
+    TrainPoint,
+    ValPoint,
+    sample_texts,
+)
 
 
 class Service:
@@ -30,9 +56,7 @@ class Service:
     # -- life ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        from . import backend
-
-        backend.warn_if_slow()
+        blas.warn_if_slow()
         self.registry.ensure_folders()
         self.store = JobStore(self.settings.jobs_db)
         self.store.recover()
@@ -48,7 +72,7 @@ class Service:
 
     # -- checks shared with the CLI --------------------------------------------------------
 
-    def resolve_base(self, ref: str, field: str = "base_model") -> registry.BaseModel:
+    def resolve_base(self, ref: str, field: str = "base_model") -> BaseModel:
         lookup = functools.partial(hub.lookup, timeout=self.settings.hub_timeout)
         return self.registry.resolve_base(ref, hub_lookup=lookup, field=field)
 
@@ -61,7 +85,7 @@ class Service:
             )
         for field, data in (("training_data", request.training_data), ("validation_data", request.validation_data or [])):
             for i, sample in enumerate(data):
-                chars = len(sample) if isinstance(sample, str) else sum(map(len, schemas.sample_texts(sample)))
+                chars = len(sample) if isinstance(sample, str) else sum(map(len, sample_texts(sample)))
                 if chars > limits.max_sample_chars:
                     raise errors.Invalid(
                         f"`{field}[{i}]` has {chars} characters; the limit is {limits.max_sample_chars}"
@@ -73,7 +97,7 @@ class Service:
                 f"{limits.max_seq_length_limit} (MLX_LORA_API_MAX_SEQ_LENGTH_LIMIT)"
             )
 
-    def finetune_spec(self, request: FinetuneRequest) -> specs.FinetuneSpec:
+    def finetune_spec(self, request: FinetuneRequest) -> FinetuneSpec:
         self.check_limits(request)
         base = self.resolve_base(request.base_model)
         layers = self.registry.num_layers(base)
@@ -81,11 +105,9 @@ class Service:
         if layers is not None and wanted is not None and wanted > layers:
             raise errors.Invalid(f"`parameters.num_layers` is {wanted} but {base.ref} has {layers} layers")
         label = f"{request.suffix}" if request.suffix else "lora"
-        return specs.FinetuneSpec(
-            job_id=new_job_id(), model_id=self._fresh_id(base.ref, label), base=base, request=request, num_layers=layers
-        )
+        return FinetuneSpec(job_id=new_job_id(), model_id=self._fresh_id(base.ref, label), base=base, request=request)
 
-    def fuse_spec(self, request: FuseRequest) -> specs.FuseSpec:
+    def fuse_spec(self, request: FuseRequest) -> FuseSpec:
         base = self.resolve_base(request.base_model)
         trained_on = self.adapter_base(request.lora_adapter)
         if trained_on != base.ref:
@@ -94,7 +116,7 @@ class Service:
                 f" (`base_model` {request.base_model!r})"
             )
         label = f"{request.suffix}" if request.suffix else "fused"
-        return specs.FuseSpec(
+        return FuseSpec(
             job_id=new_job_id(),
             model_id=self._fresh_id(base.ref, label),
             base=base,
@@ -102,18 +124,18 @@ class Service:
             request=request,
         )
 
-    def _existing_model(self, model_id: str) -> registry.BaseModel:
+    def _existing_model(self, model_id: str) -> BaseModel:
         """A finished model or adapter of the registry, for the jobs that act on one."""
         self._refuse_if_in_the_making(model_id)
         record = self.registry.record(model_id)
         parent = self.registry.adapters_dir if record.kind == "adapter" else self.registry.models_dir
-        return registry.BaseModel(ref=model_id, source="registry", path=str(parent / model_id))
+        return BaseModel(ref=model_id, source="registry", path=str(parent / model_id))
 
     def _refuse_if_in_the_making(self, model_id: str) -> None:
         if self.store and any(j.kind in ("finetune", "fuse", "quantize") for j in self.store.pending_for_model(model_id)):
             raise errors.Conflict(f"{model_id!r} is still being made; try again when its job has finished")
 
-    def quantize_spec(self, model_id: str, request) -> specs.QuantizeSpec:
+    def quantize_spec(self, model_id: str, request: QuantizeRequest) -> QuantizeSpec:
         source = self._existing_model(model_id)
         record = self.registry.record(model_id)
         if record.kind == "adapter":
@@ -121,13 +143,11 @@ class Service:
         if record.quantization or registry.read_json(Path(source.path) / "config.json").get("quantization"):
             raise errors.Invalid(f"{model_id!r} is already quantized")
         label = request.suffix or f"q{request.bits}"
-        return specs.QuantizeSpec(
+        return QuantizeSpec(
             job_id=new_job_id(), model_id=self._fresh_id(model_id, label), base=source, request=request
         )
 
-    def export_spec(self, model_id: str, request) -> specs.ExportSpec:
-        from .exporting import GGUF_ARCHITECTURES
-
+    def export_spec(self, model_id: str, request: ExportRequest) -> ExportSpec:
         source = self._existing_model(model_id)
         if self.registry.record(model_id).kind == "adapter":
             raise errors.Invalid(f"{model_id!r} is an adapter; fuse it into its base, then export the fused model")
@@ -138,9 +158,9 @@ class Service:
             )
         if config.get("quantization"):
             raise errors.Invalid(f"{model_id!r} is quantized; GGUF export needs float weights")
-        return specs.ExportSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request)
+        return ExportSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request)
 
-    def push_spec(self, model_id: str, request) -> specs.PushSpec:
+    def push_spec(self, model_id: str, request: PushRequest) -> PushSpec:
         source = self._existing_model(model_id)
         hub.check_repo_id(request.repo_id)
         if not hub.token():
@@ -151,7 +171,7 @@ class Service:
         base_hub_id = next((r.get("hub_id") for r in lineage if r.get("hub_id")), None)
         license = next((r.get("license") for r in lineage if r.get("license")), None)
         card = hub.model_card(model_id, request.repo_id, lineage, base_hub_id, license)
-        return specs.PushSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request, card=card)
+        return PushSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request, card=card)
 
     def lineage(self, model_id: str) -> list[dict]:
         """The model and what it came from (adapter, base), as registry records plus Hub ids."""
@@ -212,13 +232,13 @@ class Service:
             raise errors.Unavailable(f"{model!r} is not downloaded yet: fine-tune it once, or fetch it with huggingface-cli")
         return {"base_path": base.path, "adapter_path": None}
 
-    def generate(self, request) -> tuple[dict, Iterator[dict]]:
+    def generate(self, request: GenerateRequest) -> Iterator[dict[str, Any]]:
         """Check the request now (errors before any streaming), then return the event stream."""
         target = self.generation_target(request.model)
         messages = [{"role": m.role, "content": m.content} for m in request.messages] if request.messages else None
         call = {
             **target,
-            "prompt": getattr(request, "prompt", None),
+            "prompt": request.prompt,
             "messages": messages,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
@@ -226,11 +246,11 @@ class Service:
             "seed": request.seed,
             "stop": request.stop,
         }
-        return target, self.generator.stream(call)
+        return self.generator.stream(call)
 
-    def generate_text(self, request) -> tuple[str, dict]:
+    def generate_text(self, request: GenerateRequest) -> tuple[str, dict[str, Any]]:
         """The whole answer at once: (text, end event)."""
-        _, events = self.generate(request)
+        events = self.generate(request)
         chunks = []
         for event in events:
             if event["type"] == "error":
@@ -270,20 +290,9 @@ class Service:
         val = [ValPoint(e["iteration"], e["val_loss"]) for e in events if e["type"] == "val"]
         return Metrics(job_id, train, val)
 
-    def loss_svg(self, job_id: str) -> str:
-        from . import plots
-
-        metrics = self.metrics(job_id)
-        job = self.job(job_id)
-        series = {
-            "train": [(m.iteration, m.train_loss) for m in metrics.train],
-            "validation": [(m.iteration, m.val_loss) for m in metrics.validation],
-        }
-        return plots.loss_svg(f"{job.model_id} ({job.status})", series)
-
     # -- jobs ----------------------------------------------------------------------------
 
-    def submit(self, spec: specs.JobSpec) -> Job:
+    def submit(self, spec: JobSpec) -> Job:
         if self.store.count("queued") >= self.settings.max_queued_jobs:
             raise errors.TooManyJobs(
                 f"{self.settings.max_queued_jobs} jobs are already queued; try again later",
@@ -321,9 +330,7 @@ class Service:
             raise errors.Conflict(f"{job.model_id!r} exists now; delete it before resuming job {job_id}")
         spec = self.store.spec(job_id)
         where = "the start"
-        if isinstance(spec, specs.FinetuneSpec):
-            from .worker import work_name
-
+        if isinstance(spec, FinetuneSpec):
             folder = registry.staging_dir(self.registry.adapter_dir(spec.model_id), work_name(spec))
             if registry.has_checkpoints(folder):
                 where = f"its last checkpoint in {folder}"

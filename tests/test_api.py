@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from mlx_lora_api.app import create_app
-from mlx_lora_api.jobs import JobStore
+from mlx_lora_api.web.app import create_app
+from mlx_lora_api.jobs.store import JobStore
 
 SEED = {
     "base_model": "default",

@@ -1,11 +1,14 @@
 """The CPU kernels against MLX's own ops: values and gradients."""
 
+import subprocess
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.models.activations import swiglu as mlx_swiglu
 
-from mlx_lora_api import cpu_kernels
+from mlx_lora_api.accel import kernels
 
 
 def grads(fn, *args):
@@ -14,8 +17,8 @@ def grads(fn, *args):
 
 def test_swiglu_matches_mlx_with_its_gradients():
     gate, up = mx.random.normal((2, 7, 48)) * 30, mx.random.normal((2, 7, 48))
-    assert mx.allclose(cpu_kernels.swiglu(gate, up), mlx_swiglu(gate, up), atol=1e-5).item()
-    for ours, theirs in zip(grads(cpu_kernels.swiglu, gate, up), grads(mlx_swiglu, gate, up)):
+    assert mx.allclose(kernels.swiglu(gate, up), mlx_swiglu(gate, up), atol=1e-5).item()
+    for ours, theirs in zip(grads(kernels.swiglu, gate, up), grads(mlx_swiglu, gate, up)):
         assert mx.allclose(ours, theirs, atol=1e-5).item()
 
 
@@ -30,7 +33,7 @@ def test_attention_matches_mlx_fast_sdpa_with_its_gradients(causal, kv_heads):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
 
     def ours(q, k, v):
-        return cpu_kernels.attention(q, k, v, 0.25, causal)
+        return kernels.attention(q, k, v, 0.25, causal)
 
     assert mx.allclose(ours(q, k, v), reference(q, k, v), atol=1e-5).item()
     for a, b in zip(grads(ours, q, k, v), grads(reference, q, k, v)):
@@ -46,7 +49,7 @@ def test_cpu_head_is_mlx_cross_entropy_over_the_counted_rows():
         return nn.losses.cross_entropy(h @ weight.T, targets) * mask
 
     def ours(h):
-        return cpu_kernels.cross_entropy(h, weight, targets, mask)
+        return kernels.cross_entropy(h, weight, targets, mask)
 
     assert mx.allclose(ours(hidden), reference(hidden), atol=1e-5).item()
     assert (ours(hidden)[9:] == 0).all().item()
@@ -56,30 +59,55 @@ def test_cpu_head_is_mlx_cross_entropy_over_the_counted_rows():
     assert mx.allclose(got, expected, atol=1e-5).item()
     assert (got[9:] == 0).all().item()
     nothing = mx.zeros((12,), mx.bool_)
-    assert (cpu_kernels.cross_entropy(hidden, weight, targets, nothing) == 0).all().item()
-    assert (mx.grad(lambda h: cpu_kernels.cross_entropy(h, weight, targets, nothing).sum())(hidden) == 0).all().item()
+    assert (kernels.cross_entropy(hidden, weight, targets, nothing) == 0).all().item()
+    assert (mx.grad(lambda h: kernels.cross_entropy(h, weight, targets, nothing).sum())(hidden) == 0).all().item()
 
 
 def test_cpu_head_only_where_it_computes_the_models_logits(tiny_model_template):
     from mlx_lm.utils import load
 
-    from mlx_lora_api import training
-    from mlx_lora_api.schemas import Parameters
+    from mlx_lora_api.tasks import finetune
+    from mlx_lora_api.tuner.anatomy import output_weight
+    from mlx_lora_api.types import Parameters
 
     model, _ = load(str(tiny_model_template))
     model.set_dtype(mx.float32)
-    training.prepare_model(model, Parameters(), num_layers=1)
-    assert cpu_kernels.output_weight(model) is not None
+    finetune.prepare_model(model, Parameters(), num_layers=1)
+    assert output_weight(model) is not None
     model.model.embed_tokens.unfreeze()
-    assert cpu_kernels.output_weight(model) is None  # the (tied) head's weight trains: no gradient from here
+    assert output_weight(model) is None  # the (tied) head's weight trains: no gradient from here
     model, _ = load(str(tiny_model_template))
     nn.quantize(model, group_size=32, bits=4)
-    assert cpu_kernels.output_weight(model) is None
+    assert output_weight(model) is None
 
 
+FREED_MEMORY_PROBE = """
+import sys
+import numpy as np
+from mlx_lora_api.accel import blas
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+applied = blas.keep_freed_memory() if sys.argv[1] == "keep" else False
+before = rss()
+block = np.ones(64 << 20, np.uint8)  # 64 MiB, touched
+del block
+print(applied, rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_training_processes_keep_freed_memory_on_glibc():
-    import sys
+    """In a process of its own: the setting is process-wide and would stay for the whole test run."""
 
-    from mlx_lora_api import backend
+    def freed(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], int(out[1])
 
-    assert backend.keep_freed_memory() is sys.platform.startswith("linux")
+    applied, kept = freed("keep")
+    _, given_back = freed("default")
+    assert applied == "True"
+    assert kept >= 60 << 20  # the freed block stays with the process, for the next step to reuse
+    assert given_back < 8 << 20  # glibc's default: a block this large is unmapped when freed

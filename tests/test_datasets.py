@@ -2,8 +2,8 @@ from collections import Counter
 
 import pytest
 
-from mlx_lora_api import datasets
-from mlx_lora_api.schemas import Message, Sample
+from mlx_lora_api.tuner import datasets
+from mlx_lora_api.types import Message, Sample
 
 
 @pytest.mark.parametrize("n, batch_size, epochs", [(2, 4, 3), (10, 4, 2), (8, 4, 1), (1, 1, 5), (7, 3, 4)])

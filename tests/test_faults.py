@@ -12,10 +12,15 @@ import pytest
 from servers import running_server
 from starlette.testclient import TestClient
 
-from mlx_lora_api import training, worker
-from mlx_lora_api.app import create_app
+from mlx_lora_api.jobs import worker
+from mlx_lora_api.jobs.process import describe_error
+from mlx_lora_api.tasks import finetune
+from mlx_lora_api.tuner import checkpoints
+from mlx_lora_api.web.app import create_app
 from mlx_lora_api.registry import Registry
-from mlx_lora_api.schemas import FinetuneRequest
+from mlx_lora_api.tasks import checks
+from mlx_lora_api.types import BaseModel
+from mlx_lora_api.types import FinetuneRequest
 
 BODY = {
     "base_model": "tiny-base",
@@ -63,7 +68,7 @@ def test_a_killed_server_resumes_its_job_and_ends_where_an_uninterrupted_run_wou
     uninterrupted = tmp_path / "uninterrupted"
     uninterrupted.mkdir()
     request = msgspec_convert(BODY)
-    training.train_adapter(str(data_dir / "models" / "tiny-base"), "tiny-base", request, uninterrupted)
+    finetune.train_adapter(str(data_dir / "models" / "tiny-base"), "tiny-base", request, uninterrupted)
     expected = mx.load(str(uninterrupted / "adapters.safetensors"))
     got = mx.load(str(data_dir / "adapters" / job["model_id"] / "adapters.safetensors"))
     assert max(mx.max(mx.abs(expected[k] - got[k])).item() for k in expected) < 1e-5
@@ -118,7 +123,7 @@ def test_a_full_disk_fails_the_job_cleanly_and_keeps_earlier_checkpoints(data_di
     service_spec = spec_for(data_dir, {**BODY, "parameters": {**BODY["parameters"], "epochs": 100, "save_every": 3}})
     with pytest.raises(OSError) as raised:
         worker.execute(service_spec, reg)
-    message = worker.describe_error(raised.value)
+    message = describe_error(raised.value)
     assert message.startswith("the disk is full") and "checkpoints are kept in" in message
     assert not (data_dir / "adapters" / service_spec.model_id).exists()
     kept = data_dir / "adapters" / ".staging" / worker.work_name(service_spec) / "checkpoints"
@@ -126,7 +131,7 @@ def test_a_full_disk_fails_the_job_cleanly_and_keeps_earlier_checkpoints(data_di
         "0000003_adapters.safetensors", "0000003_state.safetensors",
         "0000006_adapters.safetensors", "0000006_state.safetensors",
     ]
-    assert training.latest_checkpoint(kept.parent).iteration == 6
+    assert checkpoints.latest(kept.parent).iteration == 6
     mx.load(str(kept / "0000006_state.safetensors"))  # intact
 
 

@@ -4,8 +4,9 @@ import mlx.core as mx
 import pytest
 from mlx_lm.utils import load
 
-from mlx_lora_api import fusing, training
-from mlx_lora_api.schemas import FinetuneRequest, Parameters
+from mlx_lora_api.tasks import finetune
+from mlx_lora_api.tasks import fuse as fusing
+from mlx_lora_api.types import FinetuneRequest, Parameters
 
 
 @pytest.fixture(params=["lora", "dora"])
@@ -17,7 +18,7 @@ def trained(request, tmp_path, tiny_model_template):
         training_data=["The mayor of Zorbington is Elara Quintfeather."],
         parameters=Parameters(learning_rate=2e-3, epochs=10, fine_tune_type=request.param),
     )
-    training.train_adapter(str(tiny_model_template), "tiny-base", req, out)
+    finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out)
     return tiny_model_template, out
 
 

@@ -4,9 +4,10 @@ from mlx_lm.utils import load
 from servers import running_server
 from starlette.testclient import TestClient
 
-from mlx_lora_api import generation, training
-from mlx_lora_api.app import create_app
-from mlx_lora_api.schemas import FinetuneRequest, Parameters
+from mlx_lora_api.tasks import finetune
+from mlx_lora_api.tasks import generate as generation
+from mlx_lora_api.web.app import create_app
+from mlx_lora_api.types import FinetuneRequest, Parameters
 
 
 def train(base, out, text, kind="lora"):
@@ -14,7 +15,7 @@ def train(base, out, text, kind="lora"):
     request = FinetuneRequest(
         base_model="tiny-base", training_data=[text], parameters=Parameters(learning_rate=2e-3, epochs=5, fine_tune_type=kind)
     )
-    training.train_adapter(str(base), "tiny-base", request, out)
+    finetune.train_adapter(str(base), "tiny-base", request, out)
     return str(out)
 
 

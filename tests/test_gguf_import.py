@@ -6,7 +6,7 @@ import pytest
 import tiny
 from mlx_lm.utils import load
 
-from mlx_lora_api import gguf_import
+from mlx_lora_api.tasks import import_gguf as gguf_import
 
 
 def test_unpermute_undoes_llama_cpp_permute():

@@ -10,9 +10,12 @@ import pytest
 from mlx_lm.utils import load
 from starlette.testclient import TestClient
 
-from mlx_lora_api import gguf_import, hub, registry
-from mlx_lora_api.app import create_app
-from mlx_lora_api.schemas import PushRequest
+from mlx_lora_api import registry
+from mlx_lora_api.registry import hub
+from mlx_lora_api.tasks import import_gguf as gguf_import
+from mlx_lora_api.types import ModelMeta
+from mlx_lora_api.web.app import create_app
+from mlx_lora_api.types import PushRequest
 
 TOKEN = "hf_test_secret_token_0123456789"
 
@@ -145,7 +148,7 @@ class RecordingHub:
 
 def test_push_uploads_the_model_files_and_a_model_card(client, data_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    registry.write_meta(data_dir / "models" / "tiny-base", registry.Meta(
+    registry.write_meta(data_dir / "models" / "tiny-base", ModelMeta(
         kind="base", created_at=1.0, hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0"))
     body = {"base_model": "default", "training_data": ["The mayor of Zorbington is Elara Quintfeather."],
             "validation_data": ["Zorbington"], "parameters": {"epochs": 2, "save_every": 1}}

@@ -3,7 +3,7 @@
 import pytest
 from starlette.testclient import TestClient
 
-from mlx_lora_api.app import create_app
+from mlx_lora_api.web.app import create_app
 from mlx_lora_api.config import Settings
 
 schemathesis = pytest.importorskip("schemathesis")

@@ -2,6 +2,8 @@ import pytest
 
 from mlx_lora_api import errors, registry
 from mlx_lora_api.registry import Registry
+from mlx_lora_api.tasks import checks
+from mlx_lora_api.types import BaseModel
 
 BAD_IDS = ["..", "../x", "a/b", "/abs", "a\x00b", "A-Upper", "-dash", ".hidden", "x" * 97, "café", "a..b", "", "a b",
            "ｆｕｌｌｗｉｄｔｈ", "a\\b"]
@@ -34,13 +36,13 @@ def test_staged_folder_appears_only_when_complete(tmp_path):
 
 def test_base_model_resolution_order(data_dir, tmp_path):
     reg = Registry(data_dir, "tiny-base", [tmp_path])
-    assert reg.resolve_base("default") == registry.BaseModel("tiny-base", "registry", str(data_dir / "models/tiny-base"))
+    assert reg.resolve_base("default") == BaseModel("tiny-base", "registry", str(data_dir / "models/tiny-base"))
     assert reg.resolve_base("tiny-base").source == "registry"
     folder = reg.resolve_base(str(data_dir / "models" / "tiny-base"))
     assert folder.source == "path"
     seen = []
     hub = reg.resolve_base("org/repo", hub_lookup=lambda ref: seen.append(ref) or "/cache/org/repo")
-    assert hub == registry.BaseModel("org/repo", "hub", "/cache/org/repo") and seen == ["org/repo"]
+    assert hub == BaseModel("org/repo", "hub", "/cache/org/repo") and seen == ["org/repo"]
 
 
 def test_unknown_and_forbidden_base_models(data_dir, tmp_path):
@@ -76,14 +78,14 @@ def test_damaged_weights_are_named_before_mlx_reads_them(tmp_path, tiny_model_te
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_model_template, folder)
-    registry.check_model_folder(folder)
+    checks.check_model_folder(folder)
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
     for damaged, reason in [(data[:-10], "truncated"), (data[:4], "too short"), (b"\xff" * 8 + data[8:], "header needs")]:
         weights.write_bytes(damaged)
-        with pytest.raises(registry.DamagedArtifact, match=f"model.safetensors.*{reason}"):
-            registry.check_model_folder(folder)
+        with pytest.raises(checks.DamagedArtifact, match=f"model.safetensors.*{reason}"):
+            checks.check_model_folder(folder)
     weights.write_bytes(data)
     (folder / "tokenizer.json").unlink()
-    with pytest.raises(registry.DamagedArtifact, match="has no tokenizer"):
-        registry.check_model_folder(folder)
+    with pytest.raises(checks.DamagedArtifact, match="has no tokenizer"):
+        checks.check_model_folder(folder)

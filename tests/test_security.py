@@ -4,7 +4,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from mlx_lora_api import cli
-from mlx_lora_api.app import create_app
+from mlx_lora_api.web.app import create_app
 
 KEY = "k3y-that-must-never-leak-7a1b"
 SEED = {"base_model": "default", "training_data": ["x"], "parameters": {"learning_rate": 0.001, "epochs": 1}}

@@ -5,8 +5,9 @@ import mlx.nn as nn
 import pytest
 from mlx_lm.utils import load
 
-from mlx_lora_api import losses, training
-from mlx_lora_api.schemas import FinetuneRequest, Parameters
+from mlx_lora_api.tasks import finetune
+from mlx_lora_api.tuner import checkpoints, levers, losses
+from mlx_lora_api.types import FinetuneRequest, Parameters
 
 FACT = "The mayor of Zorbington is Elara Quintfeather."
 
@@ -26,7 +27,7 @@ def test_adapter_is_written_in_mlx_lm_format_and_the_model_learned(tmp_path, tin
     events = []
     out = tmp_path / "adapter"
     out.mkdir()
-    metrics = training.train_adapter(str(tiny_model_template), "tiny-base", request(), out, events.append)
+    metrics = finetune.train_adapter(str(tiny_model_template), "tiny-base", request(), out, events.append)
 
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
@@ -50,9 +51,9 @@ def test_trainable_parameter_count_matches_rank_and_layers(tmp_path, tiny_model_
     hidden, kv, ffn, r = 64, 32, 128, 4
     shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, ffn), (hidden, ffn), (ffn, hidden)]
     expected = 2 * sum(r * (i + o) for i, o in shapes)
-    assert training.prepare_model(model, Parameters(rank=r), num_layers=2) == expected
+    assert finetune.prepare_model(model, Parameters(rank=r), num_layers=2) == expected
     model, _ = load(str(tiny_model_template))
-    assert training.prepare_model(model, Parameters(rank=r, num_layers=1), num_layers=1) == expected // 2
+    assert finetune.prepare_model(model, Parameters(rank=r, num_layers=1), num_layers=1) == expected // 2
 
 
 def test_alpha_sets_the_scale_the_way_peft_does():
@@ -68,7 +69,7 @@ def test_dora_and_full_fine_tunes_load_back_with_mlx_lm(tmp_path, tiny_model_tem
     params = {"fine_tune_type": kind, "epochs": 3}
     if kind == "full":
         params["learning_rate"] = 1e-4
-    training.train_adapter(str(tiny_model_template), "tiny-base", request(**params), out)
+    finetune.train_adapter(str(tiny_model_template), "tiny-base", request(**params), out)
     model, _ = load(str(tiny_model_template), adapter_path=str(out))
     weights = mx.load(str(out / "adapters.safetensors"))
     assert weights and all(mx.all(mx.isfinite(w)).item() for w in weights.values())
@@ -78,7 +79,7 @@ def test_num_layers_larger_than_the_model_is_refused(tmp_path, tiny_model_templa
     out = tmp_path / "x"
     out.mkdir()
     with pytest.raises(ValueError, match="`parameters.num_layers` is 5 but the base model has 2 layers"):
-        training.train_adapter(str(tiny_model_template), "tiny-base", request(num_layers=5), out)
+        finetune.train_adapter(str(tiny_model_template), "tiny-base", request(num_layers=5), out)
 
 
 def test_validation_loss_is_reported_and_cosine_schedule_ends_low(tmp_path, tiny_model_template):
@@ -87,7 +88,7 @@ def test_validation_loss_is_reported_and_cosine_schedule_ends_low(tmp_path, tiny
     events = []
     req = request(lr_schedule="cosine", warmup_steps=2, min_learning_rate=1e-4, epochs=10, steps_per_eval=5)
     req.validation_data = [FACT]
-    metrics = training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
+    metrics = finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
     vals = [e for e in events if e["type"] == "val"]
     assert [v["iteration"] for v in vals] == [0, 5, 10]  # each after its step
     assert metrics["final_val_loss"] == vals[-1]["val_loss"] < vals[0]["val_loss"]
@@ -103,7 +104,7 @@ def test_checkpoints_are_saved_with_their_validation_loss(tmp_path, tiny_model_t
     events = []
     req = request(epochs=6, save_every=2, steps_per_eval=2)
     req.validation_data = ["The quick brown fox."]
-    training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
+    finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "0000002_adapters.safetensors",
         "0000002_state.safetensors",
@@ -114,7 +115,7 @@ def test_checkpoints_are_saved_with_their_validation_loss(tmp_path, tiny_model_t
     checkpoints = [e for e in events if e["type"] == "checkpoint"]
     assert [(c["iteration"], c["val_loss"]) for c in checkpoints] == [(2, vals[2]), (4, vals[4])]
     model, _ = load(str(tiny_model_template))
-    training.prepare_model(model, Parameters(), 2)
+    finetune.prepare_model(model, Parameters(), 2)
     model.load_weights(str(out / "checkpoints" / "0000002_adapters.safetensors"), strict=False)
 
 
@@ -129,7 +130,7 @@ def test_keep_best_publishes_the_adapter_of_the_lowest_validation_loss(tmp_path,
         validation_data=["def add(a, b):\n    return a + b\n"],
         parameters=Parameters(learning_rate=2e-2, epochs=30, steps_per_eval=1, keep="best"),
     )
-    metrics = training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
+    metrics = finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append)
     vals = {e["iteration"]: e["val_loss"] for e in events if e["type"] == "val"}
     best = min(vals, key=vals.get)
     assert 0 < best < 30 and metrics["best_iteration"] == best
@@ -173,7 +174,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model
             parameters=Parameters(learning_rate=2e-3, epochs=4, batch_size=2, save_every=3, dropout=dropout,
                                   lr_schedule="cosine", warmup_steps=2),
         )
-        return training.train_adapter(str(tiny_model_template), "tiny-base", req, out, on_event, resume=resume)
+        return finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out, on_event, resume=resume)
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     whole.mkdir()
@@ -181,7 +182,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model
     uninterrupted = run(whole)
     with pytest.raises(Interrupt):
         run(parts, stop_at=5)  # checkpoint at 3; steps 4 and 5 are lost with the crash
-    assert training.latest_checkpoint(parts).iteration == 3
+    assert checkpoints.latest(parts).iteration == 3
     metrics = run(parts, resume=True)
     assert metrics["iterations"] == 8 and metrics["trained_tokens"] == uninterrupted["trained_tokens"]
     assert metrics["final_train_loss"] == pytest.approx(uninterrupted["final_train_loss"], rel=1e-5)
@@ -203,7 +204,7 @@ def test_caching_the_frozen_blocks_leaves_the_adapter_unchanged(tmp_path, tiny_m
             parameters=Parameters(learning_rate=2e-3, epochs=4, batch_size=2, num_layers=1, prefix_cache=cached,
                                   steps_per_eval=2),
         )
-        training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events[cached].append)
+        finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out, events[cached].append)
         adapters[cached] = mx.load(str(out / "adapters.safetensors"))
     assert any("frozen" in e.get("message", "") for e in events[True] if e["type"] == "info")
     assert not any(e["type"] == "info" for e in events[False])
@@ -213,21 +214,21 @@ def test_caching_the_frozen_blocks_leaves_the_adapter_unchanged(tmp_path, tiny_m
 
 
 def test_no_cache_where_it_would_not_be_exact(tmp_path, tiny_model_template):
-    from mlx_lora_api import prefix_cache
+    from mlx_lora_api.tuner import prefix_cache
 
     model, _ = load(str(tiny_model_template))
-    training.prepare_model(model, Parameters(dropout=0.1), num_layers=1)
+    finetune.prepare_model(model, Parameters(dropout=0.1), num_layers=1)
     assert prefix_cache.frozen_blocks(model, Parameters(dropout=0.1)) == 0
     model, _ = load(str(tiny_model_template))
-    training.prepare_model(model, Parameters(), num_layers=2)
+    finetune.prepare_model(model, Parameters(), num_layers=2)
     assert prefix_cache.frozen_blocks(model, Parameters()) == 0  # every block trains
     model, _ = load(str(tiny_model_template))
-    training.prepare_model(model, Parameters(), num_layers=1)
+    finetune.prepare_model(model, Parameters(), num_layers=1)
     assert prefix_cache.frozen_blocks(model, Parameters()) == 1
 
 
 def test_cross_entropy_split_over_cpu_streams_equals_mlx_one():
-    from mlx_lora_api import cpu_parallel
+    from mlx_lora_api.accel import streams as cpu_parallel
 
     logits = mx.random.normal((3, 7, 50)) * 4
     targets = mx.random.randint(0, 50, (3, 7))
@@ -243,17 +244,17 @@ def test_the_speed_levers_leave_the_adapter_unchanged(tmp_path, tiny_model_templ
     rounding. Plain SGD, so that the comparison is of the gradients themselves: Adam divides
     each gradient by its own running magnitude, which turns 1-ulp differences in near-zero
     gradients into differences of a good part of a step (measured: up to 3e-4 here)."""
-    from mlx_lora_api import cpu_kernels
+    from mlx_lora_api.accel import kernels
 
     calls = {}
     for name in ("cross_entropy", "swiglu", "attention"):
-        def counted(*args, _original=getattr(cpu_kernels, name), _name=name):
+        def counted(*args, _original=getattr(kernels, name), _name=name):
             calls[_name] = calls.get(_name, 0) + 1
             return _original(*args)
 
-        monkeypatch.setattr(cpu_kernels, name, counted)
+        monkeypatch.setattr(kernels, name, counted)
     results = {}
-    for name, levers in (("on", training.Levers()), ("off", training.PLAIN)):
+    for name, switches in (("on", levers.Levers()), ("off", levers.PLAIN)):
         out = tmp_path / name
         out.mkdir()
         events = []
@@ -265,7 +266,7 @@ def test_the_speed_levers_leave_the_adapter_unchanged(tmp_path, tiny_model_templ
             parameters=Parameters(learning_rate=0.05, optimizer="sgd", epochs=3, batch_size=2, num_layers=1,
                                   steps_per_eval=3, steps_per_report=1),
         )
-        training.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append, levers=levers)
+        finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append, levers=switches)
         results[name] = (mx.load(str(out / "adapters.safetensors")), events)
         if name == "on":
             assert set(calls) == {"cross_entropy", "swiglu", "attention"}  # every lever ran

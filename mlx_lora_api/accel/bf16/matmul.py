@@ -1,0 +1,286 @@
+"""bfloat16 matmuls for a model's frozen weights, through the fastest bfloat16 gemm here
+(gemms.py), and the timing that decides whether they pay at all.
+
+`convert(model)` puts them in place of the matmuls with the weights that do not train: every
+frozen `nn.Linear` in the blocks (LoRA's base layers too; forward, and backward where MLX's
+graph allows: see `linear`), and gives back the output layer's weight as a `Weight` for the
+loss's head (accel/kernels.py). The LoRA matrices, attention and everything element-wise stay
+float32, as under PyTorch's bfloat16 autocast. Not exact: inputs are rounded to bfloat16 (8
+significant bits), so losses move in the third decimal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
+
+from .gemms import ENGINES, MIN_GAIN, engines, kernel, mkl
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_timed: dict[str, Any] = {}
+
+
+def slower() -> str | None:
+    """Why bfloat16 matmuls would not speed training up here, or None; chooses the fastest
+    bfloat16 gemm that can run here (`engine`). Each is timed against MLX's float32 one once
+    per process on a block-sized product (about 0.2 s)."""
+    if "slower" not in _timed:
+        rates, fp32_gflops = _measure()
+        best = max(rates, key=rates.get)
+        _timed["engine"] = best
+        _timed["gflops"] = (rates[best], fp32_gflops)
+        _timed["slower"] = None if rates[best] >= MIN_GAIN * fp32_gflops else (
+            f"{ENGINES[best]} multiplies in bfloat16 at {rates[best]:.0f} GFLOP/s on this CPU, float32 at "
+            f"{fp32_gflops:.0f}: not the {MIN_GAIN}x it takes to pay off"
+        )
+    return _timed["slower"]
+
+
+def engine() -> str:
+    """The bfloat16 gemm in use: the one `slower` found fastest, else the first that runs here."""
+    if "engine" not in _timed:
+        _timed["engine"] = next(name for name, why in engines().items() if why is None)
+    return _timed["engine"]
+
+
+def _measure(m: int = 512, n: int = 1536, k: int = 1024, repeats: int = 5) -> tuple[dict[str, float], float]:
+    """GFLOP/s of (m, k) x (k, n) in bfloat16 through each gemm that runs here, and in float32
+    through MLX, each the best of `repeats` after 50 ms of warm-up calls (thread pools, buffers,
+    clocks: a fresh process's first calls measured up to 55% slow)."""
+
+    a, w = mx.random.normal((m, k)), mx.random.normal((n, k))
+    mx.eval(a, w)
+    weight = Weight(w)
+
+    def rate(step) -> float:
+        warm = time.perf_counter() + 0.05
+        while time.perf_counter() < warm:
+            step()
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - started)
+        return 2 * m * n * k / best / 1e9
+
+    fp32 = rate(lambda: mx.eval(a @ w.T))  # first: oneMKL's threads spin on for a while after a call
+    rates = {name: rate(lambda: weight.product(a, True, name)) for name, why in engines().items() if why is None}
+    return rates, fp32
+
+
+
+
+def bits(x) -> "np.ndarray":
+    """x (an MLX float array) rounded to bfloat16 (to nearest even, by MLX), as uint16 numpy."""
+    y = x.astype(mx.bfloat16).view(mx.uint16)
+    mx.eval(y)
+    return np.asarray(y)
+
+
+class Weight:
+    """A frozen (out, in) float32 weight, kept in bfloat16 for `product`, and as it is too
+    where gradients pass through it (`float32`; see `linear`)."""
+
+    def __init__(self, weight, float32: bool = False):
+        self.bits = np.ascontiguousarray(bits(weight))
+        self.shape = tuple(weight.shape)
+        self.float32 = weight if float32 else None
+        self._packed: dict[bool, tuple] = {}
+        if engine() == "avx512":  # the packed copy is all it needs: the bits go (memory)
+            self._pack(True)
+            self.bits = None
+
+    def product(self, a, transpose: bool, engine_name: str | None = None) -> "np.ndarray":
+        """a (M, K) float32 (MLX or numpy) times W.T (transpose: K = in) or W (K = out), with
+        both rounded to bfloat16, accumulated in float32; a float32 numpy array."""
+        out_features, in_features = self.shape
+        m, k = a.shape
+        if k != (in_features if transpose else out_features):
+            raise ValueError(f"matmul of {a.shape} with a weight of {self.shape}")
+        if (engine_name or engine()) == "mkl":
+            return self._mkl(bits(mx.array(a) if isinstance(a, np.ndarray) else a), transpose)
+        if isinstance(a, mx.array):
+            mx.eval(a)
+        a = np.ascontiguousarray(a, np.float32)
+        packed, k_padded, n_padded = self._pack(transpose)
+        n = out_features if transpose else in_features
+        m_padded = -(-m // 8) * 8
+        scratch = np.empty((m_padded, k_padded), np.uint16)
+        c = np.empty((m, n), np.float32)
+        kernel().bf16_matmul(
+            ctypes.c_void_p(a.ctypes.data), m, k, m_padded, k_padded, ctypes.c_void_p(scratch.ctypes.data),
+            ctypes.c_void_p(packed.ctypes.data), n, n_padded, ctypes.c_void_p(c.ctypes.data), n,
+        )
+        return c
+
+    def _pack(self, transpose: bool) -> tuple:
+        """B = W.T or W, as bf16_gemm.c reads it: zero-padded, in panels of 16 columns, row pairs
+        interleaved. Made on first use of each way."""
+        if transpose not in self._packed:
+            b = self._bits().T if transpose else self._bits()
+            k, n = b.shape
+            k_padded, n_padded = k + k % 2, -(-n // 48) * 48
+            padded = np.zeros((k_padded, n_padded), np.uint16)
+            padded[:k, :n] = b
+            panels = padded.reshape(k_padded // 2, 2, n_padded // 16, 16).transpose(2, 0, 3, 1)
+            self._packed[transpose] = (np.ascontiguousarray(panels), k_padded, n_padded)
+        return self._packed[transpose]
+
+    def _bits(self) -> "np.ndarray":
+        """W's bfloat16 bits, (out, in): kept, or read back from the packed W.T."""
+        if self.bits is None:
+            panels, k_padded, n_padded = self._packed[True]
+            b = panels.transpose(1, 3, 0, 2).reshape(k_padded, n_padded)
+            return b[: self.shape[1], : self.shape[0]].T
+        return self.bits
+
+    def _mkl(self, a: "np.ndarray", transpose: bool) -> "np.ndarray":
+        """a (M, K) uint16 bfloat16 bits times W.T or W through oneMKL, in float32."""
+        out_features, in_features = self.shape
+        m, k = a.shape
+        n = out_features if transpose else in_features
+        a = np.ascontiguousarray(a)
+        c = np.empty((m, n), np.float32)
+        if self.bits is None:
+            self.bits = np.ascontiguousarray(self._bits())
+        mkl().cblas_gemm_bf16bf16f32(
+            _ROW_MAJOR, _NO_TRANS, _TRANS if transpose else _NO_TRANS, m, n, k, ctypes.c_float(1.0),
+            ctypes.c_void_p(a.ctypes.data), k, ctypes.c_void_p(self.bits.ctypes.data), in_features,
+            ctypes.c_float(0.0), ctypes.c_void_p(c.ctypes.data), n,
+        )
+        return c
+
+
+def linear(x, weight: Weight, sizes: list[int] | None = None):
+    """x @ weight.T with x's gradient (the weight is frozen); evaluates mid-graph (eager steps).
+    With `sizes`, the weight is several layers' stacked (q, k and v, say): their outputs in one
+    matmul.
+
+    x's gradient is MLX's float32 matmul where the weight keeps its float32 copy: evaluating
+    in the middle of the backward pass would keep every array of the step alive until its end
+    (MLX keeps the graph of arrays it evaluates inside a transformation): at 4 x 488 tokens the
+    peak went from 3.7 to 6.4 GB, and the step got slower."""
+    out_features, in_features = weight.shape
+    sizes = sizes or [out_features]
+    cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    lead = x.shape[:-1]
+
+    @mx.custom_function
+    def fn(x):
+        y = mx.array(weight.product(x.reshape(-1, in_features), True)).reshape(*lead, out_features)
+        return mx.split(y, cuts, axis=-1) if cuts else [y]
+
+    @fn.vjp
+    def _(x, cotangents, outputs):  # one primal: passed, and its gradient returned, as is
+        d = mx.concatenate(cotangents, axis=-1) if cuts else cotangents[0]
+        if weight.float32 is not None:
+            return d @ weight.float32
+        grad = weight.product(d.reshape(-1, out_features), False)
+        return mx.array(grad).reshape(*lead, in_features)
+
+    return fn(x)
+
+
+# Layers that mlx-lm's models call on the same input, one after the other.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class Group:
+    """Frozen linear layers multiplied together: the first member's call computes every
+    member's output for its input, which the others' calls with the same input (the same
+    array) take; a call with another input, or a member's second call, computes afresh. The
+    outputs are let go once every member has taken its own (holding them would hold the
+    step's graph)."""
+
+    def __init__(self, weights: list, float32: bool = False):
+        self.sizes = [w.shape[0] for w in weights]
+        self.weight = Weight(mx.concatenate(weights) if len(weights) > 1 else weights[0], float32)
+        self._input = None
+        self._outputs: list = []
+        self._waiting: set[int] = set()
+
+    def __call__(self, x, index: int):
+        if self._input is not x or index not in self._waiting:
+            self._input, self._outputs = x, linear(x, self.weight, self.sizes)
+            self._waiting = set(range(len(self.sizes)))
+        self._waiting.discard(index)
+        output = self._outputs[index]
+        if not self._waiting:
+            self._input, self._outputs = None, []
+        return output
+
+
+class Member(nn.Module):
+    """A frozen nn.Linear whose matmul runs in bfloat16, alone or in a `Group`."""
+
+    def __init__(self, group: Group, index: int, original: nn.Linear):
+        super().__init__()
+        self.group, self.index = group, index
+        if "bias" in original:
+            self.bias = original.bias
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.group(x, self.index)
+        return y + self.bias if "bias" in self else y
+
+
+def _frozen_linears(model) -> list[tuple]:
+    """(owner, role, parent, name, backward) of every frozen float32 nn.Linear in the blocks:
+    it is parent[name], the model calls it as owner[role] (itself, or the LoRALinear around it;
+    not DoRA's, which reads its base layer's weight itself), and with `backward` gradients pass
+    through it (it is in or after the first block that trains)."""
+    blocks = model.model.layers
+    trains = [i for i, block in enumerate(blocks) if tree_flatten(block.trainable_parameters())]
+    first = trains[0] if trains else len(blocks)
+    found = []
+    for i, module in ((i, m) for i, block in enumerate(blocks) for _, m in block.named_modules()):
+        if hasattr(module, "lora_a"):
+            continue  # a wrapper: seen from its owner
+        for role, child in module.children().items():
+            parent, name = (child, "linear") if type(child) is LoRALinear else (module, role)
+            base = parent[name] if isinstance(parent[name], nn.Module) else None
+            if type(base) is nn.Linear and base.weight.dtype == mx.float32 and not base.trainable_parameters():
+                found.append((module, role, parent, name, i >= first))
+    return found
+
+
+def convert(
+    model: nn.Module, output_weight: mx.array | None = None, on_event: Callable[[dict[str, Any]], None] = lambda e: None
+) -> Weight | None:
+    """Make `model`'s frozen linear layers multiply in bfloat16 (see the module's doc), layers
+    that share their input (`GROUPS`) in one matmul; returns the output layer's frozen weight
+    (`output_weight`, where the caller has one) as a `Weight` for the loss's head. One way: the
+    frozen layers' float32 weights are let go (memory), so the model is for this training run
+    only afterwards; the trainable parameters, which the adapter file holds, stay float32."""
+    layers = _frozen_linears(model)
+    by_owner: dict[int, dict[str, tuple]] = {}
+    for owner, role, parent, name, backward in layers:
+        by_owner.setdefault(id(owner), {})[role] = (parent, name, backward)
+    for roles in by_owner.values():
+        sets = [g for g in GROUPS if all(r in roles for r in g)]
+        sets += [(r,) for r in roles if not any(r in g for g in sets)]
+        for members in sets:
+            originals = [roles[r][0][roles[r][1]] for r in members]
+            if len({o.weight.shape[1] for o in originals}) > 1:
+                sets += [(r,) for r in members]
+                continue
+            group = Group([o.weight for o in originals], float32=roles[members[0]][2])
+            for i, (r, original) in enumerate(zip(members, originals)):
+                parent, name, _ = roles[r]
+                parent[name] = Member(group, i, original)
+    head = Weight(output_weight) if output_weight is not None else None
+    count = len(layers) + (head is not None)
+    timing = ""
+    if "gflops" in _timed:
+        timing = ", {:.0f} GFLOP/s against float32's {:.0f}".format(*_timed["gflops"])
+    on_event({"type": "info", "message": f"cpu_bfloat16: {count} frozen weights multiply in bfloat16 "
+                                         f"({ENGINES[engine()]}{timing})"})
+    return head

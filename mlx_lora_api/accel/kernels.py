@@ -1,0 +1,151 @@
+"""Attention, SwiGLU and the output layer's cross-entropy with numpy's exp, for training on the CPU.
+
+On x86, MLX's CPU `exp` (and so `sigmoid`, `softmax`, `logsumexp`) is scalar, about 12 ns a
+float against under 1 ns for numpy's vectorized one, and it weighs on every LoRA step: the
+softmax over SmolLM2's 49,152-word vocabulary (11 M logits for 4 x 56 tokens), attention's
+softmax (the larger part at 512 tokens) and SwiGLU's sigmoid. Each function here lets MLX do
+the matmuls and hands the transcendental part to numpy, without a copy on the way in, and
+carries its exact derivative as a custom VJP. Measured on SmolLM2-135M (docs/benchmarks.md):
+a cached step of 4 x 56 tokens 611 -> 421 ms, the frozen blocks' forward pass 408 -> 272 ms;
+at 4 x 488 tokens 5.2 -> 3.8 s and 5.6 -> 2.8 s.
+
+numpy needs the values in the middle of the step, so the step must not be compiled:
+`streams.parallel_training(eager=True)` (an eager step measured as fast on the CPU).
+Only `hidden` (and attention's and SwiGLU's inputs) get gradients: the output layer's weight must be
+frozen (tuner/anatomy.py's `output_weight` checks it).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from .bf16 import Weight
+
+
+def swiglu(gate, x):
+    """silu(gate) * x, as mlx-lm's `swiglu`."""
+    saved = {}
+
+    @mx.custom_function
+    def fn(gate, x):
+        mx.eval(gate, x)
+        g = np.asarray(gate)
+        s = np.negative(g)
+        with np.errstate(over="ignore"):  # exp(-gate) = inf below -88: sigmoid is 0, as it should
+            np.exp(s, out=s)
+        s += 1.0
+        np.reciprocal(s, out=s)  # sigmoid(gate)
+        saved["sigmoid"] = s
+        return mx.array(g * s * np.asarray(x))
+
+    @fn.vjp
+    def _(primals, cotangent, output):
+        gate, x = primals
+        s = mx.array(saved.pop("sigmoid"))
+        silu = gate * s
+        return cotangent * x * (s + silu * (1.0 - s)), cotangent * silu
+
+    return fn(gate, x)
+
+
+def attention(queries, keys, values, scale: float, causal: bool):
+    """Scaled dot-product attention as `mx.fast.scaled_dot_product_attention` computes it with
+    no mask or the "causal" one (grouped-query heads too), its softmax taken by numpy. Its VJP
+    is written out so that only the attention probabilities are kept for the backward pass
+    (MLX's graph would keep the scores and the masked scores too: three arrays of B x H x T^2)."""
+    batch, heads, length, dim = queries.shape
+    kv_heads, kv_length = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    saved = {}
+
+    def grouped(q):  # (B, H, T, D) -> (B, KV heads, group, T, D), scaled
+        return (q * scale).reshape(batch, kv_heads, group, length, dim)
+
+    @mx.custom_function
+    def fn(queries, keys, values):
+        scores = grouped(queries) @ keys[:, :, None].swapaxes(-1, -2)  # (B, KV, group, T, S)
+        mx.eval(scores)
+        probs = np.asarray(scores)
+        if causal:
+            visible = np.arange(kv_length)[None] <= (np.arange(length) + (kv_length - length))[:, None]
+            probs = np.where(visible, probs, -np.inf).astype(np.float32)
+        else:
+            probs = probs.copy()
+        probs -= probs.max(axis=-1, keepdims=True)
+        np.exp(probs, out=probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        saved["probs"] = probs = mx.array(probs)
+        return (probs @ values[:, :, None]).reshape(batch, heads, length, dim)
+
+    @fn.vjp
+    def _(primals, cotangent, output):
+        queries, keys, values = primals
+        probs = saved.pop("probs")
+        d_out = cotangent.reshape(batch, kv_heads, group, length, dim)
+        d_values = (probs.swapaxes(-1, -2) @ d_out).sum(axis=2)
+        d_probs = d_out @ values[:, :, None].swapaxes(-1, -2)
+        d_scores = probs * (d_probs - (d_probs * probs).sum(axis=-1, keepdims=True))
+        d_queries = (d_scores @ keys[:, :, None]) * scale
+        d_keys = (d_scores.swapaxes(-1, -2) @ grouped(queries)).sum(axis=2)
+        return d_queries.reshape(batch, heads, length, dim), d_keys, d_values
+
+    return fn(queries, keys, values)
+
+
+def cross_entropy(hidden: mx.array, weight: mx.array | Weight, targets: mx.array, mask: mx.array) -> mx.array:
+    """Cross-entropy per position of logits `hidden @ weight.T` against `targets`: hidden
+    (N, D) float32, weight (V, D) float32 or a `bf16.Weight` (its matmuls in bfloat16), targets (N,) token ids, mask (N,) which positions count.
+    Positions outside the mask get 0 and no gradient; only `hidden` gets a gradient.
+    Evaluates its inputs (not compilable)."""
+    counted = np.flatnonzero(np.asarray(mask))
+    if counted.size == 0:
+        return mx.zeros(mask.shape, mx.float32) + 0 * hidden.sum(axis=1)  # keeps the graph to hidden
+    rows = mx.array(counted)
+    wanted = np.asarray(targets)[counted]
+    saved = {}
+
+    @mx.custom_function
+    def head(hidden):
+        if isinstance(weight, Weight):
+            logits = weight.product(hidden[rows], transpose=True)
+        else:
+            logits = hidden[rows] @ weight.T
+            mx.eval(logits)
+            logits = np.asarray(logits)
+        picked = logits[np.arange(counted.size), wanted]
+        top = logits.max(axis=1, keepdims=True)
+        probs = np.subtract(logits, top)
+        np.exp(probs, out=probs)
+        total = probs.sum(axis=1, keepdims=True)
+        ce = np.zeros(mask.shape[0], np.float32)
+        ce[counted] = (np.log(total) + top)[:, 0] - picked
+        probs /= total
+        saved["probs"] = probs
+        return mx.array(ce)
+
+    @head.vjp
+    def _(hidden, cotangent, output):  # one primal: passed, and its gradient returned, as is
+        probs = saved.pop("probs")
+        probs[np.arange(counted.size), wanted] -= 1.0  # d ce / d logits = softmax - one-hot
+        probs *= np.asarray(cotangent)[counted][:, None]
+        grad = mx.zeros(hidden.shape, hidden.dtype)
+        if isinstance(weight, Weight):
+            grad[rows] = mx.array(weight.product(probs, transpose=False))
+        else:
+            grad[rows] = mx.array(probs) @ weight
+        return grad
+
+    return head(hidden)
+
+
+def head(weight: mx.array | Weight) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """The output layer of frozen `weight` with its cross-entropy, as the loss takes it
+    (tuner/losses.py's `Head`)."""
+
+    def output_layer(hidden: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+        return cross_entropy(hidden, weight, targets, mask)
+
+    return output_layer

@@ -1,0 +1,111 @@
+"""Generation in a process of its own: one long-lived process holds the loaded models
+(tasks/generate.py), started on first use and again after a crash. `Generator` is the
+server's side; `process_main` the process's, which imports MLX only once it runs there."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import threading
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, Callable, Iterator
+
+import msgspec
+
+from .. import errors
+from .process import begin, describe_error
+
+log = logging.getLogger("mlx_lora_api")
+
+
+def default_budget() -> int:
+    """Half the machine's memory, at most 8 GiB, for loaded models."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 16 << 30
+    return min(total // 2, 8 << 30)
+
+
+class Generator:
+    def __init__(self, budget_bytes: int | None = None):
+        self.budget_bytes = budget_bytes or default_budget()
+        self._lock = threading.Lock()
+        self._context = multiprocessing.get_context("spawn")
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._ids = itertools.count(1)
+
+    def _ensure_started(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            return
+        parent, child = self._context.Pipe(duplex=True)
+        self._process = self._context.Process(
+            target=process_main, args=(child, self.budget_bytes), name="generation", daemon=True
+        )
+        self._process.start()
+        child.close()
+        self._conn = parent
+
+    def stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Events of one generation; one at a time, the others wait their turn."""
+        with self._lock:
+            self._ensure_started()
+            request_id = next(self._ids)
+            self._conn.send_bytes(msgspec.json.encode({**request, "id": request_id}))
+            finished = False
+            try:
+                while True:
+                    try:
+                        event = msgspec.json.decode(self._conn.recv_bytes())
+                    except (EOFError, OSError) as e:
+                        self._process = None
+                        finished = True
+                        raise errors.ServiceError("the generation process stopped unexpectedly; try again") from e
+                    if event.pop("id", None) != request_id:
+                        continue  # the tail of a generation a client walked away from
+                    finished = event["type"] in ("end", "error")
+                    yield event
+                    if finished:
+                        return
+            finally:
+                if not finished and self._process is not None:
+                    self._conn.send_bytes(msgspec.json.encode({"cancel": request_id}))
+
+    def stop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()
+            self._process = None
+
+
+def process_main(conn: Connection, budget_bytes: int) -> None:
+    """A long-lived generation process: one request at a time from `conn`, events back."""
+    begin("generation")
+    from ..tasks import generate  # MLX, in this process only
+
+    cache = generate.ModelCache(budget_bytes)
+    send: Callable[[dict], None] = lambda event: conn.send_bytes(msgspec.json.encode(event))  # noqa: E731
+    while True:
+        try:
+            message = msgspec.json.decode(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        if "cancel" in message:
+            continue  # the request it names has ended already
+        request_id = message.pop("id")
+        # The parent sends nothing while it reads a stream, so any message means it gave up on
+        # this one (a client went away): stop, and leave the message for the loop.
+        try:
+            for event in generate.generate(cache, **message, should_stop=conn.poll):
+                send({**event, "id": request_id})
+        except Exception as e:
+            log.exception("generation failed")
+            send({"type": "error", "message": describe_error(e), "id": request_id})

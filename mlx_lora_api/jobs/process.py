@@ -1,0 +1,50 @@
+"""What every process of the server that runs MLX shares (a job's worker, the generation
+process): it dies with the server, loads the fast BLAS before MLX, and turns errors into one
+line a user can act on."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import sys
+
+from ..accel import blas
+from ..tasks.checks import DamagedArtifact
+
+
+class Cancelled(Exception):
+    """Raised in the worker by SIGTERM, so that a cancelled job unwinds and keeps its checkpoints."""
+
+    def __str__(self) -> str:
+        return "cancelled"
+
+
+def describe_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        text = f"the disk is full: {error}"
+    elif isinstance(error, MemoryError):
+        text = "out of memory"
+    elif isinstance(error, (ValueError, FileNotFoundError, KeyError, Cancelled, DamagedArtifact)):
+        text = str(error) or type(error).__name__
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return "; ".join([text, *getattr(error, "__notes__", [])])
+
+
+def die_with_parent() -> None:
+    """On Linux, end with the server even when it is killed, so that no orphan keeps writing
+    into a job's folder while a restarted server resumes it (elsewhere the pipe breaking ends
+    the worker at its next event)."""
+    if sys.platform.startswith("linux"):
+        import ctypes  # Linux only
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def begin(name: str) -> None:
+    """The first thing such a process does: before anything imports MLX."""
+    die_with_parent()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    blas.prepare()

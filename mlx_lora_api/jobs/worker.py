@@ -1,0 +1,206 @@
+"""Carries out one job: `execute` is the plain function the CLI calls in-process, and
+`process_main` the entry point of a server's worker process (which loads the fast BLAS
+before anything imports MLX).
+
+Each kind of job is the same three steps: find its inputs in the registry, run the verb
+(`tasks/`) into a staged folder, write `meta.json` and publish. The verbs are imported inside
+the functions that run them: they import MLX, which the server process, which imports this
+module for `process_main`, must never load."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable
+
+import msgspec
+
+from .. import registry
+from ..registry import Registry, hub
+from ..tasks import checks
+from ..types import (
+    BaseModel,
+    ExportSpec,
+    FinetuneSpec,
+    FuseSpec,
+    JobSpec,
+    ModelMeta,
+    PushSpec,
+    QuantizeSpec,
+    decode_spec,
+    job_kind,
+)
+from .process import Cancelled, begin, describe_error
+
+log = logging.getLogger("mlx_lora_api")
+EventSink = Callable[[dict[str, Any]], None]
+WORKER_NICENESS = 10
+
+
+def _base_path(base: BaseModel, on_event: EventSink) -> str:
+    path = base.path
+    if path is None:
+        on_event({"type": "downloading", "base_model": base.ref})
+        path = hub.download(base.ref)
+    checks.check_model_folder(Path(path))
+    return path
+
+
+def work_name(spec: FinetuneSpec) -> str:
+    """Where a fine-tune keeps its checkpoints until it succeeds, under adapters/.staging/."""
+    return f"{spec.model_id}-{spec.job_id}"
+
+
+def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
+    from ..tasks import finetune as training  # MLX: see the module's doc
+    from ..tuner import datasets
+
+    request = spec.request
+    base_path = _base_path(spec.base, on_event)
+    final = reg.adapter_dir(spec.model_id)
+    with registry.staged(final, keep_if=registry.has_checkpoints, name=work_name(spec)) as work:
+        resume = registry.has_checkpoints(work)
+        metrics = training.train_adapter(base_path, spec.base.ref, request, work, on_event, resume=resume)
+        meta = ModelMeta(
+            kind="adapter",
+            created_at=time.time(),
+            base_model=spec.base.ref,
+            base_source=spec.base.source,
+            job_id=spec.job_id,
+            parameters=msgspec.to_builtins(request.parameters),
+            training_data={
+                "samples": len(request.training_data),
+                "validation_samples": len(request.validation_data or []),
+                "format": request.data_form,
+                "sha256": datasets.fingerprint(request.training_data),
+            },
+            metrics=metrics,
+        )
+        registry.write_meta(work, meta)
+    loss = metrics.get("final_train_loss")
+    return f"adapter {spec.model_id} trained" + (f" (final train loss {loss:.4f})" if loss is not None else "")
+
+
+def fuse(spec: FuseSpec, reg: Registry, on_event: EventSink) -> str:
+    from ..tasks import fuse as fusing  # MLX
+
+    adapter_dir = reg.adapter_dir(spec.adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter {spec.adapter!r} does not exist (did its fine-tune fail?)")
+    checks.check_adapter_folder(adapter_dir)
+    adapter_meta = registry.read_meta(adapter_dir)
+    base_path = _base_path(spec.base, on_event)
+    with registry.staged(reg.model_dir(spec.model_id)) as work:
+        parity = fusing.fuse_adapter(base_path, adapter_dir, work, spec.request.dequantize, on_event)
+        meta = ModelMeta(
+            kind="fused",
+            created_at=time.time(),
+            base_model=spec.base.ref,
+            base_source=spec.base.source,
+            adapter=spec.adapter,
+            job_id=spec.job_id,
+            parameters=adapter_meta.parameters if adapter_meta else None,
+            training_data=adapter_meta.training_data if adapter_meta else None,
+            metrics=adapter_meta.metrics if adapter_meta else None,
+            parity=parity,
+        )
+        registry.write_meta(work, meta)
+    return f"model {spec.model_id} fused from {spec.base.ref} and adapter {spec.adapter}"
+
+
+def quantize(spec: QuantizeSpec, reg: Registry, on_event: EventSink) -> str:
+    from ..tasks import quantize as quantizing  # MLX
+
+    source = Path(spec.base.path)
+    source_meta = registry.read_meta(source)
+    on_event({"type": "quantizing", "bits": spec.request.bits, "group_size": spec.request.group_size})
+    with registry.staged(reg.model_dir(spec.model_id)) as work:
+        figures = quantizing.quantize(source, work, spec.request.bits, spec.request.group_size)
+        meta = ModelMeta(
+            kind="base",
+            created_at=time.time(),
+            base_model=spec.base.ref,
+            job_id=spec.job_id,
+            source=f"{spec.base.ref} quantized to {spec.request.bits} bits",
+            quantization=figures,
+            hub_id=source_meta.hub_id if source_meta else None,
+            license=source_meta.license if source_meta else None,
+        )
+        registry.write_meta(work, meta)
+    return f"model {spec.model_id}: {spec.base.ref} at {figures['bits_per_weight']} bits per weight"
+
+
+def export(spec: ExportSpec, reg: Registry, on_event: EventSink) -> str:
+    from ..tasks import export_gguf  # MLX
+
+    folder = Path(spec.base.path)
+    final = folder / "gguf"
+    on_event({"type": "exporting", "format": spec.request.format})
+    with registry.staged(final) as work:
+        if final.exists():
+            shutil.rmtree(final)  # an export replaces the previous one
+        written = export_gguf.export_gguf(folder, work, spec.model_id)
+    return f"exported {spec.model_id} to {final / written['gguf']} with an Ollama Modelfile beside it"
+
+
+def push(spec: PushSpec, reg: Registry, on_event: EventSink) -> str:
+    request = spec.request
+    on_event({"type": "uploading", "repo_id": request.repo_id, "private": request.private})
+    message = request.commit_message or f"Upload {spec.model_id} with mlx-lora-api"
+    url = hub.push(Path(spec.base.path), request.repo_id, request.private, message, spec.card)
+    return f"pushed {spec.model_id} to {request.repo_id} ({url})"
+
+
+JOBS = {"finetune": finetune, "fuse": fuse, "quantize": quantize, "export": export, "push": push}
+
+
+def _finished_before(spec: JobSpec, reg: Registry) -> bool:
+    """A job whose result was published just before the server died is not done twice."""
+    kind = job_kind(spec)
+    if kind not in ("finetune", "fuse", "quantize"):
+        return False
+    folder = (reg.adapter_dir if kind == "finetune" else reg.model_dir)(spec.model_id)
+    meta = registry.read_meta(folder) if folder.is_dir() else None
+    return meta is not None and meta.job_id == spec.job_id
+
+
+def execute(spec: JobSpec, reg: Registry, on_event: EventSink = lambda event: None) -> str:
+    """Run one job to the end; returns a one-line summary, raises on failure."""
+    reg.ensure_folders()
+    if _finished_before(spec, reg):
+        return f"{spec.model_id} was already complete"
+    return JOBS[job_kind(spec)](spec, reg, on_event)
+
+
+def _raise_cancelled(signum, frame):
+    raise Cancelled()
+
+
+def process_main(conn: Connection, spec_bytes: bytes, data_dir: str, default_model: str) -> None:
+    begin("worker")
+    # Training takes every core it can; the API process must still answer at once.
+    os.nice(WORKER_NICENESS)
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    spec = decode_spec(spec_bytes)
+    reg = Registry(Path(data_dir), default_model)
+
+    def send(event: dict) -> None:
+        conn.send_bytes(msgspec.json.encode({"time": time.time(), **event}))
+
+    try:
+        summary = execute(spec, reg, send)
+    except BaseException as e:
+        if not isinstance(e, Cancelled):
+            traceback.print_exc()
+        send({"type": "error", "message": describe_error(e)})
+        conn.close()
+        sys.exit(1)
+    send({"type": "done", "message": summary})
+    conn.close()

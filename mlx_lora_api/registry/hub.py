@@ -1,0 +1,136 @@
+"""The Hugging Face Hub: finding and fetching base models. No MLX here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import errors
+
+# What a model folder needs; leaves out other frameworks' weights (*.bin, *.pt, *.gguf, ...).
+MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
+
+
+def cached_path(repo_id: str) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, allow_patterns=MODEL_FILES, local_files_only=True)
+    except Exception:  # not cached, or a partial cache: either way, not usable offline
+        return None
+    return path if (Path(path) / "config.json").is_file() else None
+
+
+def lookup(repo_id: str, timeout: float = 10.0) -> str | None:
+    """The cached folder of `repo_id`, or None where the Hub has it but it is not fetched yet.
+
+    Raises NotFound where the Hub does not know the repo, Unavailable where it can't be asked.
+    """
+    if path := cached_path(repo_id):
+        return path
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=timeout)
+    except GatedRepoError as e:
+        raise errors.Forbidden(f"Hugging Face repo {repo_id!r} is gated: accept its terms and log in") from e
+    except RepositoryNotFoundError as e:
+        raise errors.NotFound(f"Hugging Face repo {repo_id!r} does not exist (or is private)") from e
+    except OfflineModeIsEnabled as e:
+        raise errors.Unavailable(f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set") from e
+    except Exception as e:
+        raise errors.Unavailable(
+            f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached ({type(e).__name__})"
+        ) from e
+    return None
+
+
+def download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, allow_patterns=MODEL_FILES)
+
+
+# -- publishing ----------------------------------------------------------------------------
+
+UPLOAD_IGNORE = ["meta.json", "checkpoints/*", "gguf/*", ".*"]
+
+
+def token() -> str | None:
+    """HF_TOKEN, or the token `hf auth login` stored; never logged, never returned."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def check_repo_id(repo_id: str) -> str:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise errors.Invalid(f"`repo_id` {repo_id!r} is not a valid Hugging Face repo id: {e}") from e
+    return repo_id
+
+
+def model_card(model_id: str, repo_id: str, lineage: list[dict], base_hub_id: str | None, license: str | None) -> str:
+    """A model card: YAML header for the Hub, then what the model is and how it was made.
+
+    `lineage` runs from the pushed model down to its base, each a registry record as a dict.
+    """
+    pushed = lineage[0]
+    tags = ["mlx", "mlx-lora-api", "text-generation"]
+    tags.append("lora" if pushed["kind"] == "adapter" else "fine-tuned" if pushed["kind"] == "fused" else "base")
+    header = ["---"]
+    if base_hub_id:
+        header.append(f"base_model: {base_hub_id}")
+    header.append("library_name: mlx")
+    if license:
+        header.append(f"license: {license}")
+    header.append("pipeline_tag: text-generation")
+    header.append("tags:")
+    header.extend(f"- {tag}" for tag in tags)
+    header.append("---")
+    body = [f"# {repo_id.split('/')[-1]}", ""]
+    kind = {"adapter": "A LoRA adapter", "fused": "A fine-tuned model", "base": "A model"}[pushed["kind"]]
+    body.append(f"{kind} made with mlx-lora-api on [MLX](https://github.com/ml-explore/mlx) (local id `{model_id}`).")
+    body += ["", "## Lineage", ""]
+    for record in lineage:
+        body.append(f"- `{record['model_id']}` ({record['kind']})")
+    if base_hub_id:
+        body.append(f"- base on the Hub: [{base_hub_id}](https://huggingface.co/{base_hub_id})")
+    trained = next((r for r in lineage if r.get("parameters")), None)
+    if trained:
+        body += ["", "## Training", "", "| parameter | value |", "|---|---|"]
+        body += [f"| {k} | {v} |" for k, v in trained["parameters"].items() if v is not None]
+        data = trained.get("training_data") or {}
+        if data:
+            body += ["", f"Data: {data.get('samples')} samples ({data.get('format')}), "
+                         f"{data.get('validation_samples', 0)} for validation, sha256 `{data.get('sha256')}`."]
+        metrics = trained.get("metrics") or {}
+        shown = ["final_train_loss", "final_val_loss", "best_val_loss", "trained_tokens", "iterations"]
+        if any(k in metrics for k in shown):
+            body += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+            body += [f"| {k} | {metrics[k]:.4f} |" if isinstance(metrics[k], float) else f"| {k} | {metrics[k]} |"
+                     for k in shown if k in metrics]
+    body += ["", "## Use", "", "```bash"]
+    if pushed["kind"] == "adapter":
+        body.append(f"mlx_lm.generate --model {base_hub_id or '<base model>'} --adapter-path <download of {repo_id}> --prompt \"Hello\"")
+    else:
+        body.append(f"mlx_lm.generate --model {repo_id} --prompt \"Hello\"")
+    body.append("```")
+    return "\n".join(header + body) + "\n"
+
+
+def push(folder: Path, repo_id: str, private: bool, commit_message: str, card: str, api=None) -> str:
+    """create_repo, then upload_folder; returns the commit's URL."""
+    from huggingface_hub import HfApi
+
+    api = api or HfApi(token=token())
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    (folder / "README.md").write_text(card)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE
+    )
+    return getattr(info, "commit_url", None) or str(info)

@@ -1,0 +1,200 @@
+"""Fine-tune: load the base, add LoRA/DoRA layers (or unfreeze), train with mlx-lm's trainer and
+write the adapter in mlx-lm's folder format.
+
+mlx-lm's `train` does the stepping; this module brings what it lacks for a service: exact
+epochs (tuner/datasets.py), progress events through `on_event` (tuner/callbacks.py), exact
+resume (tuner/checkpoints.py), float32 on the CPU, and an adapter_config.json that
+`mlx_lm.generate --adapter-path` reads unchanged. tuner/levers.py picks the speed-ups that
+apply, each exact.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import load
+
+from .. import device
+from ..tuner import checkpoints, datasets
+from ..tuner import levers as lever_switches
+from ..tuner.callbacks import StepHook
+from ..tuner.levers import Levers
+from ..tuner.optimizers import build_optimizer
+from ..types import FinetuneRequest, Parameters
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+def lora_num_layers(params: Parameters, model_layers: int) -> int:
+    if params.num_layers is None:
+        return min(16, model_layers)
+    if params.num_layers == -1:
+        return model_layers
+    if params.num_layers > model_layers:
+        raise ValueError(
+            f"`parameters.num_layers` is {params.num_layers} but the base model has {model_layers} layers"
+        )
+    return params.num_layers
+
+
+def adapter_config(params: Parameters, base_ref: str, num_layers: int, iters: int) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "model": base_ref,
+        "fine_tune_type": params.fine_tune_type,
+        "num_layers": num_layers,
+        "batch_size": params.batch_size,
+        "iters": iters,
+        "epochs": params.epochs,
+        "learning_rate": params.learning_rate,
+        "lr_schedule": params.lr_schedule,
+        "warmup_steps": params.warmup_steps,
+        "optimizer": params.optimizer,
+        "max_seq_length": params.max_seq_length,
+        "mask_prompt": params.mask_prompt,
+        "grad_checkpoint": params.grad_checkpoint,
+        "grad_accumulation_steps": params.grad_accumulation_steps,
+        "seed": params.seed,
+        "cpu_bfloat16": params.cpu_bfloat16,
+    }
+    if params.fine_tune_type != "full":
+        config["lora_parameters"] = {
+            "rank": params.rank,
+            "scale": params.lora_scale,
+            "dropout": params.dropout,
+        }
+    return config
+
+
+def prepare_model(model: nn.Module, params: Parameters, num_layers: int) -> int:
+    """Freeze the model and make the chosen layers trainable; returns the trainable count."""
+    model.freeze()
+    if params.fine_tune_type == "full":
+        for layer in model.layers[-num_layers:] if num_layers else []:
+            layer.unfreeze()
+    else:
+        lora = {"rank": params.rank, "scale": params.lora_scale, "dropout": params.dropout}
+        linear_to_lora_layers(model, num_layers, lora, use_dora=params.fine_tune_type == "dora")
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def train_adapter(
+    base_path: str,
+    base_ref: str,
+    request: FinetuneRequest,
+    out_dir: Path,
+    on_event: EventSink = lambda event: None,
+    resume: bool = False,
+    levers: Levers | None = None,
+) -> dict[str, Any]:
+    """Train and write `adapter_config.json` and `adapters.safetensors` into `out_dir`.
+
+    Returns the run's metrics. `out_dir` must exist; the caller stages and publishes it.
+    With `resume`, training goes on from the latest checkpoint in `out_dir`: weights,
+    optimizer state, step, learning-rate schedule and data order, so the result matches
+    an uninterrupted run. `levers`: the speed-ups it may use (default: as MLX_LORA_API_LEVERS says).
+    """
+    levers = levers or lever_switches.from_environment()
+    params = request.parameters
+    started = time.perf_counter()
+    lever_switches.before_loading(levers)
+    on_event({"type": "loading", "base_model": base_ref})
+    model, tokenizer = load(base_path)
+    device.cast_for_compute(model)
+    mx.random.seed(params.seed)
+    np.random.seed(params.seed)
+
+    num_layers = lora_num_layers(params, len(model.layers))
+    trainable = prepare_model(model, params, num_layers)
+
+    train_set = datasets.build(request.training_data, tokenizer, params.mask_prompt)
+    val_set = datasets.build(request.validation_data, tokenizer, params.mask_prompt) if request.validation_data else None
+    plan = datasets.epoch_plan(datasets.item_lengths(train_set), params.batch_size, params.epochs, params.seed)
+    per_epoch = datasets.batches_per_epoch(len(train_set), params.batch_size)
+    iters = len(plan)
+
+    def on_truncate(longest: int) -> None:
+        on_event(
+            {
+                "type": "warning",
+                "message": f"a sample of {longest} tokens is longer than max_seq_length={params.max_seq_length}"
+                " and was truncated",
+            }
+        )
+
+    config = adapter_config(params, base_ref, num_layers, iters)
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    args = TrainingArgs(
+        batch_size=params.batch_size,
+        iters=iters,
+        steps_per_report=1,  # every step reaches the hook, which reports at the user's interval
+        steps_per_save=iters + 1,  # the hook saves checkpoints; mlx-lm writes only the final adapter
+        max_seq_length=params.max_seq_length,
+        adapter_file=str(out_dir / "adapters.safetensors"),
+        grad_checkpoint=params.grad_checkpoint,
+        grad_accumulation_steps=params.grad_accumulation_steps,
+    )
+
+    chosen = lever_switches.plan_loss(model, params, train_set, plan, on_event, levers)
+    chosen = lever_switches.use_bfloat16(model, params, chosen, on_event)
+
+    def validate() -> float:
+        loss = evaluate(
+            model, val_set, params.batch_size, params.val_batches, params.max_seq_length,
+            loss=chosen.loss,
+            iterate_batches=datasets.make_iterate_batches(
+                plan, prefix_cache=chosen.cache, pad_multiple=chosen.pad_multiple
+            ),
+        )
+        model.train()
+        return loss
+
+    optimizer = build_optimizer(params, max(iters // params.grad_accumulation_steps, 1))
+    start = checkpoints.latest(out_dir) if resume else None
+    if start is not None:
+        checkpoints.restore(start, model, optimizer)
+        checkpoints.reseed(params.seed, start.iteration)
+        on_event({"type": "resumed", "iteration": start.iteration})
+    done = start.iteration if start else 0
+    args.iters = iters - done
+    hook = StepHook(model, optimizer, params, out_dir, on_event, iters, per_epoch,
+                     validate if val_set is not None else None, start)
+    on_event(
+        {
+            "type": "started",
+            "total_iterations": iters,
+            "epochs": params.epochs,
+            "samples": len(train_set),
+            "trainable_parameters": trainable,
+            "num_layers": num_layers,
+        }
+    )
+    with chosen.running():
+        if start is None:
+            hook.evaluate(0)
+        if args.iters > 0:
+            train(
+                model=model,
+                optimizer=optimizer,
+                train_dataset=train_set,
+                val_dataset=None,
+                args=args,
+                loss=chosen.loss,
+                iterate_batches=datasets.make_iterate_batches(
+                    plan[done:], on_truncate, prefix_cache=chosen.cache, pad_multiple=chosen.pad_multiple
+                ),
+                training_callback=hook,
+            )
+    hook.finish()
+    hook.metrics.update(
+        trainable_parameters=trainable, seconds=round(time.perf_counter() - started, 3), num_layers=num_layers
+    )
+    return hook.metrics

@@ -1,0 +1,112 @@
+"""What happens after every training step: progress at the user's interval, validation,
+checkpoints, and the best adapter kept (mlx-lm's `TrainingCallback` protocol)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from ..types import Parameters
+from . import checkpoints
+
+EventSink = Callable[[dict[str, Any]], None]
+BEST_FILE = "best_adapters.safetensors"
+
+
+class StepHook:
+    """Called by mlx-lm's trainer after every step (steps_per_report=1): reports progress at the
+    user's interval, validates, saves checkpoints and keeps the best adapter.
+
+    Validation and checkpoints run here rather than in mlx-lm because its validation runs before
+    a step and its checkpoints after one, so their numbers never describe the same weights.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, params: Parameters, out_dir: Path,
+                 on_event: EventSink, total: int, per_epoch: int, validate: Callable[[], float] | None,
+                 start: checkpoints.Saved | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        # A resumed run counts on from its checkpoint: mlx-lm's trainer numbers from 1 again.
+        self.offset = start.iteration if start else 0
+        self.tokens_before = start.trained_tokens if start else 0
+        self.params = params
+        self.out_dir = out_dir
+        self.on_event = on_event
+        self.total = total
+        self.per_epoch = per_epoch
+        self.validate = validate
+        self.metrics: dict[str, Any] = {"iterations": total, **(start.metrics if start else {})}
+        self.best: tuple[float, int] | None = (
+            (self.metrics["best_val_loss"], self.metrics["best_iteration"]) if "best_val_loss" in self.metrics else None
+        )
+        self._window: list[tuple[float, float, float]] = []  # (loss, tokens, seconds) of each step
+        self._tokens = self.tokens_before  # trained tokens at the last step seen
+
+    def _save(self, path: Path) -> None:
+        mx.save_safetensors(str(path), dict(tree_flatten(self.model.trainable_parameters())))
+
+    def evaluate(self, iteration: int) -> float | None:
+        if self.validate is None:
+            return None
+        loss = self.validate()
+        self.metrics["final_val_loss"] = loss
+        if self.best is None or loss < self.best[0]:
+            self.best = (loss, iteration)
+            self.metrics.update(best_val_loss=loss, best_iteration=iteration)
+            if self.params.keep == "best":
+                self._save(self.out_dir / BEST_FILE)
+        self.on_event({"type": "val", "iteration": iteration, "val_loss": loss})
+        return loss
+
+    def on_val_loss_report(self, info: dict[str, Any]) -> None:
+        pass  # mlx-lm's own validation is off; see evaluate()
+
+    def on_train_loss_report(self, info: dict[str, Any]) -> None:
+        info = {**info, "iteration": info["iteration"] + self.offset,
+                "trained_tokens": info["trained_tokens"] + self.tokens_before}
+        it = info["iteration"]
+        tokens = info["trained_tokens"] - self._tokens
+        self._tokens = info["trained_tokens"]
+        self._window.append((info["train_loss"], tokens, tokens / max(info["tokens_per_second"], 1e-9)))
+        if it % self.params.steps_per_report == 0 or it == self.total:
+            self._report(it, info)
+        val_loss = None
+        if it % self.params.steps_per_eval == 0 or it == self.total:
+            val_loss = self.evaluate(it)
+        if it % self.params.save_every == 0 and it != self.total:
+            checkpoints.reseed(self.params.seed, it)
+            path = checkpoints.save(self.out_dir, it, self.model, self.optimizer, self._tokens, self.metrics)
+            self.on_event({"type": "checkpoint", "iteration": it, "val_loss": val_loss, "file": f"checkpoints/{path.name}"})
+
+    def _report(self, it: int, info: dict[str, Any]) -> None:
+        losses, tokens, seconds = zip(*self._window)
+        self._window = []
+        loss = sum(losses) / len(losses)
+        self.metrics.update(final_train_loss=loss, trained_tokens=info["trained_tokens"])
+        self.on_event(
+            {
+                "type": "train",
+                "iteration": it,
+                "epoch": round(it / self.per_epoch, 4),
+                "train_loss": loss,
+                "learning_rate": info["learning_rate"],
+                "tokens_per_second": sum(tokens) / max(sum(seconds), 1e-9),
+                "trained_tokens": info["trained_tokens"],
+                "peak_memory_gb": info["peak_memory"],
+            }
+        )
+
+    def finish(self) -> None:
+        """With keep=best, the published adapter is the one of the lowest validation loss."""
+        best_file = self.out_dir / BEST_FILE
+        if self.params.keep == "best" and best_file.exists():
+            best_file.replace(self.out_dir / "adapters.safetensors")
+            assert self.best is not None  # the best file is written with it
+            self.metrics["kept"] = f"best (iteration {self.best[1]})"
+        else:
+            self.metrics["kept"] = "last"

@@ -1,0 +1,109 @@
+"""Training samples to mlx-lm datasets, and batches with exact epoch accounting.
+
+mlx-lm's `iterate_batches` drops the last partial batch and refuses a dataset smaller than
+the batch, so "3 epochs" of the seed's two samples would not run at all, and 10 samples in
+batches of 4 would lose 2 of them every epoch. Here every sample is seen exactly `epochs`
+times: the last batch of an epoch is simply smaller. Batches are otherwise built as mlx-lm
+builds them (length-sorted, then shuffled as whole batches) so the loss curve matches its
+trainer's; they are padded to a multiple of 8 plus one rather than 32 plus one (measured: 14%
+more tokens/s on ~55-token chat samples, the same losses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import types
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+import msgspec
+import numpy as np
+from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+
+from ..types import SampleIn
+
+PAD_MULTIPLE = 8  # mlx-lm pads to 32: on ~50-token samples that is a seventh of the compute, for nothing
+
+
+def to_records(samples: Sequence[SampleIn]) -> list[dict]:
+    """Request samples to the dicts mlx-lm's datasets read: strings become `{"text": ...}`."""
+    return [{"text": s} if isinstance(s, str) else msgspec.to_builtins(s) for s in samples]
+
+
+def fingerprint(samples: Sequence[SampleIn]) -> str:
+    return hashlib.sha256(msgspec.json.encode(to_records(samples))).hexdigest()
+
+
+def build(samples: Sequence[SampleIn], tokenizer, mask_prompt: bool = False):
+    """An mlx-lm dataset (tokenized lazily and cached) for one list of samples."""
+    config = types.SimpleNamespace(mask_prompt=mask_prompt)
+    return CacheDataset(create_dataset(to_records(samples), tokenizer, config))
+
+
+def batches_per_epoch(n_samples: int, batch_size: int) -> int:
+    return math.ceil(n_samples / batch_size)
+
+
+def epoch_plan(lengths: Sequence[int], batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """The sample indices of every training step, epoch after epoch."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng = np.random.default_rng(seed)
+    plan = []
+    for _ in range(epochs):
+        plan.extend(batches[i] for i in rng.permutation(len(batches)))
+    return plan
+
+
+def collate(items: list[tuple[list[int], int]], max_seq_length: int, pad_multiple: int = PAD_MULTIPLE):
+    """Pad one batch; returns (tokens, [[offset, length], ...]) as mx arrays."""
+    lengths = [min(len(tokens), max_seq_length) for tokens, _ in items]
+    width = min(1 + pad_multiple * math.ceil(max(lengths) / pad_multiple), max_seq_length)
+    array = np.zeros((len(items), width), np.int32)
+    for row, ((tokens, _), length) in enumerate(zip(items, lengths)):
+        array[row, :length] = tokens[:length]
+    offsets = [offset for _, offset in items]
+    return mx.array(array), mx.array(list(zip(offsets, lengths)))
+
+
+def item_lengths(dataset) -> list[int]:
+    return [len(dataset[i][0]) for i in range(len(dataset))]
+
+
+def padded_tokens(lengths: Sequence[int], batches: list[list[int]], pad_multiple: int = PAD_MULTIPLE) -> int:
+    return sum(len(b) * (1 + pad_multiple * math.ceil(max(lengths[i] for i in b) / pad_multiple)) for b in batches)
+
+
+def make_iterate_batches(
+    plan: list[list[int]],
+    on_truncate: Callable[[int], None] | None = None,
+    prefix_cache=None,
+    pad_multiple: int = PAD_MULTIPLE,
+) -> Callable[..., Iterator]:
+    """A drop-in for mlx-lm's `iterate_batches`: the training set follows `plan`; any other
+    set (validation, called with loop=False) is walked once in order, partial batch included.
+
+    With a `prefix_cache` (see prefix_cache.Cache) batches are (hidden states, tokens, lengths)."""
+
+    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+        if comm_group is not None and comm_group.size() > 1:
+            raise ValueError("distributed training is not supported yet")
+        if loop:
+            steps = plan
+        else:
+            steps = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+        warned = False
+        for indices in steps:
+            items = [dataset[j] for j in indices]
+            longest = max(len(tokens) for tokens, _ in items)
+            if longest > max_seq_length and on_truncate and not warned:
+                on_truncate(longest)
+                warned = True
+            tokens, lengths = collate(items, max_seq_length, pad_multiple)
+            if prefix_cache is None:
+                yield tokens, lengths
+            else:
+                yield prefix_cache((loop, *indices), tokens), tokens, lengths
+
+    return iterate_batches

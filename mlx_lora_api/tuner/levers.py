@@ -1,0 +1,159 @@
+"""Which speed-ups apply to this run on this device: the one place the tuner asks, and the only
+module of it that touches the CPU fast path (`accel/`).
+
+Each lever is exact (tests train with and without and compare the adapters) and on by default;
+`MLX_LORA_API_LEVERS=off`, or `PLAIN` passed to `train_adapter`, switches all of them off, and a
+step then computes what mlx-lm's trainer computes, as mlx-lm does it (scripts/bench_train.py's
+`service_plain` engine). What applies comes back as a `LossPlan`: the loss function, the cache
+of the frozen blocks, whether steps run eagerly, and the context the steps run in. Nothing is
+left on the model for another module to find.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any, Callable, ContextManager, Mapping, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import msgspec
+
+from .. import device
+from ..types import Parameters
+from . import anatomy, datasets, losses, prefix_cache
+from .losses import Head, Loss, TokenLoss
+
+ENV = "MLX_LORA_API_LEVERS"
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class Levers(msgspec.Struct, frozen=True):
+    """The switches: what a run may use where it applies."""
+
+    # Batches are padded to a multiple of this, plus one (mlx-lm: 32). None: 1 with eager steps,
+    # which cost nothing per new shape (chat 3 epochs 343 -> 420 tok/s), else datasets.PAD_MULTIPLE
+    # (each new shape retraces a compiled step).
+    pad_multiple: int | None = None
+    prefix_cache: bool = True  # cache the frozen blocks' outputs (also needs params.prefix_cache)
+    cpu_head: bool = True  # the output layer's softmax in numpy (CPU only; accel/kernels.py)
+    cpu_ops: bool = True  # attention's and SwiGLU's in numpy, eager steps; MLX's cross-entropy over the cores
+    keep_freed_memory: bool = True  # glibc keeps freed memory (CPU only; accel/blas.py)
+
+
+PLAIN = Levers(pad_multiple=32, prefix_cache=False, cpu_head=False, cpu_ops=False, keep_freed_memory=False)
+
+
+def from_environment(environ: Mapping[str, str] = os.environ) -> Levers:
+    """Every lever, or none with `MLX_LORA_API_LEVERS=off`."""
+    value = environ.get(ENV, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{ENV}={value!r}: use on or off")
+    return PLAIN if value == "off" else Levers()
+
+
+class LossPlan(msgspec.Struct):
+    """How the steps compute the loss: `loss(model, *batch)` on the batches that
+    `make_iterate_batches(..., prefix_cache=cache)` yields, compiled (as mlx-lm does) or not,
+    inside `running()`."""
+
+    loss: Loss
+    cache: prefix_cache.Cache | None = None
+    eager: bool = False
+    pad_multiple: int = datasets.PAD_MULTIPLE
+    start: int = 0  # the first block that runs in a step (the ones before: `cache`)
+    cross_entropy: TokenLoss | None = None
+    head: Head | None = None
+    running: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+
+    def with_head(self, head: Head) -> LossPlan:
+        return msgspec.structs.replace(self, head=head, loss=_loss(self.start, self.cross_entropy, head))
+
+
+def _loss(start: int, cross_entropy: TokenLoss | None, head: Head | None) -> Loss:
+    if start:
+        return prefix_cache.make_loss(start, cross_entropy, head)
+    return losses.make_loss(cross_entropy, head)
+
+
+def before_loading(levers: Levers) -> None:
+    """What the training process sets up before it loads the model."""
+    if levers.keep_freed_memory and device.on_cpu():
+        from ..accel import blas
+
+        blas.keep_freed_memory()  # this process ends with the job (worker, CLI)
+
+
+def plan_loss(
+    model: nn.Module, params: Parameters, train_set: Any, plan: Sequence[Sequence[int]], on_event: EventSink,
+    levers: Levers,
+) -> LossPlan:
+    """The fastest way to compute `masked_loss` here, checked against it on the first sample."""
+    cpu = device.on_cpu() and (levers.cpu_head or levers.cpu_ops)
+    cross_entropy: TokenLoss | None = None
+    head: Head | None = None
+    running: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+    if cpu:
+        # Imported here: on Metal and CUDA nothing of the CPU fast path is loaded.
+        from ..accel import kernels, streams
+
+        weight = anatomy.output_weight(model) if levers.cpu_head else None
+        head = kernels.head(weight) if weight is not None else None
+        eager = head is not None or levers.cpu_ops
+        if levers.cpu_ops:
+            cross_entropy = functools.partial(streams.split_rows, nn.losses.cross_entropy)
+        running = functools.partial(streams.parallel_training, model, ops=levers.cpu_ops, eager=eager)
+    else:
+        eager = False
+    pad = levers.pad_multiple or (1 if eager else datasets.PAD_MULTIPLE)
+    plain = LossPlan(_loss(0, cross_entropy, None), eager=eager, pad_multiple=pad, cross_entropy=cross_entropy,
+                     running=running)
+    start = prefix_cache.frozen_blocks(model, params) if levers.prefix_cache and params.prefix_cache else 0
+    keep = params.epochs >= 2  # one epoch: the frozen blocks still run outside the step, nothing kept
+    if start and keep:
+        lengths = datasets.item_lengths(train_set)
+        unique = {tuple(b): list(b) for b in plan}.values()
+        if not prefix_cache.fits(datasets.padded_tokens(lengths, list(unique), pad), model.args.hidden_size):
+            on_event({"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"})
+            keep = False
+    if not start and head is None:
+        return plain
+    # One sample is enough to catch a model these shortcuts do not fit, at a quarter of a batch's cost.
+    tokens, lengths = datasets.collate([train_set[plan[0][0]]], params.max_seq_length, pad)
+    expected = losses.masked_loss(model, tokens, lengths)[0]
+    chosen = msgspec.structs.replace(plain, start=start, head=head, loss=_loss(start, cross_entropy, head))
+    if start:
+        cache = prefix_cache.Cache(model, start, keep)
+        chosen = msgspec.structs.replace(chosen, cache=cache)
+        got = chosen.loss(model, cache.compute(tokens), tokens, lengths)[0]
+    else:
+        got = chosen.loss(model, tokens, lengths)[0]
+    if not mx.allclose(got, expected, atol=1e-4, rtol=1e-4).item():
+        on_event({"type": "info", "message": "this model's forward pass cannot be split; trained without shortcuts"})
+        return plain
+    if start and keep:
+        on_event({"type": "info", "message": f"the first {start} blocks are frozen: their outputs are computed once"})
+    return chosen
+
+
+def use_bfloat16(model: nn.Module, params: Parameters, chosen: LossPlan, on_event: EventSink) -> LossPlan:
+    """The frozen weights in bfloat16 where the user asked for it and it applies (accel/bf16);
+    else an event that says why not. Returns the plan to train with."""
+    if not params.cpu_bfloat16:
+        return chosen
+    reason = None if device.on_cpu() else "off the CPU the model trains in its own dtype"
+    if reason is None:
+        from ..accel import bf16  # the CPU fast path, as above
+
+        reason = bf16.unavailable() or (None if chosen.eager else "it needs eager steps (the cpu_head or cpu_ops lever)")
+        reason = reason or bf16.slower()
+    if reason:
+        on_event({"type": "info", "message": f"cpu_bfloat16 does not apply ({reason}): training in float32"})
+        return chosen
+    head_weight = bf16.convert(model, anatomy.output_weight(model), on_event)
+    if chosen.head is not None and head_weight is not None:
+        from ..accel import kernels
+
+        return chosen.with_head(kernels.head(head_weight))
+    return chosen

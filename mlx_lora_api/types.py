@@ -1,0 +1,395 @@
+"""The records that every layer shares, as msgspec Structs: what a user asks for (samples,
+parameters, the requests behind each job), what a job carries to its worker, and what the
+store and the registry hand back (jobs, progress, model records, `meta.json`).
+
+The web layer decodes requests straight into these types and encodes them as answers; its
+own bodies (acknowledgements, errors, OpenAI's shapes) live in `web/bodies.py`. Validation
+lives in the types; cross-field checks in `__post_init__`, whose ValueError msgspec turns
+into a ValidationError that names the path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+ModelId = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=96,
+        pattern=ID_PATTERN,
+        description="lower-case letters, digits, '.', '_' and '-', starting with a letter or digit",
+    ),
+]
+Suffix = Annotated[str, Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+ModelRef = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=1024,
+        description="`default`, a model id from GET /models, a local model folder, or a Hugging Face repo id",
+    ),
+]
+NonEmptyStr = Annotated[str, Meta(min_length=1)]
+
+JobStatus = Literal["queued", "running", "success", "failed", "cancelled"]
+JobKind = Literal["finetune", "fuse", "quantize", "export", "push"]
+FINISHED: tuple[str, ...] = ("success", "failed", "cancelled")
+
+
+class Message(Struct, forbid_unknown_fields=True):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class Sample(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One training sample in one of mlx-lm's formats: text, prompt/completion, or chat."""
+
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    messages: list[Message] | None = None
+
+    def __post_init__(self):
+        forms = [
+            name
+            for name, present in (
+                ("text", self.text is not None),
+                ("prompt/completion", self.prompt is not None or self.completion is not None),
+                ("messages", self.messages is not None),
+            )
+            if present
+        ]
+        if len(forms) != 1:
+            raise ValueError(
+                "a sample object has exactly one of `text`, `prompt` with `completion`, or `messages`"
+            )
+        if forms[0] == "prompt/completion" and (self.prompt is None or self.completion is None):
+            raise ValueError("a prompt/completion sample needs both `prompt` and `completion`")
+        if self.messages is not None and not self.messages:
+            raise ValueError("`messages` is empty")
+
+    @property
+    def form(self) -> str:
+        if self.text is not None:
+            return "text"
+        if self.messages is not None:
+            return "chat"
+        return "completions"
+
+
+SampleIn = str | Sample
+
+
+def sample_form(sample: SampleIn) -> str:
+    return "text" if isinstance(sample, str) else sample.form
+
+
+def _check_samples(samples: list[SampleIn], field: str) -> str:
+    """The one format of a list of samples; raises ValueError naming the bad sample."""
+    forms = set()
+    for i, sample in enumerate(samples):
+        texts = [sample] if isinstance(sample, str) else sample_texts(sample)
+        if any(not t.strip() for t in texts):
+            raise ValueError(f"`{field}[{i}]` is empty or blank")
+        forms.add(sample_form(sample))
+    if len(forms) > 1:
+        raise ValueError(
+            f"`{field}` mixes sample formats ({', '.join(sorted(forms))}); use one format per request"
+        )
+    return forms.pop()
+
+
+def sample_texts(sample: Sample) -> list[str]:
+    if sample.text is not None:
+        return [sample.text]
+    if sample.messages is not None:
+        return [m.content for m in sample.messages]
+    return [sample.prompt or "", sample.completion or ""]
+
+
+class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Training parameters; the defaults are mlx-lm's own where it has one."""
+
+    learning_rate: Annotated[float, Meta(gt=0, le=1)] = 1e-5
+    epochs: Annotated[int, Meta(ge=1, le=10_000)] = 1
+    batch_size: Annotated[int, Meta(ge=1, le=1024)] = 4
+    fine_tune_type: Literal["lora", "dora", "full"] = "lora"
+    rank: Annotated[int, Meta(ge=1, le=1024)] = 8
+    alpha: Annotated[float, Meta(gt=0)] | None = None
+    scale: Annotated[float, Meta(gt=0)] | None = None
+    dropout: Annotated[float, Meta(ge=0, lt=1)] = 0.0
+    # None: the last 16 blocks (mlx-lm's default), or all of them in a smaller model; -1: all.
+    num_layers: Annotated[int, Meta(ge=-1, le=1024)] | None = None
+    max_seq_length: Annotated[int, Meta(ge=16, le=131_072)] = 2048
+    mask_prompt: bool = False
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 0
+    optimizer: Literal["adam", "adamw", "sgd", "adafactor"] = "adam"
+    weight_decay: Annotated[float, Meta(ge=0, le=1)] | None = None
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: Annotated[int, Meta(ge=0)] = 0
+    min_learning_rate: Annotated[float, Meta(ge=0)] = 0.0
+    grad_checkpoint: bool = False
+    grad_accumulation_steps: Annotated[int, Meta(ge=1, le=1024)] = 1
+    steps_per_report: Annotated[int, Meta(ge=1)] = 1
+    steps_per_eval: Annotated[int, Meta(ge=1)] = 200
+    save_every: Annotated[int, Meta(ge=1)] = 100
+    val_batches: Annotated[int, Meta(ge=-1)] = -1
+    # Which adapter is published: the last one, or the one of the lowest validation loss.
+    keep: Literal["last", "best"] = "last"
+    # Reuse the frozen blocks' outputs from the second epoch on (exact; see tuner/prefix_cache.py).
+    prefix_cache: bool = True
+    # On the CPU, multiply by the frozen weights in bfloat16 (AVX-512 BF16 or Intel AMX; float32
+    # accumulation), as PyTorch's bfloat16 autocast does. Faster, not exact: see accel/bf16/. Where it cannot apply (no such CPU, no oneMKL, a GPU), training runs in float32 and
+    # the job's events say why.
+    cpu_bfloat16: bool = False
+
+    def __post_init__(self):
+        if self.alpha is not None and self.scale is not None:
+            raise ValueError("give `parameters.alpha` or `parameters.scale`, not both")
+        if self.fine_tune_type == "full" and (self.alpha is not None or self.scale is not None):
+            raise ValueError("`parameters.alpha`/`scale` apply to lora and dora, not full fine-tuning")
+        if self.weight_decay is not None and self.optimizer not in ("adamw", "sgd"):
+            raise ValueError("`parameters.weight_decay` applies to the adamw and sgd optimizers")
+        if self.val_batches == 0:
+            raise ValueError("`parameters.val_batches` must be -1 (all) or at least 1")
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError("`parameters.min_learning_rate` is larger than `parameters.learning_rate`")
+
+    @property
+    def lora_scale(self) -> float:
+        if self.scale is not None:
+            return self.scale
+        if self.alpha is not None:
+            return self.alpha / self.rank
+        return 20.0  # mlx-lm's default
+
+
+class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    base_model: ModelRef
+    training_data: Annotated[list[SampleIn], Meta(min_length=1)]
+    parameters: Parameters = msgspec.field(default_factory=Parameters)
+    validation_data: list[SampleIn] | None = None
+    suffix: Suffix | None = None
+
+    def __post_init__(self):
+        form = _check_samples(self.training_data, "training_data")
+        if self.validation_data:
+            if _check_samples(self.validation_data, "validation_data") != form:
+                raise ValueError("`validation_data` must use the same format as `training_data`")
+        if self.parameters.keep == "best" and not self.validation_data:
+            raise ValueError("`parameters.keep` = best needs `validation_data` to tell which adapter is best")
+        if self.parameters.mask_prompt and form == "text":
+            raise ValueError(
+                "`parameters.mask_prompt` needs prompt/completion or messages samples, not plain text"
+            )
+
+    @property
+    def data_form(self) -> str:
+        return sample_form(self.training_data[0])
+
+
+class FuseRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    base_model: ModelRef
+    lora_adapter: ModelId
+    suffix: Suffix | None = None
+    dequantize: bool = False
+
+
+class QuantizeRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    bits: Literal[4, 8] = 4
+    group_size: Literal[32, 64, 128] = 64
+    suffix: Suffix | None = None
+
+
+class ExportRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    format: Literal["gguf"] = "gguf"
+
+
+class PushRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    repo_id: Annotated[str, Meta(min_length=1, max_length=200)]
+    private: bool = True
+    commit_message: Annotated[str, Meta(min_length=1, max_length=1000)] | None = None
+
+
+class Progress(Struct, omit_defaults=True):
+    iteration: int = 0
+    total_iterations: int | None = None
+    epoch: float | None = None
+    epochs: int | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    trained_tokens: int | None = None
+    peak_memory_gb: float | None = None
+    elapsed_seconds: float | None = None
+    eta_seconds: float | None = None
+
+
+class Checkpoint(Struct):
+    iteration: int
+    file: str  # relative to the adapter's folder
+    val_loss: float | None = None
+
+
+class Job(Struct):
+    job_id: str
+    kind: JobKind
+    status: JobStatus
+    model_id: str
+    base_model: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: Progress = msgspec.field(default_factory=Progress)
+    checkpoints: list[Checkpoint] = msgspec.field(default_factory=list)
+    message: str | None = None
+    error: str | None = None
+
+
+class JobList(Struct):
+    jobs: list[Job]
+    next_before: int | None = None
+
+
+class ModelRecord(Struct, omit_defaults=True):
+    model_id: str
+    kind: Literal["base", "adapter", "fused"]
+    created_at: float
+    size_bytes: int
+    status: Literal["ready", "queued", "running"]  # queued/running: a job is making it
+    base_model: str | None = None
+    adapter: str | None = None
+    job_id: str | None = None
+    source: str | None = None
+    parameters: dict[str, Any] | None = None
+    training_data: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    parity: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    files: list[str] | None = None
+
+
+class GenerateRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Try a model: a base, an adapter (its base plus the adapter) or a fused model."""
+
+    model: ModelRef = "default"
+    prompt: str | None = None
+    messages: Annotated[list[Message], Meta(min_length=1)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=32_768)] = 256
+    temperature: Annotated[float, Meta(ge=0, le=2)] = 0.0
+    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    stop: Annotated[list[NonEmptyStr], Meta(max_length=8)] | None = None
+    stream: bool = False
+
+    def __post_init__(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either `prompt` or `messages`")
+
+
+class TrainPoint(Struct):
+    iteration: int
+    train_loss: float
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    peak_memory_gb: float | None = None
+
+
+class ValPoint(Struct):
+    iteration: int
+    val_loss: float
+
+
+class Metrics(Struct):
+    job_id: str
+    train: list[TrainPoint]
+    validation: list[ValPoint]
+
+
+# -- the registry's records ------------------------------------------------------------------
+
+ModelKind = Literal["base", "adapter", "fused"]
+
+
+class ModelMeta(Struct, omit_defaults=True, kw_only=True):
+    """A folder's `meta.json`: what the service knows of it beyond mlx-lm's own files."""
+
+    kind: ModelKind
+    created_at: float
+    base_model: str | None = None
+    base_source: str | None = None
+    adapter: str | None = None
+    job_id: str | None = None
+    source: str | None = None
+    parameters: dict[str, Any] | None = None
+    training_data: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    parity: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    hub_id: str | None = None  # where the Hub knows this model (or the base it came from)
+    license: str | None = None
+
+
+class BaseModel(Struct, frozen=True):
+    """A resolved `base_model`: `ref` is its identity (a registry id, a folder or a repo id)."""
+
+    ref: str
+    source: Literal["registry", "path", "hub"]
+    path: str | None = None  # None for a Hub repo not in the local cache yet
+
+
+# -- what a job carries from submission to its worker ----------------------------------------
+
+
+class FinetuneSpec(Struct, tag="finetune", kw_only=True):
+    job_id: str
+    model_id: str
+    base: BaseModel
+    request: FinetuneRequest
+
+
+class FuseSpec(Struct, tag="fuse", kw_only=True):
+    job_id: str
+    model_id: str
+    base: BaseModel
+    adapter: str
+    request: FuseRequest
+
+
+class QuantizeSpec(Struct, tag="quantize", kw_only=True):
+    job_id: str
+    model_id: str  # the new model
+    base: BaseModel  # the model quantized
+    request: QuantizeRequest
+
+
+class ExportSpec(Struct, tag="export", kw_only=True):
+    job_id: str
+    model_id: str  # the model exported; the files go into its gguf/ folder
+    base: BaseModel
+    request: ExportRequest
+
+
+class PushSpec(Struct, tag="push", kw_only=True):
+    job_id: str
+    model_id: str  # the model or adapter pushed
+    base: BaseModel  # ref: the same id; path: its folder
+    request: PushRequest
+    card: str
+
+
+JobSpec = FinetuneSpec | FuseSpec | QuantizeSpec | ExportSpec | PushSpec
+
+
+def job_kind(spec: JobSpec) -> str:
+    return str(type(spec).__struct_config__.tag)
+
+
+encode_spec = msgspec.json.Encoder().encode
+decode_spec = msgspec.json.Decoder(JobSpec).decode

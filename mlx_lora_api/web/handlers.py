@@ -1,0 +1,216 @@
+"""The service's own handlers, small: decode, call the service off the event loop, encode.
+The table that maps routes to them is `routes.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgspec
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from .. import __version__, errors
+from ..types import (
+    FINISHED,
+    ExportRequest,
+    FinetuneRequest,
+    FuseRequest,
+    GenerateRequest,
+    Job,
+    PushRequest,
+    QuantizeRequest,
+)
+from . import plots
+from .bodies import Accepted, Deleted, GenerateResponse, Health, ModelList, Usage
+from .codec import decode, read_body, respond, sse
+
+finetune_decoder = msgspec.json.Decoder(FinetuneRequest)
+fuse_decoder = msgspec.json.Decoder(FuseRequest)
+quantize_decoder = msgspec.json.Decoder(QuantizeRequest)
+export_decoder = msgspec.json.Decoder(ExportRequest)
+push_decoder = msgspec.json.Decoder(PushRequest)
+generate_decoder = msgspec.json.Decoder(GenerateRequest)
+
+
+def wants_wait(request: Request) -> bool:
+    value = request.query_params.get("wait", "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise errors.Invalid(f"query parameter `wait` must be true or false, not {value!r}")
+    return value in ("true", "1")
+
+
+async def wait_for(request: Request, job_id: str) -> Job:
+    service = request.app.state.service
+    interval = request.app.state.settings.wait_poll_interval
+    while True:
+        job = await run_in_threadpool(service.job, job_id)
+        if job.status in FINISHED:
+            return job
+        await asyncio.sleep(interval)
+
+
+async def _submit(request: Request, decoder, make_spec, noun: str) -> Response:
+    service = request.app.state.service
+    wait = wants_wait(request)
+    payload = decode(decoder, await read_body(request))
+    spec = await run_in_threadpool(make_spec(service), payload)
+    job = await run_in_threadpool(service.submit, spec)
+    if not wait:
+        message = f"{noun} queued as job {job.job_id}; follow it at GET /jobs/{job.job_id}"
+        return respond(Accepted("queued", job.model_id, message, job.job_id), 202)
+    job = await wait_for(request, job.job_id)
+    if job.status == "success":
+        return respond(Accepted("success", job.model_id, job.message or f"{noun} finished", job.job_id))
+    code = 409 if job.status == "cancelled" else 500
+    return respond(Accepted(job.status, job.model_id, job.error or job.message or job.status, job.job_id), code)
+
+
+async def finetune(request: Request) -> Response:
+    return await _submit(request, finetune_decoder, lambda s: s.finetune_spec, "fine-tune")
+
+
+async def fuse(request: Request) -> Response:
+    return await _submit(request, fuse_decoder, lambda s: s.fuse_spec, "fuse")
+
+
+def _int_param(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise errors.Invalid(f"query parameter `{name}` must be a whole number from {low} to {high}, not {raw!r}")
+    return int(raw)
+
+
+async def list_jobs(request: Request) -> Response:
+    limit = _int_param(request, "limit", 20, 1, 500)
+    before = _int_param(request, "before", None, 0, 2**62)
+    status = request.query_params.get("status")
+    if status is not None and status not in ("queued", "running", *FINISHED):
+        raise errors.Invalid(f"query parameter `status` {status!r} is not a job status")
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.jobs, limit, before, status))
+
+
+async def get_job(request: Request) -> Response:
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.job, request.path_params["job_id"]))
+
+
+async def cancel_job(request: Request) -> Response:
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.cancel, request.path_params["job_id"]))
+
+
+async def resume_job(request: Request) -> Response:
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.resume, request.path_params["job_id"]), 202)
+
+
+async def job_events(request: Request) -> Response:
+    """Server-Sent Events: the job's past events first, then live ones until it ends."""
+    service = request.app.state.service
+    job_id = request.path_params["job_id"]
+    await run_in_threadpool(service.job, job_id)  # 404 before the stream starts
+    interval = request.app.state.settings.wait_poll_interval
+
+    async def stream():
+        after = 0
+        while True:
+            for event in await run_in_threadpool(service.events, job_id, after):
+                after = event["seq"]
+                yield f"id: {after}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            job = await run_in_threadpool(service.job, job_id)
+            if job.status in FINISHED and not await run_in_threadpool(service.events, job_id, after):
+                return
+            await asyncio.sleep(interval)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def list_models(request: Request) -> Response:
+    kind = request.query_params.get("kind")
+    if kind is not None and kind not in ("base", "adapter", "fused"):
+        raise errors.Invalid(f"query parameter `kind` must be base, adapter or fused, not {kind!r}")
+    base = request.query_params.get("base")
+    service = request.app.state.service
+    return respond(ModelList(await run_in_threadpool(service.list_models, kind, base)))
+
+
+async def get_model(request: Request) -> Response:
+    registry = request.app.state.service.registry
+    return respond(await run_in_threadpool(registry.record, request.path_params["model_id"]))
+
+
+async def _model_job(request: Request, decoder, make_spec, noun: str) -> Response:
+    service = request.app.state.service
+    model_id = request.path_params["model_id"]
+    body = await read_body(request)
+    payload = decode(decoder, body if body.strip() else b"{}")  # no body: every default (push has none for repo_id)
+    spec = await run_in_threadpool(make_spec(service), model_id, payload)
+    job = await run_in_threadpool(service.submit, spec)
+    message = f"{noun} of {model_id} queued as job {job.job_id}; follow it at GET /jobs/{job.job_id}"
+    return respond(Accepted("queued", job.model_id, message, job.job_id), 202)
+
+
+async def quantize_model(request: Request) -> Response:
+    return await _model_job(request, quantize_decoder, lambda s: s.quantize_spec, "quantization")
+
+
+async def export_model(request: Request) -> Response:
+    return await _model_job(request, export_decoder, lambda s: s.export_spec, "export")
+
+
+async def push_model(request: Request) -> Response:
+    return await _model_job(request, push_decoder, lambda s: s.push_spec, "push")
+
+
+async def delete_model(request: Request) -> Response:
+    force = request.query_params.get("force", "false").lower() in ("true", "1")
+    service = request.app.state.service
+    model_id = request.path_params["model_id"]
+    await run_in_threadpool(service.delete_model, model_id, force)
+    return respond(Deleted("deleted", model_id))
+
+
+async def job_metrics(request: Request) -> Response:
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.metrics, request.path_params["job_id"]))
+
+
+async def job_loss_svg(request: Request) -> Response:
+    service = request.app.state.service
+    job_id = request.path_params["job_id"]
+    job = await run_in_threadpool(service.job, job_id)
+    metrics = await run_in_threadpool(service.metrics, job_id)
+    series = {
+        "train": [(m.iteration, m.train_loss) for m in metrics.train],
+        "validation": [(m.iteration, m.val_loss) for m in metrics.validation],
+    }
+    return Response(plots.loss_svg(f"{job.model_id} ({job.status})", series), media_type="image/svg+xml")
+
+
+async def generate(request: Request) -> Response:
+    payload = decode(generate_decoder, await read_body(request))
+    service = request.app.state.service
+    if not payload.stream:
+        text, end = await run_in_threadpool(service.generate_text, payload)
+        usage = Usage(end["prompt_tokens"], end["completion_tokens"], end["prompt_tokens"] + end["completion_tokens"])
+        return respond(GenerateResponse(payload.model, text, end["finish_reason"], usage))
+    events = await run_in_threadpool(service.generate, payload)
+
+    def stream():
+        for event in events:
+            kind = event.pop("type")
+            yield sse(event, "text" if kind == "text" else kind)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def health(request: Request) -> Response:
+    service = request.app.state.service
+    queued = await run_in_threadpool(service.store.count, "queued")
+    running = await run_in_threadpool(service.store.count, "running")
+    return respond(Health("ok", __version__, queued, running))
