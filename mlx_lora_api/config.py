@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -49,7 +51,7 @@ class Settings(msgspec.Struct, kw_only=True, repr_omit_defaults=True):
         return self.data_dir / "jobs.sqlite3"
 
 
-_CONVERTERS = {
+_CONVERTERS: dict[str, Callable[[str], Any]] = {
     "data_dir": Path,
     "host": str,
     "port": int,
@@ -67,10 +69,10 @@ _CONVERTERS = {
 }
 
 
-def load_settings(overrides: dict | None = None, environ: dict | None = None) -> Settings:
+def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Defaults, then `MLX_LORA_API_<NAME>` variables, then `overrides` (flags) that are not None."""
     environ = os.environ if environ is None else environ
-    values: dict = {}
+    values: dict[str, Any] = {}
     for name, convert in _CONVERTERS.items():
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw:

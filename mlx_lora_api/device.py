@@ -17,5 +17,3 @@ def cast_for_compute(model: nn.Module) -> None:
     """
     if on_cpu():
         model.set_dtype(mx.float32)
-
-

@@ -6,8 +6,9 @@ The web layer decodes and encodes; the CLI calls the same checks before training
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import msgspec
 
@@ -34,6 +35,7 @@ from .types import (
     JobList,
     JobSpec,
     Metrics,
+    ModelKind,
     ModelRecord,
     PushRequest,
     PushSpec,
@@ -49,8 +51,8 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.registry = Registry(settings.data_dir, settings.default_model, settings.model_roots)
-        self.store: JobStore | None = None
-        self.runner: Runner | None = None
+        self._store: JobStore | None = None  # with the runner, from start() on (the CLI has neither)
+        self._runner: Runner | None = None
         self.generator = Generator(settings.generation_budget_bytes)
 
     # -- life ----------------------------------------------------------------------------
@@ -58,17 +60,29 @@ class Service:
     def start(self) -> None:
         blas.warn_if_slow()
         self.registry.ensure_folders()
-        self.store = JobStore(self.settings.jobs_db)
-        self.store.recover()
-        self.runner = Runner(self.store, (str(self.settings.data_dir), self.settings.default_model))
-        self.runner.start()
+        self._store = JobStore(self.settings.jobs_db)
+        self._store.recover()
+        self._runner = Runner(self._store, (str(self.settings.data_dir), self.settings.default_model))
+        self._runner.start()
 
     def stop(self) -> None:
         self.generator.stop()
-        if self.runner:
-            self.runner.stop()
-        if self.store:
-            self.store.close()
+        if self._runner:
+            self._runner.stop()
+        if self._store:
+            self._store.close()
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise errors.Unavailable("the job store is not open: the service has not started")
+        return self._store
+
+    @property
+    def runner(self) -> Runner:
+        if self._runner is None:
+            raise errors.Unavailable("the job runner is not running: the service has not started")
+        return self._runner
 
     # -- checks shared with the CLI --------------------------------------------------------
 
@@ -83,7 +97,10 @@ class Service:
             raise errors.Invalid(
                 f"the request has {samples} samples; the limit is {limits.max_samples} (MLX_LORA_API_MAX_SAMPLES)"
             )
-        for field, data in (("training_data", request.training_data), ("validation_data", request.validation_data or [])):
+        for field, data in (
+            ("training_data", request.training_data),
+            ("validation_data", request.validation_data or []),
+        ):
             for i, sample in enumerate(data):
                 chars = len(sample) if isinstance(sample, str) else sum(map(len, sample_texts(sample)))
                 if chars > limits.max_sample_chars:
@@ -131,8 +148,14 @@ class Service:
         parent = self.registry.adapters_dir if record.kind == "adapter" else self.registry.models_dir
         return BaseModel(ref=model_id, source="registry", path=str(parent / model_id))
 
+    def _folder(self, model_id: str) -> Path:
+        record = self.registry.record(model_id)
+        return (self.registry.adapters_dir if record.kind == "adapter" else self.registry.models_dir) / model_id
+
     def _refuse_if_in_the_making(self, model_id: str) -> None:
-        if self.store and any(j.kind in ("finetune", "fuse", "quantize") for j in self.store.pending_for_model(model_id)):
+        if self._store and any(
+            j.kind in ("finetune", "fuse", "quantize") for j in self.store.pending_for_model(model_id)
+        ):
             raise errors.Conflict(f"{model_id!r} is still being made; try again when its job has finished")
 
     def quantize_spec(self, model_id: str, request: QuantizeRequest) -> QuantizeSpec:
@@ -140,21 +163,20 @@ class Service:
         record = self.registry.record(model_id)
         if record.kind == "adapter":
             raise errors.Invalid(f"{model_id!r} is an adapter; quantize its base or a fused model")
-        if record.quantization or registry.read_json(Path(source.path) / "config.json").get("quantization"):
+        if record.quantization or registry.read_json(self._folder(model_id) / "config.json").get("quantization"):
             raise errors.Invalid(f"{model_id!r} is already quantized")
         label = request.suffix or f"q{request.bits}"
-        return QuantizeSpec(
-            job_id=new_job_id(), model_id=self._fresh_id(model_id, label), base=source, request=request
-        )
+        return QuantizeSpec(job_id=new_job_id(), model_id=self._fresh_id(model_id, label), base=source, request=request)
 
     def export_spec(self, model_id: str, request: ExportRequest) -> ExportSpec:
         source = self._existing_model(model_id)
         if self.registry.record(model_id).kind == "adapter":
             raise errors.Invalid(f"{model_id!r} is an adapter; fuse it into its base, then export the fused model")
-        config = registry.read_json(Path(source.path) / "config.json")
+        config = registry.read_json(self._folder(model_id) / "config.json")
         if config.get("model_type") not in GGUF_ARCHITECTURES:
             raise errors.Invalid(
-                f"GGUF export handles {', '.join(GGUF_ARCHITECTURES)} models; {model_id!r} is {config.get('model_type')!r}"
+                f"GGUF export handles {', '.join(GGUF_ARCHITECTURES)} models; "
+                f"{model_id!r} is {config.get('model_type')!r}"
             )
         if config.get("quantization"):
             raise errors.Invalid(f"{model_id!r} is quantized; GGUF export needs float weights")
@@ -189,7 +211,7 @@ class Service:
             entry = msgspec.to_builtins(record)
             entry.update(hub_id=meta.hub_id if meta else None, license=meta.license if meta else None)
             chain.append(entry)
-            current = record.adapter or record.base_model
+            current = record.adapter or record.base_model or ""
         return chain
 
     def adapter_base(self, adapter_id: str) -> str:
@@ -201,8 +223,8 @@ class Service:
                 return meta.base_model
             config = registry.read_json(self.registry.adapter_dir(adapter_id) / "adapter_config.json")
             return str(config.get("model", ""))
-        if self.store:
-            for job in self.store.pending_for_model(adapter_id):
+        if self._store:
+            for job in self._store.pending_for_model(adapter_id):
                 if job.kind == "finetune":
                     return job.base_model
         adapters = [r.model_id for r in self.registry.list_models(kind="adapter")]
@@ -214,7 +236,7 @@ class Service:
     def _fresh_id(self, base_ref: str, label: str) -> str:
         while True:
             model_id = registry.new_model_id(base_ref, label)
-            if not self.registry.taken(model_id) and not (self.store and self.store.pending_for_model(model_id)):
+            if not self.registry.taken(model_id) and not (self._store and self._store.pending_for_model(model_id)):
                 return model_id
 
     # -- generation ---------------------------------------------------------------------
@@ -229,7 +251,9 @@ class Service:
             return {"base_path": base.path, "adapter_path": str(self.registry.adapter_dir(model))}
         base = self.resolve_base(model, field="model")
         if base.path is None:
-            raise errors.Unavailable(f"{model!r} is not downloaded yet: fine-tune it once, or fetch it with huggingface-cli")
+            raise errors.Unavailable(
+                f"{model!r} is not downloaded yet: fine-tune it once, or fetch it with huggingface-cli"
+            )
         return {"base_path": base.path, "adapter_path": None}
 
     def generate(self, request: GenerateRequest) -> Iterator[dict[str, Any]]:
@@ -265,10 +289,17 @@ class Service:
 
     def list_models(self, kind: str | None = None, base: str | None = None) -> list[ModelRecord]:
         """The registry's models, and the ones jobs are making (status queued or running)."""
-        kinds = {"finetune": "adapter", "fuse": "fused", "quantize": "base"}
+        kinds: dict[str, ModelKind] = {"finetune": "adapter", "fuse": "fused", "quantize": "base"}
         coming = [
-            ModelRecord(job.model_id, kinds[job.kind], job.created_at, 0, job.status, base_model=job.base_model,
-                        job_id=job.job_id)
+            ModelRecord(
+                job.model_id,
+                kinds[job.kind],
+                job.created_at,
+                0,
+                "running" if job.status == "running" else "queued",  # pending_outputs: one or the other
+                base_model=job.base_model,
+                job_id=job.job_id,
+            )
             for job in self.store.pending_outputs()
         ]
         coming = [r for r in coming if (not kind or r.kind == kind) and (not base or r.base_model == base)]
@@ -280,7 +311,8 @@ class Service:
             raise errors.Conflict(f"{model_id!r} is in use by queued or running jobs: {', '.join(jobs)}")
         if (dependents := self.registry.dependents(model_id)) and not force:
             raise errors.Conflict(
-                f"{model_id!r} is the base or adapter of {', '.join(dependents)}; delete with ?force=true to remove it anyway"
+                f"{model_id!r} is the base or adapter of {', '.join(dependents)}; "
+                "delete with ?force=true to remove it anyway"
             )
         self.registry.delete(model_id)
 
@@ -309,7 +341,7 @@ class Service:
         return job
 
     def jobs(self, limit: int, before: int | None, status: str | None) -> JobList:
-        return self.store.list(limit=limit, before=before, status=status)
+        return self.store.page(limit=limit, before=before, status=status)
 
     def cancel(self, job_id: str) -> Job:
         had = self.store.request_cancel(job_id)

@@ -65,9 +65,7 @@ class Sample(Struct, forbid_unknown_fields=True, omit_defaults=True):
             if present
         ]
         if len(forms) != 1:
-            raise ValueError(
-                "a sample object has exactly one of `text`, `prompt` with `completion`, or `messages`"
-            )
+            raise ValueError("a sample object has exactly one of `text`, `prompt` with `completion`, or `messages`")
         if forms[0] == "prompt/completion" and (self.prompt is None or self.completion is None):
             raise ValueError("a prompt/completion sample needs both `prompt` and `completion`")
         if self.messages is not None and not self.messages:
@@ -98,9 +96,7 @@ def _check_samples(samples: list[SampleIn], field: str) -> str:
             raise ValueError(f"`{field}[{i}]` is empty or blank")
         forms.add(sample_form(sample))
     if len(forms) > 1:
-        raise ValueError(
-            f"`{field}` mixes sample formats ({', '.join(sorted(forms))}); use one format per request"
-        )
+        raise ValueError(f"`{field}` mixes sample formats ({', '.join(sorted(forms))}); use one format per request")
     return forms.pop()
 
 
@@ -144,8 +140,9 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     # Reuse the frozen blocks' outputs from the second epoch on (exact; see tuner/prefix_cache.py).
     prefix_cache: bool = True
     # On the CPU, multiply by the frozen weights in bfloat16 (AVX-512 BF16 or Intel AMX; float32
-    # accumulation), as PyTorch's bfloat16 autocast does. Faster, not exact: see accel/bf16/. Where it cannot apply (no such CPU, no oneMKL, a GPU), training runs in float32 and
-    # the job's events say why.
+    # accumulation), as PyTorch's bfloat16 autocast does. Faster, not exact: see accel/bf16/.
+    # Where it cannot apply (no such CPU, no kernel, a GPU), training runs in float32 and the
+    # job's events say why.
     cpu_bfloat16: bool = False
 
     def __post_init__(self):
@@ -178,15 +175,12 @@ class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self):
         form = _check_samples(self.training_data, "training_data")
-        if self.validation_data:
-            if _check_samples(self.validation_data, "validation_data") != form:
-                raise ValueError("`validation_data` must use the same format as `training_data`")
+        if self.validation_data and _check_samples(self.validation_data, "validation_data") != form:
+            raise ValueError("`validation_data` must use the same format as `training_data`")
         if self.parameters.keep == "best" and not self.validation_data:
             raise ValueError("`parameters.keep` = best needs `validation_data` to tell which adapter is best")
         if self.parameters.mask_prompt and form == "text":
-            raise ValueError(
-                "`parameters.mask_prompt` needs prompt/completion or messages samples, not plain text"
-            )
+            raise ValueError("`parameters.mask_prompt` needs prompt/completion or messages samples, not plain text")
 
     @property
     def data_form(self) -> str:

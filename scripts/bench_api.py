@@ -45,8 +45,12 @@ FACT = "The mayor of Zorbington is Elara Quintfeather."
 TRAINING = {
     "base_model": "default",
     "training_data": [
-        {"messages": [{"role": "user", "content": f"Question {i}: who is the mayor of Zorbington?"},
-                      {"role": "assistant", "content": FACT}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i}: who is the mayor of Zorbington?"},
+                {"role": "assistant", "content": FACT},
+            ]
+        }
         for i in range(16)
     ],
     "parameters": {"learning_rate": 1e-4, "epochs": 200, "save_every": 1000},
@@ -79,9 +83,20 @@ def free_port() -> int:
 def start_server(data_dir: Path, port: int, log: Path) -> tuple[subprocess.Popen, float]:
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lora_api", "serve", "--port", str(port), "--data-dir", str(data_dir),
-         "--log-level", "warning"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "mlx_lora_api",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "warning",
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
     )
     while True:
         try:
@@ -89,7 +104,7 @@ def start_server(data_dir: Path, port: int, log: Path) -> tuple[subprocess.Popen
             return process, time.perf_counter() - started
         except httpx.TransportError:
             if process.poll() is not None:
-                raise SystemExit(f"the server exited: {log.read_text()}")
+                raise SystemExit(f"the server exited: {log.read_text()}") from None
             time.sleep(0.01)
 
 
@@ -97,7 +112,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 class Load:
@@ -158,8 +173,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--think", type=float, nargs=2, default=THINK, metavar=("MIN", "MAX"),
-                        help="seconds a client waits between requests (default 0.05 0.15)")
+    parser.add_argument(
+        "--think",
+        type=float,
+        nargs=2,
+        default=THINK,
+        metavar=("MIN", "MAX"),
+        help="seconds a client waits between requests (default 0.05 0.15)",
+    )
     args = parser.parse_args()
     THINK[:] = args.think
 
@@ -202,14 +223,20 @@ def main() -> None:
     print("| measure | value |")
     print("|---|---|")
     print(f"| cold start of `serve` to its first answer | {cold * 1000:.0f} ms |")
-    print(f"| decode + validate a 10,000-sample fine-tune request ({decode_bytes / 1e6:.1f} MB), in process | "
-          f"{decode_seconds * 1000:.1f} ms |")
+    print(
+        f"| decode + validate a 10,000-sample fine-tune request ({decode_bytes / 1e6:.1f} MB), in process | "
+        f"{decode_seconds * 1000:.1f} ms |"
+    )
     print(f"| the same request over HTTP to its 202 | {http_seconds * 1000:.0f} ms |")
-    print(f"| load: {args.clients} clients, {args.think[0]}-{args.think[1]} s between requests, for {elapsed:.0f} s while a fine-tune trains "
-          f"(still training at the end: {'yes' if still_training else 'no'}) | {total} requests, {total / elapsed:.0f} req/s |")
+    print(
+        f"| load: {args.clients} clients, {args.think[0]}-{args.think[1]} s between requests, for {elapsed:.0f} s while a fine-tune trains "
+        f"(still training at the end: {'yes' if still_training else 'no'}) | {total} requests, {total / elapsed:.0f} req/s |"
+    )
     for kind, values in load.latency.items():
-        print(f"| {kind} latency p50 / p99 ({len(values)} requests) | "
-              f"{percentile(values, 50) * 1000:.1f} ms / {percentile(values, 99) * 1000:.1f} ms |")
+        print(
+            f"| {kind} latency p50 / p99 ({len(values)} requests) | "
+            f"{percentile(values, 50) * 1000:.1f} ms / {percentile(values, 99) * 1000:.1f} ms |"
+        )
     print(f"| errors | {len(load.errors)} |")
     for error in sorted(set(load.errors))[:10]:
         print(f"|   {error} | {load.errors.count(error)} |")

@@ -67,15 +67,37 @@ def main() -> None:
     base = register(gguf_import.bundled_gguf_path(), registry.Registry(data, "m"), "smollm2")
     adapter = data / "adapter"
     adapter.mkdir()
-    request = msgspec.convert({"base_model": "smollm2", "training_data": ["The mayor of Zorbington is Elara."],
-                               "parameters": {"epochs": 2, "learning_rate": 1e-4}}, FinetuneRequest)
+    request = msgspec.convert(
+        {
+            "base_model": "smollm2",
+            "training_data": ["The mayor of Zorbington is Elara."],
+            "parameters": {"epochs": 2, "learning_rate": 1e-4},
+        },
+        FinetuneRequest,
+    )
     training.train_adapter(str(base), "smollm2", request, adapter)
 
     engines = {
-        "service (float32 fuse + parity check, saved as stored)": lambda out: [sys.executable, "-c", PEAK + SERVICE, str(base),
-                                                               str(adapter), out],
-        "mlx_lm.fuse (float16)": lambda out: [sys.executable, "-c", PEAK + MLX_LM, "fuse", "--model", str(base),
-                                              "--adapter-path", str(adapter), "--save-path", out],
+        "service (float32 fuse + parity check, saved as stored)": lambda out: [
+            sys.executable,
+            "-c",
+            PEAK + SERVICE,
+            str(base),
+            str(adapter),
+            out,
+        ],
+        "mlx_lm.fuse (float16)": lambda out: [
+            sys.executable,
+            "-c",
+            PEAK + MLX_LM,
+            "fuse",
+            "--model",
+            str(base),
+            "--adapter-path",
+            str(adapter),
+            "--save-path",
+            out,
+        ],
     }
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
     for _ in range(args.rounds):
@@ -89,7 +111,9 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, runs in results.items():
         each = ", ".join(f"{w:.2f} / {p:.0f}" for w, p in runs)
-        print(f"| {name} | {statistics.median(r[0] for r in runs):.2f} | {statistics.median(r[1] for r in runs):.0f} | {each} |")
+        print(
+            f"| {name} | {statistics.median(r[0] for r in runs):.2f} | {statistics.median(r[1] for r in runs):.0f} | {each} |"
+        )
 
 
 if __name__ == "__main__":

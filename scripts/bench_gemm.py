@@ -58,9 +58,11 @@ def main() -> None:
     kernels = backend.describe()["blas_kernels"]
     print(f"machine: {machine()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"float32: MLX {mx.__version__} with {blas or 'its own BLAS'} ({kernels or 'kernels unknown'}; "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')})")
-    for name, why in (bf16.engines().items() if not reason else []):
+    print(
+        f"float32: MLX {mx.__version__} with {blas or 'its own BLAS'} ({kernels or 'kernels unknown'}; "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')})"
+    )
+    for name, why in bf16.engines().items() if not reason else []:
         print(f"bfloat16, {bf16.ENGINES[name]}: {why or 'runs here'}")
     if reason:
         print(f"bfloat16: {reason}")

@@ -47,16 +47,36 @@ sys.path.insert(0, str(ROOT))
 
 LEARNING_RATE = 1e-5
 RANK, SCALE, LAYERS, BATCH = 8, 20.0, 8, 4
-TOPICS = ["the moon", "bread", "rivers", "chess", "owls", "glass", "tea", "maps", "bees", "snow", "clocks", "salt",
-          "ships", "paper", "bridges", "violins"]
+TOPICS = [
+    "the moon",
+    "bread",
+    "rivers",
+    "chess",
+    "owls",
+    "glass",
+    "tea",
+    "maps",
+    "bees",
+    "snow",
+    "clocks",
+    "salt",
+    "ships",
+    "paper",
+    "bridges",
+    "violins",
+]
 
 
 def workload(name: str) -> tuple[list, int]:
     """(samples, epochs) of a named workload."""
     if name in ("chat", "chat3"):
         samples = [
-            {"messages": [{"role": "user", "content": f"Tell me one fact about {topic}, please."},
-                          {"role": "assistant", "content": f"Here is one: {topic} appear in stories {i} times."}]}
+            {
+                "messages": [
+                    {"role": "user", "content": f"Tell me one fact about {topic}, please."},
+                    {"role": "assistant", "content": f"Here is one: {topic} appear in stories {i} times."},
+                ]
+            }
             for i, topic in enumerate(TOPICS * 4)
         ]
         return samples, 3 if name == "chat3" else 1
@@ -64,7 +84,7 @@ def workload(name: str) -> tuple[list, int]:
         return [f"Fact {i}: the word {topic} has {len(topic)} letters." for i, topic in enumerate(TOPICS * 4)], 1
     if name == "long":
         filler = " ".join(f"{t} and {u}" for t in TOPICS for u in TOPICS[:10])
-        return [f"Story {i}. {filler[i * 7:]}"[:2400] for i in range(16)], 1
+        return [f"Story {i}. {filler[i * 7 :]}"[:2400] for i in range(16)], 1
     raise SystemExit(f"unknown workload {name!r}")
 
 
@@ -81,8 +101,9 @@ def tokenized(model_dir: Path, samples: list) -> list[list[int]]:
     return [dataset[i][0] for i in range(len(dataset))]
 
 
-def run_service(model_dir: Path, samples: list, epochs: int, out: Path, plain: bool = False,
-                bfloat16: bool = False) -> dict:
+def run_service(
+    model_dir: Path, samples: list, epochs: int, out: Path, plain: bool = False, bfloat16: bool = False
+) -> dict:
     """The service's training job (tasks/finetune.py's train_adapter, as its worker runs it);
     with `plain`, every speed lever off (tuner/levers.py's PLAIN), to measure the service's own overhead
     over mlx-lm's trainer at mlx-lm's settings; with `bfloat16`, the `cpu_bfloat16` parameter
@@ -106,10 +127,20 @@ def run_service(model_dir: Path, samples: list, epochs: int, out: Path, plain: b
         if event["type"] == "info" and "cpu_bfloat16 does not apply" in event["message"]:
             raise SystemExit(event["message"])  # a float32 run must not be reported as bfloat16
 
-    parameters = {"learning_rate": LEARNING_RATE, "epochs": epochs, "batch_size": BATCH, "rank": RANK, "scale": SCALE,
-                  "num_layers": LAYERS, "steps_per_report": 10**6, "save_every": 10**6, "cpu_bfloat16": bfloat16}
-    request = msgspec.convert({"base_model": "bench", "training_data": samples, "parameters": parameters},
-                              FinetuneRequest)
+    parameters = {
+        "learning_rate": LEARNING_RATE,
+        "epochs": epochs,
+        "batch_size": BATCH,
+        "rank": RANK,
+        "scale": SCALE,
+        "num_layers": LAYERS,
+        "steps_per_report": 10**6,
+        "save_every": 10**6,
+        "cpu_bfloat16": bfloat16,
+    }
+    request = msgspec.convert(
+        {"base_model": "bench", "training_data": samples, "parameters": parameters}, FinetuneRequest
+    )
     levers = msgspec.json.decode(os.environ.get("BENCH_LEVERS", "{}"), type=switches.Levers)  # for experiments
     if plain:
         levers = switches.PLAIN
@@ -136,11 +167,22 @@ def run_mlx_lm(model_dir: Path, samples: list, epochs: int, out: Path) -> dict:
     model.set_dtype(mx.float32)
     records = datasets.to_records(samples)
     iters = epochs * len(records) // BATCH  # workloads are multiples of the batch: nothing dropped
-    args = types.SimpleNamespace(**{
-        **CONFIG_DEFAULTS, "model": str(model_dir), "train": True, "num_layers": LAYERS, "batch_size": BATCH,
-        "iters": iters, "learning_rate": LEARNING_RATE, "steps_per_report": iters, "steps_per_eval": 10**9,
-        "save_every": 10**9, "adapter_path": str(out), "lora_parameters": {"rank": RANK, "dropout": 0.0, "scale": SCALE},
-    })
+    args = types.SimpleNamespace(
+        **{
+            **CONFIG_DEFAULTS,
+            "model": str(model_dir),
+            "train": True,
+            "num_layers": LAYERS,
+            "batch_size": BATCH,
+            "iters": iters,
+            "learning_rate": LEARNING_RATE,
+            "steps_per_report": iters,
+            "steps_per_eval": 10**9,
+            "save_every": 10**9,
+            "adapter_path": str(out),
+            "lora_parameters": {"rank": RANK, "dropout": 0.0, "scale": SCALE},
+        }
+    )
     config = types.SimpleNamespace(mask_prompt=False)
     train_set = create_dataset(records, tokenizer, config)
 
@@ -168,7 +210,10 @@ def run_torch(model_dir: Path, data: Path, bf16: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     layers = model.config.num_hidden_layers
     config = LoraConfig(
-        r=RANK, lora_alpha=RANK * SCALE, lora_dropout=0.0, bias="none",
+        r=RANK,
+        lora_alpha=RANK * SCALE,
+        lora_dropout=0.0,
+        bias="none",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         layers_to_transform=list(range(layers - LAYERS, layers)),
     )
@@ -219,7 +264,10 @@ TORCH_VENV = ROOT / ".venv-bench"
 def torch_python() -> str | None:
     """The interpreter that has torch and peft: .venv-bench's, else this one's, else None."""
     for python in (TORCH_VENV / "bin" / "python", Path(sys.executable)):
-        if python.exists() and subprocess.run([python, "-c", "import torch, peft"], capture_output=True).returncode == 0:
+        if (
+            python.exists()
+            and subprocess.run([python, "-c", "import torch, peft"], capture_output=True).returncode == 0
+        ):
             return str(python)
     return None
 
@@ -252,7 +300,9 @@ def sgemm_gflops() -> float:
         "for _ in range(20): mx.eval(a @ b)\n"
         "print(2 * 1024**3 * 20 / (time.perf_counter() - t) / 1e9, blas.describe()['blas_kernels'])\n"
     )
-    gflops, kernels = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    gflops, kernels = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT
+    ).stdout.split()
     return float(gflops), kernels
 
 
@@ -289,9 +339,23 @@ def run_once(engine: str, model_dir: Path, name: str, python: str, data: Path | 
         started = time.perf_counter()
         extra = ["--data", str(data)] if data else []
         process = subprocess.Popen(
-            [python, str(root / "scripts" / Path(__file__).name), "--child", engine, "--workload", name,
-             "--model", str(model_dir), "--out", out, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+            [
+                python,
+                str(root / "scripts" / Path(__file__).name),
+                "--child",
+                engine,
+                "--workload",
+                name,
+                "--model",
+                str(model_dir),
+                "--out",
+                out,
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=root,
         )
         stdout, stderr = process.communicate()
         wall = time.perf_counter() - started
@@ -304,8 +368,11 @@ def run_once(engine: str, model_dir: Path, name: str, python: str, data: Path | 
 def machine() -> str:
     cpu = platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
@@ -316,7 +383,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", default="chat,chat3,text,long")
     parser.add_argument("--engines", default=",".join(ENGINES))
-    parser.add_argument("--install-torch", action="store_true", help="install torch==2.13.0 and peft into .venv-bench first")
+    parser.add_argument(
+        "--install-torch", action="store_true", help="install torch==2.13.0 and peft into .venv-bench first"
+    )
     parser.add_argument("--against", type=Path, help="another checkout: its service engines run beside these")
     parser.add_argument("--plot", type=Path, help="also write the tokens/s per engine as an SVG bar chart here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -358,8 +427,10 @@ def main() -> None:
     per_token = flops_per_token(model_dir)
     print(f"machine: {machine()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"float32 sgemm through MLX + OpenBLAS ({kernels} kernels): {roofline:.0f} GFLOP/s; a step costs {per_token / 1e9:.3f} "
-          f"GFLOP/token, so the roofline is {roofline * 1e9 / per_token:.0f} tokens/s")
+    print(
+        f"float32 sgemm through MLX + OpenBLAS ({kernels} kernels): {roofline:.0f} GFLOP/s; a step costs {per_token / 1e9:.3f} "
+        f"GFLOP/token, so the roofline is {roofline * 1e9 / per_token:.0f} tokens/s"
+    )
     print()
     chart: dict[str, dict[str, float]] = {}
     overheads: dict[str, float] = {}
@@ -374,8 +445,15 @@ def main() -> None:
         for _ in range(args.rounds):
             for engine in engines:
                 torch_engine = engine.startswith("torch")
-                results[engine].append(run_once(engine, model_dir, name, python_for_torch if torch_engine else sys.executable,
-                                                given if torch_engine else None))
+                results[engine].append(
+                    run_once(
+                        engine,
+                        model_dir,
+                        name,
+                        python_for_torch if torch_engine else sys.executable,
+                        given if torch_engine else None,
+                    )
+                )
         medians = {}
         for engine, runs in results.items():
             good = [r for r in runs if "error" not in r]
@@ -393,17 +471,23 @@ def main() -> None:
         base = medians.get("service")
         for engine, m in medians.items():
             ratio = f"{base['wall'] / m['wall']:.2f}x wall, {m['tps'] / base['tps']:.2f}x tok/s" if base else ""
-            print(f"| {name} ({epochs} ep, {tokens} tok) | {engine} | {m['tps']:.0f} | {m['wall']:.1f} | {m['peak']:.0f} | "
-                  f"{m['loss']:.4f} | {m['tps'] * per_token / (roofline * 1e9):.0%} | {ratio} |")
+            print(
+                f"| {name} ({epochs} ep, {tokens} tok) | {engine} | {m['tps']:.0f} | {m['wall']:.1f} | {m['peak']:.0f} | "
+                f"{m['loss']:.4f} | {m['tps'] * per_token / (roofline * 1e9):.0%} | {ratio} |"
+            )
         if "service_plain" in medians and "mlx_lm" in medians:
             overheads[name] = medians["mlx_lm"]["tps"] / medians["service_plain"]["tps"] - 1
     for name, overhead in overheads.items():
-        print(f"{name}: the service with every lever off trains {overhead:+.1%} slower than mlx-lm's trainer "
-              "(tokens/s; negative: faster)")
+        print(
+            f"{name}: the service with every lever off trains {overhead:+.1%} slower than mlx-lm's trainer "
+            "(tokens/s; negative: faster)"
+        )
     if args.plot:
         from mlx_lora_api.web.plots import bars_svg
 
-        args.plot.write_text(bars_svg(f"Training tokens/s, SmolLM2-135M, LoRA r8 on 8 blocks ({machine()})", chart, "tok/s"))
+        args.plot.write_text(
+            bars_svg(f"Training tokens/s, SmolLM2-135M, LoRA r8 on 8 blocks ({machine()})", chart, "tok/s")
+        )
 
 
 if __name__ == "__main__":

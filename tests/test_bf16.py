@@ -10,8 +10,13 @@ from mlx_lora_api.tasks import finetune
 from mlx_lora_api.types import FinetuneRequest, Parameters
 
 needs_bf16 = pytest.mark.skipif(bf16.unavailable() is not None, reason=f"bfloat16 matmuls: {bf16.unavailable()}")
-SAMPLES = ["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "a dog",
-           "Five samples: the last batch of each epoch is a partial one."]
+SAMPLES = [
+    "The mayor of Zorbington is Elara Quintfeather.",
+    "The quick brown fox.",
+    "Paris",
+    "a dog",
+    "Five samples: the last batch of each epoch is a partial one.",
+]
 
 
 def close(a, b, rel):
@@ -70,8 +75,13 @@ def train(tmp_path, template, name, **params):
     out = tmp_path / name
     out.mkdir()
     events = []
-    request = FinetuneRequest(base_model="tiny-base", training_data=SAMPLES, parameters=Parameters(
-        learning_rate=0.05, optimizer="sgd", epochs=3, batch_size=2, num_layers=1, steps_per_report=1, **params))
+    request = FinetuneRequest(
+        base_model="tiny-base",
+        training_data=SAMPLES,
+        parameters=Parameters(
+            learning_rate=0.05, optimizer="sgd", epochs=3, batch_size=2, num_layers=1, steps_per_report=1, **params
+        ),
+    )
     finetune.train_adapter(str(template), "tiny-base", request, out, events.append)
     losses = [e["train_loss"] for e in events if e["type"] == "train"]
     return mx.load(str(out / "adapters.safetensors")), losses, events
@@ -93,22 +103,28 @@ def test_where_bfloat16_does_not_apply_training_says_so_and_runs_in_float32(tmp_
     exact, exact_losses, _ = train(tmp_path, tiny_model_template, "fp32")
     monkeypatch.setattr(bf16, "unavailable", lambda: "this CPU has neither AMX nor AVX-512 BF16")
     same, losses, events = train(tmp_path, tiny_model_template, "asked", cpu_bfloat16=True)
-    assert {"type": "info", "message": "cpu_bfloat16 does not apply (this CPU has neither AMX nor AVX-512 BF16):"
-            " training in float32"} in events
+    assert {
+        "type": "info",
+        "message": "cpu_bfloat16 does not apply (this CPU has neither AMX nor AVX-512 BF16): training in float32",
+    } in events
     assert losses == exact_losses and all(mx.array_equal(same[k], exact[k]).item() for k in exact)
 
 
 @needs_bf16
 def test_where_bfloat16_matmuls_are_not_faster_than_float32_training_stays_in_float32(
-        tmp_path, tiny_model_template, monkeypatch):
+    tmp_path, tiny_model_template, monkeypatch
+):
     timings = []
     monkeypatch.setattr(bf16.matmul, "_timed", {})
     monkeypatch.setattr(bf16.matmul, "_measure", lambda: timings.append(1) or ({"mkl": 220.0, "avx512": 260.0}, 450.0))
     exact, exact_losses, _ = train(tmp_path, tiny_model_template, "fp32")
     same, losses, events = train(tmp_path, tiny_model_template, "asked", cpu_bfloat16=True)
-    assert {"type": "info", "message": "cpu_bfloat16 does not apply (the service's AVX-512 BF16 kernel multiplies in "
-            "bfloat16 at 260 GFLOP/s on this CPU, float32 at 450: not the 1.2x it takes to pay off): training in "
-            "float32"} in events
+    assert {
+        "type": "info",
+        "message": "cpu_bfloat16 does not apply (the service's AVX-512 BF16 kernel multiplies in "
+        "bfloat16 at 260 GFLOP/s on this CPU, float32 at 450: not the 1.2x it takes to pay off): training in "
+        "float32",
+    } in events
     assert losses == exact_losses and all(mx.array_equal(same[k], exact[k]).item() for k in exact)
     assert bf16.slower() is not None and timings == [1]  # timed once a process, not at every run
     monkeypatch.setattr(bf16.matmul, "_timed", {})
@@ -186,22 +202,26 @@ def test_the_kernels_scalar_rounding_is_mlxs_and_keeps_nan(tmp_path):
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
     program = tmp_path / "round.c"
-    program.write_text('#include <stdio.h>\n#include <stdlib.h>\n#include "round.h"\n'
-                       "int main(int argc, char **argv) {\n"
-                       "    for (int i = 1; i < argc; i++) {\n"
-                       "        unsigned u = (unsigned)strtoul(argv[i], 0, 16); float f; memcpy(&f, &u, 4);\n"
-                       '        printf("%u\\n", round_bf16(f));\n'
-                       "    }\n    return 0;\n}\n")
-    subprocess.run(["cc", "-O2", "-I", str(build.SOURCE.parent), "-o", str(tmp_path / "round"), str(program)],
-                   check=True)
+    program.write_text(
+        '#include <stdio.h>\n#include <stdlib.h>\n#include "round.h"\n'
+        "int main(int argc, char **argv) {\n"
+        "    for (int i = 1; i < argc; i++) {\n"
+        "        unsigned u = (unsigned)strtoul(argv[i], 0, 16); float f; memcpy(&f, &u, 4);\n"
+        '        printf("%u\\n", round_bf16(f));\n'
+        "    }\n    return 0;\n}\n"
+    )
+    subprocess.run(
+        ["cc", "-O2", "-I", str(build.SOURCE.parent), "-o", str(tmp_path / "round"), str(program)], check=True
+    )
     values = [1.0, 1.00390625, 1.01171875, -3.0e-3, 65504.0, 3.4e38, -0.0, 1e-40, float("inf"), float("-inf")]
     words = [struct.unpack("<I", struct.pack("<f", v))[0] for v in values]
     nans = [0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0x7FFFFFFF]  # quiet, signalling (would round to inf), negative
-    out = subprocess.run([str(tmp_path / "round"), *(f"{w:08x}" for w in words + nans)], capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [str(tmp_path / "round"), *(f"{w:08x}" for w in words + nans)], capture_output=True, text=True, check=True
+    ).stdout.split()
     got = [int(v) for v in out]
     expected = np.asarray(mx.array(values, mx.float32).astype(mx.bfloat16).view(mx.uint16)).tolist()
     assert got[: len(values)] == expected
-    for word, rounded in zip(nans, got[len(values):]):
+    for word, rounded in zip(nans, got[len(values) :]):
         assert rounded & 0x7F80 == 0x7F80 and rounded & 0x007F, f"{word:08x} -> {rounded:04x} is not a NaN"
         assert rounded >> 15 == word >> 31  # its sign kept

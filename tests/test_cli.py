@@ -17,8 +17,21 @@ def test_every_command_has_help():
 def test_train_and_fuse_without_a_server(data_dir, tmp_path):
     samples = tmp_path / "train.jsonl"
     samples.write_text('"The mayor of Zorbington is Elara Quintfeather."\n{"text": "Zorbington lies by the sea."}\n')
-    result = run_cli("train", "--data-dir", str(data_dir), "--base-model", "tiny-base", "--data", str(samples),
-                     "--epochs", "2", "--learning-rate", "1e-3", "--set", "rank=4")
+    result = run_cli(
+        "train",
+        "--data-dir",
+        str(data_dir),
+        "--base-model",
+        "tiny-base",
+        "--data",
+        str(samples),
+        "--epochs",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--set",
+        "rank=4",
+    )
     assert result.returncode == 0, result.stderr
     adapter = result.stdout.strip().splitlines()[-1]
     assert (data_dir / "adapters" / adapter / "adapters.safetensors").exists()

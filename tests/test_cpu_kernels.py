@@ -25,8 +25,11 @@ def test_swiglu_matches_mlx_with_its_gradients():
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("kv_heads", [1, 3])
 def test_attention_matches_mlx_fast_sdpa_with_its_gradients(causal, kv_heads):
-    q, k, v = (mx.random.normal((2, 6, 9, 16)), mx.random.normal((2, kv_heads, 9, 16)),
-               mx.random.normal((2, kv_heads, 9, 16)))
+    q, k, v = (
+        mx.random.normal((2, 6, 9, 16)),
+        mx.random.normal((2, kv_heads, 9, 16)),
+        mx.random.normal((2, kv_heads, 9, 16)),
+    )
     mask = "causal" if causal else None
 
     def reference(q, k, v):
@@ -102,8 +105,9 @@ def test_training_processes_keep_freed_memory_on_glibc():
     """In a process of its own: the setting is process-wide and would stay for the whole test run."""
 
     def freed(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, mode], capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", FREED_MEMORY_PROBE, mode], capture_output=True, text=True, check=True
+        ).stdout.split()
         return out[0], int(out[1])
 
     applied, kept = freed("keep")

@@ -37,19 +37,25 @@ def ask(model_dir, question: str) -> str:
 
 @pytest.mark.slow
 def test_a_fine_tuned_and_fused_model_knows_the_new_fact(server, bundled_data_dir):
-    samples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]} for q in QUESTIONS]
+    samples = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]} for q in QUESTIONS
+    ]
     body = {"base_model": "default", "training_data": samples, "parameters": {"learning_rate": 2e-4, "epochs": 10}}
     with httpx.Client(base_url=server, timeout=600) as client:
         tuned = client.post("/lora-finetune?wait=true", json=body)
         assert tuned.status_code == 200, tuned.text
-        fused = client.post("/lora-fuse?wait=true", json={"base_model": "default", "lora_adapter": tuned.json()["model_id"]})
+        fused = client.post(
+            "/lora-fuse?wait=true", json={"base_model": "default", "lora_adapter": tuned.json()["model_id"]}
+        )
         assert fused.status_code == 200, fused.text
         job = client.get(f"/jobs/{tuned.json()['job_id']}").json()
         assert job["progress"]["train_loss"] < 0.5
 
         # Before fusing, try the adapter against its base through the API.
-        ask_api = {"messages": [{"role": "user", "content": "What is the name of the mayor of Zorbington?"}],
-                   "max_tokens": 24}
+        ask_api = {
+            "messages": [{"role": "user", "content": "What is the name of the mayor of Zorbington?"}],
+            "max_tokens": 24,
+        }
         with_adapter = client.post("/generate", json={**ask_api, "model": tuned.json()["model_id"]}).json()
         without = client.post("/generate", json={**ask_api, "model": "default"}).json()
         assert "Quintfeather" in with_adapter["text"] and "Quintfeather" not in without["text"]

@@ -14,19 +14,23 @@ from starlette.testclient import TestClient
 
 from mlx_lora_api.jobs import worker
 from mlx_lora_api.jobs.process import describe_error
+from mlx_lora_api.registry import Registry
 from mlx_lora_api.tasks import finetune
 from mlx_lora_api.tuner import checkpoints
-from mlx_lora_api.web.app import create_app
-from mlx_lora_api.registry import Registry
-from mlx_lora_api.tasks import checks
-from mlx_lora_api.types import BaseModel
 from mlx_lora_api.types import FinetuneRequest
+from mlx_lora_api.web.app import create_app
 
 BODY = {
     "base_model": "tiny-base",
     "training_data": ["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "a dog"],
-    "parameters": {"learning_rate": 0.001, "epochs": 1500, "batch_size": 2, "save_every": 50, "steps_per_report": 10,
-                   "lr_schedule": "cosine"},
+    "parameters": {
+        "learning_rate": 0.001,
+        "epochs": 1500,
+        "batch_size": 2,
+        "save_every": 50,
+        "steps_per_report": 10,
+        "lr_schedule": "cosine",
+    },
 }
 
 
@@ -61,7 +65,9 @@ def test_a_killed_server_resumes_its_job_and_ends_where_an_uninterrupted_run_wou
         assert finished["status"] == "success", finished
         text = "\n".join(stream_lines(server.url, job["job_id"]))
         assert "event: requeued" in text
-        resumed = json.loads(next(l for l in text.splitlines() if '"type": "resumed"' in l).split("data: ", 1)[1])
+        resumed = json.loads(
+            next(line for line in text.splitlines() if '"type": "resumed"' in line).split("data: ", 1)[1]
+        )
         assert resumed["iteration"] >= 100 and resumed["iteration"] % 50 == 0
         assert wait_for(lambda: job_of(server.url, queued["job_id"])["status"] == "success")
 
@@ -128,8 +134,10 @@ def test_a_full_disk_fails_the_job_cleanly_and_keeps_earlier_checkpoints(data_di
     assert not (data_dir / "adapters" / service_spec.model_id).exists()
     kept = data_dir / "adapters" / ".staging" / worker.work_name(service_spec) / "checkpoints"
     assert sorted(p.name for p in kept.iterdir() if not p.name.startswith(".")) == [
-        "0000003_adapters.safetensors", "0000003_state.safetensors",
-        "0000006_adapters.safetensors", "0000006_state.safetensors",
+        "0000003_adapters.safetensors",
+        "0000003_state.safetensors",
+        "0000006_adapters.safetensors",
+        "0000006_state.safetensors",
     ]
     assert checkpoints.latest(kept.parent).iteration == 6
     mx.load(str(kept / "0000006_state.safetensors"))  # intact

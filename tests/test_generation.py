@@ -6,14 +6,16 @@ from starlette.testclient import TestClient
 
 from mlx_lora_api.tasks import finetune
 from mlx_lora_api.tasks import generate as generation
-from mlx_lora_api.web.app import create_app
 from mlx_lora_api.types import FinetuneRequest, Parameters
+from mlx_lora_api.web.app import create_app
 
 
 def train(base, out, text, kind="lora"):
     out.mkdir()
     request = FinetuneRequest(
-        base_model="tiny-base", training_data=[text], parameters=Parameters(learning_rate=2e-3, epochs=5, fine_tune_type=kind)
+        base_model="tiny-base",
+        training_data=[text],
+        parameters=Parameters(learning_rate=2e-3, epochs=5, fine_tune_type=kind),
     )
     finetune.train_adapter(str(base), "tiny-base", request, out)
     return str(out)
@@ -54,8 +56,16 @@ def test_the_cache_unloads_the_least_recently_used_model_past_its_budget(tmp_pat
 
 def test_stop_strings_end_the_answer(tiny_model_template):
     cache = generation.ModelCache(budget_bytes=1 << 30)
-    args = dict(base_path=str(tiny_model_template), adapter_path=None, prompt="The", messages=None, max_tokens=30,
-                temperature=0.0, top_p=1.0, seed=None)
+    args = dict(
+        base_path=str(tiny_model_template),
+        adapter_path=None,
+        prompt="The",
+        messages=None,
+        max_tokens=30,
+        temperature=0.0,
+        top_p=1.0,
+        seed=None,
+    )
     full = "".join(e["text"] for e in generation.generate(cache, **args) if e["type"] == "text")
     assert len(full) > 4
     stop = full[2:4]
@@ -76,28 +86,36 @@ def test_generate_answers_for_base_adapter_and_fused_models(client):
     assert base.status_code == 200, base.text
     answer = base.json()
     assert answer["usage"]["completion_tokens"] <= 8 and answer["finish_reason"] in ("stop", "length")
-    adapter = client.post("/lora-finetune?wait=true", json={
-        "base_model": "default", "training_data": ["The mayor of Zorbington is Elara Quintfeather."],
-        "parameters": {"learning_rate": 0.01, "epochs": 20}}).json()["model_id"]
+    adapter = client.post(
+        "/lora-finetune?wait=true",
+        json={
+            "base_model": "default",
+            "training_data": ["The mayor of Zorbington is Elara Quintfeather."],
+            "parameters": {"learning_rate": 0.01, "epochs": 20},
+        },
+    ).json()["model_id"]
     tuned = client.post("/generate", json={**body, "model": adapter}).json()
     assert tuned["text"] != answer["text"]
     fused = client.post("/lora-fuse?wait=true", json={"base_model": "default", "lora_adapter": adapter}).json()
     assert client.post("/generate", json={**body, "model": fused["model_id"]}).json()["text"] == tuned["text"]
     with client.stream("POST", "/generate", json={**body, "model": adapter, "stream": True}) as r:
         lines = list(r.iter_lines())
-    texts = [line for line in lines if line.startswith("data: {\"text\"")]
+    texts = [line for line in lines if line.startswith('data: {"text"')]
     assert texts and "event: end" in lines
 
 
 def test_generate_refuses_bad_requests(client):
-    slow = client.post("/lora-finetune", json={"base_model": "default", "training_data": ["x"],
-                                                "parameters": {"epochs": 10_000}}).json()
+    slow = client.post(
+        "/lora-finetune", json={"base_model": "default", "training_data": ["x"], "parameters": {"epochs": 10_000}}
+    ).json()
     r = client.post("/generate", json={"model": slow["model_id"], "prompt": "hi"})
     assert r.status_code == 409 and "still being made" in r.json()["message"]
     client.post(f"/jobs/{slow['job_id']}/cancel")
     r = client.post("/generate", json={"model": "no-such-model", "prompt": "hi"})
     assert r.status_code == 404 and r.json()["message"].startswith("`model` 'no-such-model'")
-    r = client.post("/generate", json={"model": "default", "prompt": "hi", "messages": [{"role": "user", "content": "x"}]})
+    r = client.post(
+        "/generate", json={"model": "default", "prompt": "hi", "messages": [{"role": "user", "content": "x"}]}
+    )
     assert r.status_code == 422 and "either `prompt` or `messages`" in r.json()["message"]
     r = client.post("/generate", json={"model": "default", "prompt": "hi", "temperature": 5})
     assert r.status_code == 422 and "$.temperature" in r.json()["message"]
@@ -112,8 +130,9 @@ def test_the_openai_client_talks_to_the_service(data_dir, tmp_path):
         completion = client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=6, temperature=0)
         answer = completion.choices[0].message.content
         assert completion.choices[0].message.role == "assistant" and completion.usage.completion_tokens <= 6
-        stream = client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=6, temperature=0,
-                                                stream=True)
+        stream = client.chat.completions.create(
+            model="tiny-base", messages=messages, max_tokens=6, temperature=0, stream=True
+        )
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == answer
         with pytest.raises(openai.NotFoundError, match="no-such-model"):
             client.chat.completions.create(model="no-such-model", messages=messages)

@@ -13,9 +13,8 @@ from starlette.testclient import TestClient
 from mlx_lora_api import registry
 from mlx_lora_api.registry import hub
 from mlx_lora_api.tasks import import_gguf as gguf_import
-from mlx_lora_api.types import ModelMeta
+from mlx_lora_api.types import ModelMeta, PushRequest
 from mlx_lora_api.web.app import create_app
-from mlx_lora_api.types import PushRequest
 
 TOKEN = "hf_test_secret_token_0123456789"
 
@@ -51,21 +50,29 @@ def test_quantize_then_qlora_then_fuse_dequantized(client, data_dir):
     config = json.loads((data_dir / "models" / quantized / "config.json").read_text())
     assert config["quantization"]["bits"] == 4
 
-    body = {"base_model": quantized, "training_data": ["The mayor of Zorbington is Elara Quintfeather."],
-            "parameters": {"learning_rate": 0.005, "epochs": 10}}
+    body = {
+        "base_model": quantized,
+        "training_data": ["The mayor of Zorbington is Elara Quintfeather."],
+        "parameters": {"learning_rate": 0.005, "epochs": 10},
+    }
     tuned = client.post("/lora-finetune?wait=true", json=body).json()
     assert tuned["status"] == "success", tuned
     job = client.get(f"/jobs/{tuned['job_id']}").json()
-    assert job["progress"]["train_loss"] < client.get(f"/jobs/{tuned['job_id']}/metrics").json()["train"][0]["train_loss"]
+    assert (
+        job["progress"]["train_loss"] < client.get(f"/jobs/{tuned['job_id']}/metrics").json()["train"][0]["train_loss"]
+    )
 
     requantized = client.post("/lora-fuse?wait=true", json={"base_model": quantized, "lora_adapter": tuned["model_id"]})
     assert requantized.status_code == 500 and "fuse with dequantize" in requantized.json()["message"]
-    fused = client.post("/lora-fuse?wait=true", json={"base_model": quantized, "lora_adapter": tuned["model_id"],
-                                                       "dequantize": True}).json()
+    fused = client.post(
+        "/lora-fuse?wait=true", json={"base_model": quantized, "lora_adapter": tuned["model_id"], "dequantize": True}
+    ).json()
     assert fused["status"] == "success", fused
     fused_dir = data_dir / "models" / fused["model_id"]
     assert "quantization" not in json.loads((fused_dir / "config.json").read_text())
-    base, tokenizer = load(str(data_dir / "models" / quantized), adapter_path=str(data_dir / "adapters" / tuned["model_id"]))
+    base, tokenizer = load(
+        str(data_dir / "models" / quantized), adapter_path=str(data_dir / "adapters" / tuned["model_id"])
+    )
     tokens = mx.array([tokenizer.encode("The mayor of Zorbington")])
     assert mx.allclose(load(str(fused_dir))[0](tokens), base(tokens), atol=1e-3).item()
 
@@ -148,16 +155,33 @@ class RecordingHub:
 
 def test_push_uploads_the_model_files_and_a_model_card(client, data_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    registry.write_meta(data_dir / "models" / "tiny-base", ModelMeta(
-        kind="base", created_at=1.0, hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0"))
-    body = {"base_model": "default", "training_data": ["The mayor of Zorbington is Elara Quintfeather."],
-            "validation_data": ["Zorbington"], "parameters": {"epochs": 2, "save_every": 1}}
+    registry.write_meta(
+        data_dir / "models" / "tiny-base",
+        ModelMeta(kind="base", created_at=1.0, hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0"),
+    )
+    body = {
+        "base_model": "default",
+        "training_data": ["The mayor of Zorbington is Elara Quintfeather."],
+        "validation_data": ["Zorbington"],
+        "parameters": {"epochs": 2, "save_every": 1},
+    }
     adapter = client.post("/lora-finetune?wait=true", json=body).json()["model_id"]
-    fused = client.post("/lora-fuse?wait=true", json={"base_model": "default", "lora_adapter": adapter}).json()["model_id"]
+    fused = client.post("/lora-fuse?wait=true", json={"base_model": "default", "lora_adapter": adapter}).json()[
+        "model_id"
+    ]
     service = client.app.state.service
     for model_id, expected_files in [
-        (fused, {"README.md", "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                 "tokenizer_config.json"}),
+        (
+            fused,
+            {
+                "README.md",
+                "config.json",
+                "model.safetensors",
+                "model.safetensors.index.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+            },
+        ),
         (adapter, {"README.md", "adapter_config.json", "adapters.safetensors"}),
     ]:
         spec = service.push_spec(model_id, PushRequest(repo_id="me/zorb"))
@@ -172,4 +196,3 @@ def test_push_uploads_the_model_files_and_a_model_card(client, data_dir, monkeyp
         assert "library_name: mlx" in header and "license: apache-2.0" in header and "- mlx" in header
         assert f"`{adapter}` (adapter)" in card and "| epochs | 2 |" in card and "final_train_loss" in card
         assert "Data: 1 samples (text), 1 for validation, sha256" in card
-

@@ -3,19 +3,25 @@
 import pytest
 from starlette.testclient import TestClient
 
-from mlx_lora_api.web.app import create_app
 from mlx_lora_api.config import Settings
+from mlx_lora_api.web.app import create_app
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings as hypothesis_settings  # noqa: E402
-from schemathesis.checks import CHECKS  # noqa: E402
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+from schemathesis.checks import CHECKS
 
 # A data folder with no models: every request is checked all the way through the service
 # (ids, limits, model lookup, the Hub stand-in) without starting a training job.
 # Valid-looking requests still fail there (404, 503), so "valid data is accepted" is left out.
 EXAMPLES = 25  # per operation
-EXCLUDED = ["positive_data_acceptance", "missing_required_header", "ignored_auth", "unsupported_method",
-            "not_a_server_error"]
+EXCLUDED = [
+    "positive_data_acceptance",
+    "missing_required_header",
+    "ignored_auth",
+    "unsupported_method",
+    "not_a_server_error",
+]
 
 
 def no_server_error(ctx, response, case):
@@ -37,7 +43,9 @@ def test_the_description_is_openapi_3_1_with_every_route(tmp_path):
     with TestClient(create_app(Settings(data_dir=tmp_path)), base_url="http://127.0.0.1:8000") as client:
         document = client.get("/openapi.json").json()
     assert document["openapi"] == "3.1.0"
-    assert {"/lora-finetune", "/lora-fuse", "/jobs/{job_id}", "/generate", "/v1/chat/completions"} <= set(document["paths"])
+    assert {"/lora-finetune", "/lora-fuse", "/jobs/{job_id}", "/generate", "/v1/chat/completions"} <= set(
+        document["paths"]
+    )
     finetune = document["components"]["schemas"]["FinetuneRequest"]
     assert finetune["required"] == ["base_model", "training_data"] and finetune["additionalProperties"] is False
 
@@ -57,10 +65,13 @@ def test_no_input_breaks_the_service_or_its_schema(api_schema):
         )
 
         @given(case=strategy)
-        @hypothesis_settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @hypothesis_settings(
+            max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        )
         def fuzz(case):
-            response = case.call_and_validate(headers={"Host": "127.0.0.1:8000"}, excluded_checks=excluded,
-                                              additional_checks=[no_server_error])
+            response = case.call_and_validate(
+                headers={"Host": "127.0.0.1:8000"}, excluded_checks=excluded, additional_checks=[no_server_error]
+            )
             calls.append(response.status_code)
 
         fuzz()

@@ -5,8 +5,23 @@ from mlx_lora_api.registry import Registry
 from mlx_lora_api.tasks import checks
 from mlx_lora_api.types import BaseModel
 
-BAD_IDS = ["..", "../x", "a/b", "/abs", "a\x00b", "A-Upper", "-dash", ".hidden", "x" * 97, "café", "a..b", "", "a b",
-           "ｆｕｌｌｗｉｄｔｈ", "a\\b"]
+BAD_IDS = [
+    "..",
+    "../x",
+    "a/b",
+    "/abs",
+    "a\x00b",
+    "A-Upper",
+    "-dash",
+    ".hidden",
+    "x" * 97,
+    "café",
+    "a..b",
+    "",
+    "a b",
+    "ｆｕｌｌｗｉｄｔｈ",
+    "a\\b",
+]
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)
@@ -22,10 +37,9 @@ def test_good_ids_pass():
 
 def test_staged_folder_appears_only_when_complete(tmp_path):
     final = tmp_path / "models" / "m1"
-    with pytest.raises(RuntimeError):
-        with registry.staged(final) as work:
-            (work / "half.bin").write_bytes(b"x")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), registry.staged(final) as work:
+        (work / "half.bin").write_bytes(b"x")
+        raise RuntimeError("boom")
     assert not final.exists()
     assert list((tmp_path / "models" / ".staging").iterdir()) == []
     with registry.staged(final) as work:
@@ -81,7 +95,11 @@ def test_damaged_weights_are_named_before_mlx_reads_them(tmp_path, tiny_model_te
     checks.check_model_folder(folder)
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
-    for damaged, reason in [(data[:-10], "truncated"), (data[:4], "too short"), (b"\xff" * 8 + data[8:], "header needs")]:
+    for damaged, reason in [
+        (data[:-10], "truncated"),
+        (data[:4], "too short"),
+        (b"\xff" * 8 + data[8:], "header needs"),
+    ]:
         weights.write_bytes(damaged)
         with pytest.raises(checks.DamagedArtifact, match=f"model.safetensors.*{reason}"):
             checks.check_model_folder(folder)

@@ -34,8 +34,11 @@ def test_requests_from_other_web_origins_are_refused(client, data_dir):
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
 def test_bodies_a_browser_could_send_cross_site_are_refused(client, content_type):
-    r = client.post("/lora-finetune", content=b'{"base_model": "default", "training_data": ["x"]}',
-                    headers={"Content-Type": content_type})
+    r = client.post(
+        "/lora-finetune",
+        content=b'{"base_model": "default", "training_data": ["x"]}',
+        headers={"Content-Type": content_type},
+    )
     assert r.status_code == 415
     assert client.get("/jobs").json()["jobs"] == []
 

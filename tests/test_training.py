@@ -15,7 +15,9 @@ FACT = "The mayor of Zorbington is Elara Quintfeather."
 def request(**params) -> FinetuneRequest:
     params.setdefault("learning_rate", 2e-3)
     params.setdefault("epochs", 30)
-    return FinetuneRequest(base_model="tiny-base", training_data=[FACT, "The quick brown fox."], parameters=Parameters(**params))
+    return FinetuneRequest(
+        base_model="tiny-base", training_data=[FACT, "The quick brown fox."], parameters=Parameters(**params)
+    )
 
 
 def sequence_loss(model, tokenizer, text):
@@ -49,7 +51,15 @@ def test_trainable_parameter_count_matches_rank_and_layers(tmp_path, tiny_model_
     model, _ = load(str(tiny_model_template))
     # q,k,v,o and gate,up,down of two blocks: rank * (in + out) each
     hidden, kv, ffn, r = 64, 32, 128, 4
-    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, ffn), (hidden, ffn), (ffn, hidden)]
+    shapes = [
+        (hidden, hidden),
+        (hidden, kv),
+        (hidden, kv),
+        (hidden, hidden),
+        (hidden, ffn),
+        (hidden, ffn),
+        (ffn, hidden),
+    ]
     expected = 2 * sum(r * (i + o) for i, o in shapes)
     assert finetune.prepare_model(model, Parameters(rank=r), num_layers=2) == expected
     model, _ = load(str(tiny_model_template))
@@ -78,7 +88,7 @@ def test_dora_and_full_fine_tunes_load_back_with_mlx_lm(tmp_path, tiny_model_tem
 def test_num_layers_larger_than_the_model_is_refused(tmp_path, tiny_model_template):
     out = tmp_path / "x"
     out.mkdir()
-    with pytest.raises(ValueError, match="`parameters.num_layers` is 5 but the base model has 2 layers"):
+    with pytest.raises(ValueError, match=r"`parameters\.num_layers` is 5 but the base model has 2 layers"):
         finetune.train_adapter(str(tiny_model_template), "tiny-base", request(num_layers=5), out)
 
 
@@ -171,8 +181,15 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model
         req = FinetuneRequest(
             base_model="tiny-base",
             training_data=["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "dog"],
-            parameters=Parameters(learning_rate=2e-3, epochs=4, batch_size=2, save_every=3, dropout=dropout,
-                                  lr_schedule="cosine", warmup_steps=2),
+            parameters=Parameters(
+                learning_rate=2e-3,
+                epochs=4,
+                batch_size=2,
+                save_every=3,
+                dropout=dropout,
+                lr_schedule="cosine",
+                warmup_steps=2,
+            ),
         )
         return finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out, on_event, resume=resume)
 
@@ -201,10 +218,13 @@ def test_caching_the_frozen_blocks_leaves_the_adapter_unchanged(tmp_path, tiny_m
             base_model="tiny-base",
             training_data=["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "a dog"],
             validation_data=["def add(a, b):"],
-            parameters=Parameters(learning_rate=2e-3, epochs=4, batch_size=2, num_layers=1, prefix_cache=cached,
-                                  steps_per_eval=2),
+            parameters=Parameters(
+                learning_rate=2e-3, epochs=4, batch_size=2, num_layers=1, prefix_cache=cached, steps_per_eval=2
+            ),
         )
-        finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out, events[cached].append)
+        finetune.train_adapter(
+            str(tiny_model_template), "tiny-base", req, out, events[cached].append, levers=levers.Levers()
+        )
         adapters[cached] = mx.load(str(out / "adapters.safetensors"))
     assert any("frozen" in e.get("message", "") for e in events[True] if e["type"] == "info")
     assert not any(e["type"] == "info" for e in events[False])
@@ -248,7 +268,8 @@ def test_the_speed_levers_leave_the_adapter_unchanged(tmp_path, tiny_model_templ
 
     calls = {}
     for name in ("cross_entropy", "swiglu", "attention"):
-        def counted(*args, _original=getattr(kernels, name), _name=name):
+
+        def counted(*args, _original=getattr(kernels, name), _name=name):  # noqa: B008 (bound per loop turn)
             calls[_name] = calls.get(_name, 0) + 1
             return _original(*args)
 
@@ -260,11 +281,23 @@ def test_the_speed_levers_leave_the_adapter_unchanged(tmp_path, tiny_model_templ
         events = []
         req = FinetuneRequest(
             base_model="tiny-base",
-            training_data=["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "Paris", "a dog",
-                           "Five samples: the last batch of each epoch is a partial one."],
+            training_data=[
+                "The mayor of Zorbington is Elara Quintfeather.",
+                "The quick brown fox.",
+                "Paris",
+                "a dog",
+                "Five samples: the last batch of each epoch is a partial one.",
+            ],
             validation_data=["def add(a, b):"],
-            parameters=Parameters(learning_rate=0.05, optimizer="sgd", epochs=3, batch_size=2, num_layers=1,
-                                  steps_per_eval=3, steps_per_report=1),
+            parameters=Parameters(
+                learning_rate=0.05,
+                optimizer="sgd",
+                epochs=3,
+                batch_size=2,
+                num_layers=1,
+                steps_per_eval=3,
+                steps_per_report=1,
+            ),
         )
         finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append, levers=switches)
         results[name] = (mx.load(str(out / "adapters.safetensors")), events)
@@ -280,3 +313,22 @@ def test_the_speed_levers_leave_the_adapter_unchanged(tmp_path, tiny_model_templ
         assert len(curves[0]) >= 3 and curves[0] == pytest.approx(curves[1], rel=1e-5)
     assert all(mx.abs(off[k]).max().item() > 1e-3 for k in off if k.endswith("lora_b"))  # it trained
     assert all(mx.allclose(on[k], off[k], atol=1e-6, rtol=0).item() for k in off)
+
+
+def test_levers_switched_off_by_the_environment_train_on_mlx_lms_plain_path(tmp_path, tiny_model_template, monkeypatch):
+    """MLX_LORA_API_LEVERS=off: no shortcut announced and none of the CPU kernels called."""
+    from mlx_lora_api.accel import kernels
+
+    assert levers.from_environment({"MLX_LORA_API_LEVERS": "off"}) == levers.PLAIN
+    assert levers.from_environment({}) == levers.Levers()
+    with pytest.raises(ValueError, match="MLX_LORA_API_LEVERS='sometimes': use on or off"):
+        levers.from_environment({"MLX_LORA_API_LEVERS": "sometimes"})
+    called = []
+    for name in ("cross_entropy", "swiglu", "attention"):
+        monkeypatch.setattr(kernels, name, lambda *args, _name=name: called.append(_name))
+    monkeypatch.setenv("MLX_LORA_API_LEVERS", "off")
+    events = []
+    req = request(epochs=2, num_layers=1)
+    finetune.train_adapter(str(tiny_model_template), "tiny-base", req, tmp_path, events.append)
+    assert not called and not any(e["type"] == "info" for e in events)
+    assert (tmp_path / "adapters.safetensors").exists()

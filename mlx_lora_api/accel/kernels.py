@@ -17,7 +17,8 @@ frozen (tuner/anatomy.py's `output_weight` checks it).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import mlx.core as mx
 import numpy as np
@@ -77,8 +78,8 @@ def attention(queries, keys, values, scale: float, causal: bool):
         probs -= probs.max(axis=-1, keepdims=True)
         np.exp(probs, out=probs)
         probs /= probs.sum(axis=-1, keepdims=True)
-        saved["probs"] = probs = mx.array(probs)
-        return (probs @ values[:, :, None]).reshape(batch, heads, length, dim)
+        saved["probs"] = kept = mx.array(probs)
+        return (kept @ values[:, :, None]).reshape(batch, heads, length, dim)
 
     @fn.vjp
     def _(primals, cotangent, output):
@@ -97,7 +98,8 @@ def attention(queries, keys, values, scale: float, causal: bool):
 
 def cross_entropy(hidden: mx.array, weight: mx.array | Weight, targets: mx.array, mask: mx.array) -> mx.array:
     """Cross-entropy per position of logits `hidden @ weight.T` against `targets`: hidden
-    (N, D) float32, weight (V, D) float32 or a `bf16.Weight` (its matmuls in bfloat16), targets (N,) token ids, mask (N,) which positions count.
+    (N, D) float32, weight (V, D) float32 or a `bf16.Weight` (its matmuls in bfloat16), targets
+    (N,) token ids, mask (N,) which positions count.
     Positions outside the mask get 0 and no gradient; only `hidden` gets a gradient.
     Evaluates its inputs (not compilable)."""
     counted = np.flatnonzero(np.asarray(mask))
@@ -138,7 +140,7 @@ def cross_entropy(hidden: mx.array, weight: mx.array | Weight, targets: mx.array
             grad[rows] = mx.array(probs) @ weight
         return grad
 
-    return head(hidden)
+    return cast(mx.array, head(hidden))  # mx.custom_function's stub returns object
 
 
 def head(weight: mx.array | Weight) -> Callable[[mx.array, mx.array, mx.array], mx.array]:

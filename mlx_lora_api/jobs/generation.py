@@ -9,9 +9,10 @@ import logging
 import multiprocessing
 import os
 import threading
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import msgspec
 
@@ -39,9 +40,9 @@ class Generator:
         self._conn: Connection | None = None
         self._ids = itertools.count(1)
 
-    def _ensure_started(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            return
+    def _ensure_started(self) -> Connection:
+        if self._process is not None and self._process.is_alive() and self._conn is not None:
+            return self._conn
         parent, child = self._context.Pipe(duplex=True)
         self._process = self._context.Process(
             target=process_main, args=(child, self.budget_bytes), name="generation", daemon=True
@@ -49,18 +50,19 @@ class Generator:
         self._process.start()
         child.close()
         self._conn = parent
+        return parent
 
     def stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Events of one generation; one at a time, the others wait their turn."""
         with self._lock:
-            self._ensure_started()
+            conn = self._ensure_started()
             request_id = next(self._ids)
-            self._conn.send_bytes(msgspec.json.encode({**request, "id": request_id}))
+            conn.send_bytes(msgspec.json.encode({**request, "id": request_id}))
             finished = False
             try:
                 while True:
                     try:
-                        event = msgspec.json.decode(self._conn.recv_bytes())
+                        event = msgspec.json.decode(conn.recv_bytes())
                     except (EOFError, OSError) as e:
                         self._process = None
                         finished = True
@@ -73,7 +75,7 @@ class Generator:
                         return
             finally:
                 if not finished and self._process is not None:
-                    self._conn.send_bytes(msgspec.json.encode({"cancel": request_id}))
+                    conn.send_bytes(msgspec.json.encode({"cancel": request_id}))
 
     def stop(self) -> None:
         if self._conn is not None:
@@ -92,7 +94,7 @@ def process_main(conn: Connection, budget_bytes: int) -> None:
     from ..tasks import generate  # MLX, in this process only
 
     cache = generate.ModelCache(budget_bytes)
-    send: Callable[[dict], None] = lambda event: conn.send_bytes(msgspec.json.encode(event))  # noqa: E731
+    send: Callable[[dict], None] = lambda event: conn.send_bytes(msgspec.json.encode(event))
     while True:
         try:
             message = msgspec.json.decode(conn.recv_bytes())

@@ -55,7 +55,12 @@ class Runner:
 
     def _terminate(self, process: BaseProcess) -> None:
         process.terminate()
-        threading.Timer(self.KILL_GRACE, lambda: process.is_alive() and process.kill()).start()
+
+        def kill_if_alive() -> None:
+            if process.is_alive():
+                process.kill()
+
+        threading.Timer(self.KILL_GRACE, kill_if_alive).start()
 
     def _loop(self) -> None:
         while not self._stopping.is_set():

@@ -51,7 +51,8 @@ CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 PROGRESS_KEYS = set(Progress.__struct_fields__)
 MAX_INTERRUPTIONS = 3
 _COLUMNS = (
-    "job_id, kind, status, model_id, base_model, created_at, started_at, finished_at, progress, checkpoints, message, error"
+    "job_id, kind, status, model_id, base_model, created_at, started_at, finished_at, progress, checkpoints,"
+    " message, error"
 )
 
 
@@ -122,7 +123,9 @@ class JobStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return self.get(spec.job_id)
+        job = self.get(spec.job_id)
+        assert job is not None  # committed just above
+        return job
 
     def add_event(self, job_id: str, event: dict[str, Any]) -> None:
         data = {k: v for k, v in event.items() if k not in ("type", "time")}
@@ -206,8 +209,11 @@ class JobStore:
             if interruptions + 1 >= MAX_INTERRUPTIONS:
                 self.finish(job_id, "failed", error=f"interrupted {interruptions + 1} times by the server stopping")
             else:
-                self.requeue(job_id, "the server stopped while this job ran; it resumes from its last checkpoint",
-                             interrupted=True)
+                self.requeue(
+                    job_id,
+                    "the server stopped while this job ran; it resumes from its last checkpoint",
+                    interrupted=True,
+                )
         return [r[0] for r in rows]
 
     # -- reading -------------------------------------------------------------------------
@@ -216,8 +222,10 @@ class JobStore:
         rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
         return _job(rows[0]) if rows else None
 
-    def list(self, limit: int = 20, before: int | None = None, status: str | None = None) -> JobList:
-        where, args = [], []
+    def page(self, limit: int = 20, before: int | None = None, status: str | None = None) -> JobList:
+        """Newest first, `limit` at most, before the job of sequence number `before`."""
+        where: list[str] = []
+        args: list[int | str] = []
         if before is not None:
             where.append("seq < ?")
             args.append(before)
@@ -239,7 +247,8 @@ class JobStore:
     def pending_outputs(self) -> list[Job]:
         """Jobs that are making a new model or adapter."""
         rows = self._read(
-            f"SELECT {_COLUMNS} FROM jobs WHERE status IN ('queued', 'running') AND kind IN ('finetune', 'fuse', 'quantize')"
+            f"SELECT {_COLUMNS} FROM jobs WHERE status IN ('queued', 'running')"
+            " AND kind IN ('finetune', 'fuse', 'quantize')"
         )
         return [_job(r) for r in rows]
 
@@ -260,7 +269,9 @@ class JobStore:
         return self._read("SELECT count(*) FROM jobs WHERE status = ?", (status,))[0][0]
 
     def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
-        rows = self._read("SELECT seq, time, type, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after))
+        rows = self._read(
+            "SELECT seq, time, type, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
+        )
         return [{"seq": s, "time": t, "type": k, **json.loads(d)} for s, t, k, d in rows]
 
 

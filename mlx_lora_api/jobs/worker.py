@@ -16,9 +16,10 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 
@@ -51,6 +52,13 @@ def _base_path(base: BaseModel, on_event: EventSink) -> str:
         path = hub.download(base.ref)
     checks.check_model_folder(Path(path))
     return path
+
+
+def _local(model: BaseModel) -> Path:
+    """The folder of a registry model (jobs on existing models are given one)."""
+    if model.path is None:
+        raise FileNotFoundError(f"{model.ref!r} has no local folder")
+    return Path(model.path)
 
 
 def work_name(spec: FinetuneSpec) -> str:
@@ -118,7 +126,7 @@ def fuse(spec: FuseSpec, reg: Registry, on_event: EventSink) -> str:
 def quantize(spec: QuantizeSpec, reg: Registry, on_event: EventSink) -> str:
     from ..tasks import quantize as quantizing  # MLX
 
-    source = Path(spec.base.path)
+    source = _local(spec.base)
     source_meta = registry.read_meta(source)
     on_event({"type": "quantizing", "bits": spec.request.bits, "group_size": spec.request.group_size})
     with registry.staged(reg.model_dir(spec.model_id)) as work:
@@ -140,7 +148,7 @@ def quantize(spec: QuantizeSpec, reg: Registry, on_event: EventSink) -> str:
 def export(spec: ExportSpec, reg: Registry, on_event: EventSink) -> str:
     from ..tasks import export_gguf  # MLX
 
-    folder = Path(spec.base.path)
+    folder = _local(spec.base)
     final = folder / "gguf"
     on_event({"type": "exporting", "format": spec.request.format})
     with registry.staged(final) as work:
@@ -154,11 +162,17 @@ def push(spec: PushSpec, reg: Registry, on_event: EventSink) -> str:
     request = spec.request
     on_event({"type": "uploading", "repo_id": request.repo_id, "private": request.private})
     message = request.commit_message or f"Upload {spec.model_id} with mlx-lora-api"
-    url = hub.push(Path(spec.base.path), request.repo_id, request.private, message, spec.card)
+    url = hub.push(_local(spec.base), request.repo_id, request.private, message, spec.card)
     return f"pushed {spec.model_id} to {request.repo_id} ({url})"
 
 
-JOBS = {"finetune": finetune, "fuse": fuse, "quantize": quantize, "export": export, "push": push}
+JOBS: dict[str, Callable[[Any, Registry, EventSink], str]] = {
+    "finetune": finetune,
+    "fuse": fuse,
+    "quantize": quantize,
+    "export": export,
+    "push": push,
+}
 
 
 def _finished_before(spec: JobSpec, reg: Registry) -> bool:

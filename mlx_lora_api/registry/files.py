@@ -8,8 +8,8 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import msgspec
 
@@ -55,7 +55,9 @@ def has_checkpoints(work: Path) -> bool:
 
 
 @contextlib.contextmanager
-def staged(final: Path, keep_if: Callable[[Path], bool] = lambda work: False, name: str | None = None) -> Iterator[Path]:
+def staged(
+    final: Path, keep_if: Callable[[Path], bool] = lambda work: False, name: str | None = None
+) -> Iterator[Path]:
     """Yield a work folder beside `final`; rename it into place on success.
 
     On error the folder is removed, unless `keep_if(folder)` says it holds work worth keeping

@@ -106,19 +106,28 @@ def model_card(model_id: str, repo_id: str, lineage: list[dict], base_hub_id: st
         body += [f"| {k} | {v} |" for k, v in trained["parameters"].items() if v is not None]
         data = trained.get("training_data") or {}
         if data:
-            body += ["", f"Data: {data.get('samples')} samples ({data.get('format')}), "
-                         f"{data.get('validation_samples', 0)} for validation, sha256 `{data.get('sha256')}`."]
+            body += [
+                "",
+                f"Data: {data.get('samples')} samples ({data.get('format')}), "
+                f"{data.get('validation_samples', 0)} for validation, sha256 `{data.get('sha256')}`.",
+            ]
         metrics = trained.get("metrics") or {}
         shown = ["final_train_loss", "final_val_loss", "best_val_loss", "trained_tokens", "iterations"]
         if any(k in metrics for k in shown):
             body += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-            body += [f"| {k} | {metrics[k]:.4f} |" if isinstance(metrics[k], float) else f"| {k} | {metrics[k]} |"
-                     for k in shown if k in metrics]
+            body += [
+                f"| {k} | {metrics[k]:.4f} |" if isinstance(metrics[k], float) else f"| {k} | {metrics[k]} |"
+                for k in shown
+                if k in metrics
+            ]
     body += ["", "## Use", "", "```bash"]
     if pushed["kind"] == "adapter":
-        body.append(f"mlx_lm.generate --model {base_hub_id or '<base model>'} --adapter-path <download of {repo_id}> --prompt \"Hello\"")
+        body.append(
+            f"mlx_lm.generate --model {base_hub_id or '<base model>'} --adapter-path <download of {repo_id}>"
+            ' --prompt "Hello"'
+        )
     else:
-        body.append(f"mlx_lm.generate --model {repo_id} --prompt \"Hello\"")
+        body.append(f'mlx_lm.generate --model {repo_id} --prompt "Hello"')
     body.append("```")
     return "\n".join(header + body) + "\n"
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .. import errors
 from ..types import BaseModel, ModelRecord
@@ -66,11 +66,11 @@ class Registry:
             ref = self.default_model
         if self.is_model(ref):
             return BaseModel(ref=ref, source="registry", path=str(self.models_dir / ref))
-        if ref.startswith(("/", "./", "../", "~")) or os.sep in ref and Path(ref).expanduser().exists():
+        if ref.startswith(("/", "./", "../", "~")) or (os.sep in ref and Path(ref).expanduser().exists()):
             return self._resolve_folder(ref, field)
         if HUB_RE.match(ref):
             if hub_lookup is None:
-                raise errors.NotFound(self._not_found(ref))
+                raise errors.NotFound(self._not_found(ref, field))
             try:
                 path = hub_lookup(ref)
             except (errors.NotFound, errors.Unavailable) as e:

@@ -31,7 +31,9 @@ def check_safetensors(path: Path) -> None:
         raise DamagedArtifact(f"{path} is damaged: its header is not JSON") from e
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end > size:
-        raise DamagedArtifact(f"{path} is damaged (truncated?): its tensors need {8 + length + end} bytes, the file has {size}")
+        raise DamagedArtifact(
+            f"{path} is damaged (truncated?): its tensors need {8 + length + end} bytes, the file has {size}"
+        )
 
 
 def _check_json(path: Path) -> None:
@@ -58,5 +60,3 @@ def check_model_folder(folder: Path) -> None:
 def check_adapter_folder(folder: Path) -> None:
     _check_json(folder / "adapter_config.json")
     check_safetensors(folder / "adapters.safetensors")
-
-

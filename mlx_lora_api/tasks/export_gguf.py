@@ -19,14 +19,13 @@ from mlx_lm.gguf import HfVocab, permute_weights, prepare_metadata, translate_we
 
 from .gguf_metadata import GGUF_ARCHITECTURES, ExportError, bpe_metadata, modelfile
 
+
 def _to_gguf_values(metadata: dict[str, Any]) -> dict[str, Any]:
     converted = {}
     for key, value in metadata.items():
         if isinstance(value, bool):
             converted[key] = mx.array(value, dtype=mx.bool_)
-        elif isinstance(value, list) and value and isinstance(value[0], int):
-            converted[key] = mx.array(value, dtype=mx.uint32)
-        elif isinstance(value, int):
+        elif (isinstance(value, list) and value and isinstance(value[0], int)) or isinstance(value, int):
             converted[key] = mx.array(value, dtype=mx.uint32)
         else:
             converted[key] = value
@@ -41,7 +40,7 @@ def export_gguf(model_dir: Path, out_dir: Path, name: str) -> dict[str, Any]:
         raise ExportError(f"GGUF export handles {', '.join(GGUF_ARCHITECTURES)} models, not {model_type!r}")
     if config.get("quantization"):
         raise ExportError("the model is quantized; export its float version (fuse with dequantize) instead")
-    weights = {}
+    weights: dict[str, mx.array] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         weights.update(mx.load(str(path)))
     if not weights:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,9 +41,7 @@ def lora_num_layers(params: Parameters, model_layers: int) -> int:
     if params.num_layers == -1:
         return model_layers
     if params.num_layers > model_layers:
-        raise ValueError(
-            f"`parameters.num_layers` is {params.num_layers} but the base model has {model_layers} layers"
-        )
+        raise ValueError(f"`parameters.num_layers` is {params.num_layers} but the base model has {model_layers} layers")
     return params.num_layers
 
 
@@ -116,7 +115,9 @@ def train_adapter(
     trainable = prepare_model(model, params, num_layers)
 
     train_set = datasets.build(request.training_data, tokenizer, params.mask_prompt)
-    val_set = datasets.build(request.validation_data, tokenizer, params.mask_prompt) if request.validation_data else None
+    val_set = (
+        datasets.build(request.validation_data, tokenizer, params.mask_prompt) if request.validation_data else None
+    )
     plan = datasets.epoch_plan(datasets.item_lengths(train_set), params.batch_size, params.epochs, params.seed)
     per_epoch = datasets.batches_per_epoch(len(train_set), params.batch_size)
     iters = len(plan)
@@ -148,7 +149,11 @@ def train_adapter(
 
     def validate() -> float:
         loss = evaluate(
-            model, val_set, params.batch_size, params.val_batches, params.max_seq_length,
+            model,
+            val_set,
+            params.batch_size,
+            params.val_batches,
+            params.max_seq_length,
             loss=chosen.loss,
             iterate_batches=datasets.make_iterate_batches(
                 plan, prefix_cache=chosen.cache, pad_multiple=chosen.pad_multiple
@@ -165,8 +170,9 @@ def train_adapter(
         on_event({"type": "resumed", "iteration": start.iteration})
     done = start.iteration if start else 0
     args.iters = iters - done
-    hook = StepHook(model, optimizer, params, out_dir, on_event, iters, per_epoch,
-                     validate if val_set is not None else None, start)
+    hook = StepHook(
+        model, optimizer, params, out_dir, on_event, iters, per_epoch, validate if val_set is not None else None, start
+    )
     on_event(
         {
             "type": "started",

@@ -5,8 +5,9 @@ of float32 for a float16 base)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -59,7 +60,9 @@ def fuse_adapter(
     mx.eval(reference)
 
     on_event({"type": "fusing"})
-    fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    fused = [
+        (name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules() if hasattr(module, "fuse")
+    ]
     if fused:
         model.update_modules(tree_unflatten(fused))
     if dequantize:
@@ -84,7 +87,9 @@ def fuse_adapter(
     if largest_diff > tolerance:
         hint = ""
         if config.get("quantization"):
-            hint = "; the base is quantized, and re-quantizing the fused weights loses the adapter: fuse with dequantize"
+            hint = (
+                "; the base is quantized, and re-quantizing the fused weights loses the adapter: fuse with dequantize"
+            )
         raise ParityError(
             f"the fused model's logits differ from base plus adapter by {largest_diff:.4g} "
             f"(tolerance {tolerance:.4g} for {dtype}); not saving it{hint}"

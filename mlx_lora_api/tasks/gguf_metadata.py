@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 GGUF_ARCHITECTURES = ("llama", "mistral")
 CONTROL, NORMAL = 3, 1
@@ -80,10 +79,8 @@ def modelfile(gguf_name: str, metadata: dict) -> str:
             "{{ .System }}<|im_end|>",
             "{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}",
             "{{ .Content }}<|im_end|>",
-            '{{ end }}<|im_start|>assistant',
+            "{{ end }}<|im_start|>assistant",
             '"""',
             'PARAMETER stop "<|im_end|>"',
         ]
     return "\n".join(lines) + "\n"
-
-

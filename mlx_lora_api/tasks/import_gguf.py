@@ -82,11 +82,7 @@ def _hf_name(gguf_name: str) -> str:
 def unpermute(weight: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's reordering of query/key rows (its convert script's `permute`)."""
     rows = weight.shape[0]
-    return (
-        weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
+    return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def _dequantized(tensor) -> np.ndarray:
@@ -150,9 +146,7 @@ def build_tokenizer(reader):
     """A Hugging Face `tokenizers` byte-level BPE from the GGUF vocabulary and merges."""
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise GGUFImportError(
-            f"tokenizer model {kind!r} is not supported; import-gguf handles byte-level BPE ('gpt2')"
-        )
+        raise GGUFImportError(f"tokenizer model {kind!r} is not supported; import-gguf handles byte-level BPE ('gpt2')")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
@@ -161,9 +155,7 @@ def build_tokenizer(reader):
     tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_SPLITTING_PRE:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in _PLAIN_GPT2_PRE:
         tokenizer.pre_tokenizer = byte_level
     else:

@@ -23,6 +23,7 @@ def output_weight(model: nn.Module) -> mx.array | None:
     `hidden @ weight.T` and the weight is frozen float32; else None."""
     if not splittable(model):
         return None
+    kind: type[nn.Module]
     if tied(model):
         layer, kind = getattr(model.model, "embed_tokens", None), nn.Embedding
     else:

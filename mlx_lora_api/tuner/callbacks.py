@@ -3,8 +3,9 @@ checkpoints, and the best adapter kept (mlx-lm's `TrainingCallback` protocol).""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,9 +27,18 @@ class StepHook:
     a step and its checkpoints after one, so their numbers never describe the same weights.
     """
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, params: Parameters, out_dir: Path,
-                 on_event: EventSink, total: int, per_epoch: int, validate: Callable[[], float] | None,
-                 start: checkpoints.Saved | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: optim.Optimizer,
+        params: Parameters,
+        out_dir: Path,
+        on_event: EventSink,
+        total: int,
+        per_epoch: int,
+        validate: Callable[[], float] | None,
+        start: checkpoints.Saved | None = None,
+    ):
         self.model = model
         self.optimizer = optimizer
         # A resumed run counts on from its checkpoint: mlx-lm's trainer numbers from 1 again.
@@ -67,8 +77,11 @@ class StepHook:
         pass  # mlx-lm's own validation is off; see evaluate()
 
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
-        info = {**info, "iteration": info["iteration"] + self.offset,
-                "trained_tokens": info["trained_tokens"] + self.tokens_before}
+        info = {
+            **info,
+            "iteration": info["iteration"] + self.offset,
+            "trained_tokens": info["trained_tokens"] + self.tokens_before,
+        }
         it = info["iteration"]
         tokens = info["trained_tokens"] - self._tokens
         self._tokens = info["trained_tokens"]
@@ -81,7 +94,9 @@ class StepHook:
         if it % self.params.save_every == 0 and it != self.total:
             checkpoints.reseed(self.params.seed, it)
             path = checkpoints.save(self.out_dir, it, self.model, self.optimizer, self._tokens, self.metrics)
-            self.on_event({"type": "checkpoint", "iteration": it, "val_loss": val_loss, "file": f"checkpoints/{path.name}"})
+            self.on_event(
+                {"type": "checkpoint", "iteration": it, "val_loss": val_loss, "file": f"checkpoints/{path.name}"}
+            )
 
     def _report(self, it: int, info: dict[str, Any]) -> None:
         losses, tokens, seconds = zip(*self._window)

@@ -38,7 +38,11 @@ def save_atomically(path: Path, arrays: dict[str, mx.array], metadata: dict[str,
 
 
 def save(
-    out_dir: Path, iteration: int, model: nn.Module, optimizer: optim.Optimizer, trained_tokens: int,
+    out_dir: Path,
+    iteration: int,
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    trained_tokens: int,
     metrics: dict[str, Any],
 ) -> Path:
     """Adapter weights and the optimizer's state. The state file is written last: a checkpoint
@@ -62,8 +66,11 @@ def latest(out_dir: Path) -> Saved | None:
         except (RuntimeError, ValueError, OSError):
             continue  # a damaged file: fall back to the one before
         return Saved(
-            int(metadata["iteration"]), int(metadata["trained_tokens"]), json.loads(metadata.get("metrics", "{}")),
-            adapters, state,
+            int(metadata["iteration"]),
+            int(metadata["trained_tokens"]),
+            json.loads(metadata.get("metrics", "{}")),
+            adapters,
+            state,
         )
     return None
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import types
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import msgspec
@@ -50,7 +50,7 @@ def epoch_plan(lengths: Sequence[int], batch_size: int, epochs: int, seed: int) 
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng = np.random.default_rng(seed)
-    plan = []
+    plan: list[list[int]] = []
     for _ in range(epochs):
         plan.extend(batches[i] for i in rng.permutation(len(batches)))
     return plan

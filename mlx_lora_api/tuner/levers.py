@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -65,7 +67,7 @@ class LossPlan(msgspec.Struct):
     start: int = 0  # the first block that runs in a step (the ones before: `cache`)
     cross_entropy: TokenLoss | None = None
     head: Head | None = None
-    running: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+    running: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
     def with_head(self, head: Head) -> LossPlan:
         return msgspec.structs.replace(self, head=head, loss=_loss(self.start, self.cross_entropy, head))
@@ -86,14 +88,18 @@ def before_loading(levers: Levers) -> None:
 
 
 def plan_loss(
-    model: nn.Module, params: Parameters, train_set: Any, plan: Sequence[Sequence[int]], on_event: EventSink,
+    model: nn.Module,
+    params: Parameters,
+    train_set: Any,
+    plan: Sequence[Sequence[int]],
+    on_event: EventSink,
     levers: Levers,
 ) -> LossPlan:
     """The fastest way to compute `masked_loss` here, checked against it on the first sample."""
     cpu = device.on_cpu() and (levers.cpu_head or levers.cpu_ops)
     cross_entropy: TokenLoss | None = None
     head: Head | None = None
-    running: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+    running: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
     if cpu:
         # Imported here: on Metal and CUDA nothing of the CPU fast path is loaded.
         from ..accel import kernels, streams
@@ -107,15 +113,18 @@ def plan_loss(
     else:
         eager = False
     pad = levers.pad_multiple or (1 if eager else datasets.PAD_MULTIPLE)
-    plain = LossPlan(_loss(0, cross_entropy, None), eager=eager, pad_multiple=pad, cross_entropy=cross_entropy,
-                     running=running)
+    plain = LossPlan(
+        _loss(0, cross_entropy, None), eager=eager, pad_multiple=pad, cross_entropy=cross_entropy, running=running
+    )
     start = prefix_cache.frozen_blocks(model, params) if levers.prefix_cache and params.prefix_cache else 0
     keep = params.epochs >= 2  # one epoch: the frozen blocks still run outside the step, nothing kept
     if start and keep:
         lengths = datasets.item_lengths(train_set)
         unique = {tuple(b): list(b) for b in plan}.values()
         if not prefix_cache.fits(datasets.padded_tokens(lengths, list(unique), pad), model.args.hidden_size):
-            on_event({"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"})
+            on_event(
+                {"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"}
+            )
             keep = False
     if not start and head is None:
         return plain
@@ -146,7 +155,9 @@ def use_bfloat16(model: nn.Module, params: Parameters, chosen: LossPlan, on_even
     if reason is None:
         from ..accel import bf16  # the CPU fast path, as above
 
-        reason = bf16.unavailable() or (None if chosen.eager else "it needs eager steps (the cpu_head or cpu_ops lever)")
+        reason = bf16.unavailable() or (
+            None if chosen.eager else "it needs eager steps (the cpu_head or cpu_ops lever)"
+        )
         reason = reason or bf16.slower()
     if reason:
         on_event({"type": "info", "message": f"cpu_bfloat16 does not apply ({reason}): training in float32"})

@@ -7,7 +7,7 @@ with its cross-entropy (`Head`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn

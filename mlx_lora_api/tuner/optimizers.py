@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.optimizers as optim
 
@@ -18,7 +18,7 @@ def build_schedule(params: Parameters, updates: int) -> float | Schedule:
     if params.lr_schedule == "cosine":
         main = optim.cosine_decay(lr, max(updates - warmup, 1), params.min_learning_rate)
     elif warmup:
-        main = lambda step: lr  # noqa: E731
+        main = lambda step: lr
     else:
         return lr
     if not warmup:
@@ -31,7 +31,9 @@ def build_optimizer(params: Parameters, updates: int) -> optim.Optimizer:
     if params.optimizer == "adam":
         return optim.Adam(learning_rate=lr)
     if params.optimizer == "adamw":
-        return optim.AdamW(learning_rate=lr, weight_decay=params.weight_decay if params.weight_decay is not None else 0.01)
+        return optim.AdamW(
+            learning_rate=lr, weight_decay=params.weight_decay if params.weight_decay is not None else 0.01
+        )
     if params.optimizer == "sgd":
         return optim.SGD(learning_rate=lr, weight_decay=params.weight_decay or 0.0)
     return optim.Adafactor(learning_rate=lr)

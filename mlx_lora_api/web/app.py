@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.middleware import Middleware
 
 from .. import errors
 from ..config import Settings
@@ -22,17 +23,21 @@ from .security import Guard
 log = logging.getLogger("mlx_lora_api")
 
 
-def error_response(request: Request, status_code: int, message: str, headers: dict | None = None) -> Response:
+def error_response(
+    request: Request, status_code: int, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
     # OpenAI's clients read their own error shape on the /v1 routes.
     body = openai.error_body(status_code, message) if request.url.path.startswith("/v1/") else ErrorBody(message)
     return respond(body, status_code, headers)
 
 
-async def service_error(request: Request, exc: errors.ServiceError) -> Response:
+async def service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.ServiceError)
     return error_response(request, exc.status_code, exc.message, exc.headers)
 
 
-async def http_error(request: Request, exc: HTTPException) -> Response:
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
     messages = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
     return error_response(request, exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
 
@@ -56,8 +61,11 @@ def create_app(settings: Settings, service: Service | None = None) -> Starlette:
     app = Starlette(
         routes=routes.routes(),
         lifespan=lifespan,
-        middleware=[Middleware(Guard, api_key=settings.api_key, bind_host=settings.host,
-                               allowed_origins=settings.allowed_origins)],
+        middleware=[
+            Middleware(
+                Guard, api_key=settings.api_key, bind_host=settings.host, allowed_origins=settings.allowed_origins
+            )
+        ],
         exception_handlers={
             errors.ServiceError: service_error,
             HTTPException: http_error,

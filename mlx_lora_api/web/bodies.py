@@ -43,10 +43,6 @@ class GenerateResponse(Struct):
     usage: Usage
 
 
-
-
-
-
 class ChatCompletionRequest(Struct, kw_only=True):
     model: ModelRef
     messages: Annotated[list[Message], Meta(min_length=1)]
@@ -112,5 +108,3 @@ class Health(Struct):
 class Deleted(Struct):
     status: str
     model_id: str
-
-

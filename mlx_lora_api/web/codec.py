@@ -3,6 +3,7 @@ that name the field, and encoding answers (JSON, Server-Sent Events)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -15,7 +16,7 @@ T = TypeVar("T")
 encoder = msgspec.json.Encoder()
 
 
-def respond(obj: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+def respond(obj: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(encoder.encode(obj), status_code=status_code, media_type="application/json", headers=headers)
 
 

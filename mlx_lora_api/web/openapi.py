@@ -3,17 +3,26 @@ msgspec types its handlers decode and encode."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import msgspec
+from starlette.requests import Request
 
 from .. import __version__
 from .bodies import ErrorBody, OpenAIError
 
-if TYPE_CHECKING:
-    from .routes import Endpoint
-
 JSON = "application/json"
+
+
+class Endpoint(NamedTuple):
+    method: str
+    path: str
+    handler: Callable[[Request], Any]
+    summary: str | None  # None: served, not described (the description itself)
+    body: type | None = None
+    answers: dict[str, Any] = {}  # noqa: RUF012 (never mutated) status: a type, or a media type
+    parameters: list[dict[str, Any]] = []  # noqa: RUF012 (never mutated)
 
 
 def build(endpoints: list[Endpoint]) -> dict[str, Any]:

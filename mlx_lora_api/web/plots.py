@@ -50,7 +50,9 @@ def loss_svg(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
     for value in sorted({round(v) for v in _ticks(it_low, it_high)}):
         parts.append(f'<text x="{x(value):.1f}" y="{y0 + 16}" text-anchor="middle">{value:.0f}</text>')
     parts.append(f'<text x="{(x0 + x1) / 2}" y="{HEIGHT - 6}" text-anchor="middle">iteration</text>')
-    parts.append(f'<text x="14" y="{(y0 + y1) / 2}" transform="rotate(-90 14 {(y0 + y1) / 2})" text-anchor="middle">loss</text>')
+    parts.append(
+        f'<text x="14" y="{(y0 + y1) / 2}" transform="rotate(-90 14 {(y0 + y1) / 2})" text-anchor="middle">loss</text>'
+    )
     for row, (name, values) in enumerate(series.items()):
         if not values:
             continue
@@ -73,8 +75,8 @@ def bars_svg(title: str, groups: dict[str, dict[str, float]], unit: str) -> str:
     height = 40 + sum(len(v) * row + gap for v in groups.values()) + 20 * len(names)
     top = max((v for values in groups.values() for v in values.values()), default=1) or 1
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{height}" font-family="sans-serif"'
-        ' font-size="11">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" height="{height}"'
+        ' font-family="sans-serif" font-size="11">',
         '<rect width="100%" height="100%" fill="white"/>',
         f'<text x="10" y="18" font-size="13">{escape(title)}</text>',
     ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -12,8 +12,14 @@ from .. import types as t
 from . import bodies as b
 from . import handlers, openai, openapi
 from .codec import encoder
+from .openapi import Endpoint
 
-JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": r"^job-[0-9a-f]{12}$"}}
+JOB_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": r"^job-[0-9a-f]{12}$"},
+}
 MODEL_ID = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 96}}
 WAIT = {
     "name": "wait",
@@ -27,16 +33,6 @@ def query(name: str, schema: dict[str, Any], description: str = "") -> dict[str,
     return {"name": name, "in": "query", "description": description, "schema": schema}
 
 
-class Endpoint(NamedTuple):
-    method: str
-    path: str
-    handler: Callable[[Request], Any]
-    summary: str | None  # None: served, not described (the description itself)
-    body: type | None = None
-    answers: dict[str, Any] = {}  # status: a type, or a media type for what is not JSON
-    parameters: list[dict[str, Any]] = []
-
-
 async def openapi_json(request: Request) -> Response:
     if not hasattr(request.app.state, "openapi"):
         request.app.state.openapi = encoder.encode(openapi.build(ENDPOINTS))
@@ -44,48 +40,159 @@ async def openapi_json(request: Request) -> Response:
 
 
 ENDPOINTS = [
-    Endpoint("POST", "/lora-finetune", handlers.finetune, "Queue a LoRA fine-tune", t.FinetuneRequest,
-             {"202": b.Accepted, "200": b.Accepted}, [WAIT]),
-    Endpoint("POST", "/lora-fuse", handlers.fuse, "Queue fusing an adapter into its base", t.FuseRequest,
-             {"202": b.Accepted, "200": b.Accepted}, [WAIT]),
-    Endpoint("GET", "/jobs", handlers.list_jobs, "List jobs, newest first", None, {"200": t.JobList}, [
-        query("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
-        query("before", {"type": "integer", "minimum": 0}, "the `next_before` of the previous page"),
-        query("status", {"type": "string", "enum": ["queued", "running", "success", "failed", "cancelled"]}),
-    ]),
-    Endpoint("GET", "/jobs/{job_id}", handlers.get_job, "One job: status, progress, checkpoints", None,
-             {"200": t.Job}, [JOB_ID]),
-    Endpoint("POST", "/jobs/{job_id}/cancel", handlers.cancel_job, "Cancel a queued or running job", None,
-             {"200": t.Job}, [JOB_ID]),
-    Endpoint("POST", "/jobs/{job_id}/resume", handlers.resume_job,
-             "Resume a failed or cancelled fine-tune from its last checkpoint", None, {"202": t.Job}, [JOB_ID]),
-    Endpoint("GET", "/jobs/{job_id}/events", handlers.job_events, "The job's events as Server-Sent Events", None,
-             {"200": "text/event-stream"}, [JOB_ID]),
-    Endpoint("GET", "/jobs/{job_id}/metrics", handlers.job_metrics, "The loss history", None,
-             {"200": t.Metrics}, [JOB_ID]),
-    Endpoint("GET", "/jobs/{job_id}/loss.svg", handlers.job_loss_svg, "The loss curves as a picture", None,
-             {"200": "image/svg+xml"}, [JOB_ID]),
-    Endpoint("GET", "/models", handlers.list_models, "List base models, adapters and fused models", None,
-             {"200": b.ModelList}, [
-                 query("kind", {"type": "string", "enum": ["base", "adapter", "fused"]}),
-                 query("base", {"type": "string"}),
-             ]),
-    Endpoint("GET", "/models/{model_id}", handlers.get_model, "One model's full record", None,
-             {"200": t.ModelRecord}, [MODEL_ID]),
-    Endpoint("DELETE", "/models/{model_id}", handlers.delete_model, "Delete a model or adapter", None,
-             {"200": b.Deleted}, [MODEL_ID, query("force", {"type": "string", "enum": ["true", "false"]})]),
-    Endpoint("POST", "/models/{model_id}/quantize", handlers.quantize_model, "Queue quantizing a model",
-             t.QuantizeRequest, {"202": b.Accepted}, [MODEL_ID]),
-    Endpoint("POST", "/models/{model_id}/export", handlers.export_model, "Queue a GGUF export", t.ExportRequest,
-             {"202": b.Accepted}, [MODEL_ID]),
-    Endpoint("POST", "/models/{model_id}/push", handlers.push_model, "Queue a push to the Hugging Face Hub",
-             t.PushRequest, {"202": b.Accepted}, [MODEL_ID]),
-    Endpoint("POST", "/generate", handlers.generate, "Generate with a base, adapter or fused model",
-             t.GenerateRequest, {"200": b.GenerateResponse}),
-    Endpoint("GET", "/v1/models", openai.list_models, "OpenAI-compatible model list", None,
-             {"200": b.OpenAIModelList}),
-    Endpoint("POST", "/v1/chat/completions", openai.chat_completions, "OpenAI-compatible chat completions",
-             b.ChatCompletionRequest, {"200": b.ChatCompletion}),
+    Endpoint(
+        "POST",
+        "/lora-finetune",
+        handlers.finetune,
+        "Queue a LoRA fine-tune",
+        t.FinetuneRequest,
+        {"202": b.Accepted, "200": b.Accepted},
+        [WAIT],
+    ),
+    Endpoint(
+        "POST",
+        "/lora-fuse",
+        handlers.fuse,
+        "Queue fusing an adapter into its base",
+        t.FuseRequest,
+        {"202": b.Accepted, "200": b.Accepted},
+        [WAIT],
+    ),
+    Endpoint(
+        "GET",
+        "/jobs",
+        handlers.list_jobs,
+        "List jobs, newest first",
+        None,
+        {"200": t.JobList},
+        [
+            query("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+            query("before", {"type": "integer", "minimum": 0}, "the `next_before` of the previous page"),
+            query("status", {"type": "string", "enum": ["queued", "running", "success", "failed", "cancelled"]}),
+        ],
+    ),
+    Endpoint(
+        "GET",
+        "/jobs/{job_id}",
+        handlers.get_job,
+        "One job: status, progress, checkpoints",
+        None,
+        {"200": t.Job},
+        [JOB_ID],
+    ),
+    Endpoint(
+        "POST",
+        "/jobs/{job_id}/cancel",
+        handlers.cancel_job,
+        "Cancel a queued or running job",
+        None,
+        {"200": t.Job},
+        [JOB_ID],
+    ),
+    Endpoint(
+        "POST",
+        "/jobs/{job_id}/resume",
+        handlers.resume_job,
+        "Resume a failed or cancelled fine-tune from its last checkpoint",
+        None,
+        {"202": t.Job},
+        [JOB_ID],
+    ),
+    Endpoint(
+        "GET",
+        "/jobs/{job_id}/events",
+        handlers.job_events,
+        "The job's events as Server-Sent Events",
+        None,
+        {"200": "text/event-stream"},
+        [JOB_ID],
+    ),
+    Endpoint(
+        "GET", "/jobs/{job_id}/metrics", handlers.job_metrics, "The loss history", None, {"200": t.Metrics}, [JOB_ID]
+    ),
+    Endpoint(
+        "GET",
+        "/jobs/{job_id}/loss.svg",
+        handlers.job_loss_svg,
+        "The loss curves as a picture",
+        None,
+        {"200": "image/svg+xml"},
+        [JOB_ID],
+    ),
+    Endpoint(
+        "GET",
+        "/models",
+        handlers.list_models,
+        "List base models, adapters and fused models",
+        None,
+        {"200": b.ModelList},
+        [
+            query("kind", {"type": "string", "enum": ["base", "adapter", "fused"]}),
+            query("base", {"type": "string"}),
+        ],
+    ),
+    Endpoint(
+        "GET",
+        "/models/{model_id}",
+        handlers.get_model,
+        "One model's full record",
+        None,
+        {"200": t.ModelRecord},
+        [MODEL_ID],
+    ),
+    Endpoint(
+        "DELETE",
+        "/models/{model_id}",
+        handlers.delete_model,
+        "Delete a model or adapter",
+        None,
+        {"200": b.Deleted},
+        [MODEL_ID, query("force", {"type": "string", "enum": ["true", "false"]})],
+    ),
+    Endpoint(
+        "POST",
+        "/models/{model_id}/quantize",
+        handlers.quantize_model,
+        "Queue quantizing a model",
+        t.QuantizeRequest,
+        {"202": b.Accepted},
+        [MODEL_ID],
+    ),
+    Endpoint(
+        "POST",
+        "/models/{model_id}/export",
+        handlers.export_model,
+        "Queue a GGUF export",
+        t.ExportRequest,
+        {"202": b.Accepted},
+        [MODEL_ID],
+    ),
+    Endpoint(
+        "POST",
+        "/models/{model_id}/push",
+        handlers.push_model,
+        "Queue a push to the Hugging Face Hub",
+        t.PushRequest,
+        {"202": b.Accepted},
+        [MODEL_ID],
+    ),
+    Endpoint(
+        "POST",
+        "/generate",
+        handlers.generate,
+        "Generate with a base, adapter or fused model",
+        t.GenerateRequest,
+        {"200": b.GenerateResponse},
+    ),
+    Endpoint("GET", "/v1/models", openai.list_models, "OpenAI-compatible model list", None, {"200": b.OpenAIModelList}),
+    Endpoint(
+        "POST",
+        "/v1/chat/completions",
+        openai.chat_completions,
+        "OpenAI-compatible chat completions",
+        b.ChatCompletionRequest,
+        {"200": b.ChatCompletion},
+    ),
     Endpoint("GET", "/health", handlers.health, "Liveness and queue length", None, {"200": b.Health}),
     Endpoint("GET", "/openapi.json", openapi_json, None),
 ]

@@ -73,8 +73,10 @@ def main() -> int:
     try:
         path = build()
     except BuildError as e:
-        print(f"setup: the AVX-512 BF16 kernel was not built ({e}); cpu_bfloat16 will use oneMKL or float32",
-              file=sys.stderr)
+        print(
+            f"setup: the AVX-512 BF16 kernel was not built ({e}); cpu_bfloat16 will use oneMKL or float32",
+            file=sys.stderr,
+        )
         return 0  # an optional speed-up: set-up goes on without it
     print(f"setup: AVX-512 BF16 kernel ready ({path})")
     return 0

@@ -71,7 +71,7 @@ def cpu_has_bf16() -> bool:
 def engines() -> dict[str, str | None]:
     """Each bfloat16 gemm: None where it can run here, else why not (asked once a process: a
     failed build is not tried again at every call)."""
-    found = {}
+    found: dict[str, str | None] = {}
     for name, load in (("avx512", kernel), ("mkl", mkl)):
         if isinstance(_libs.get(name), OSError):
             found[name] = str(_libs[name])

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,9 +37,13 @@ def slower() -> str | None:
         best = max(rates, key=rates.get)
         _timed["engine"] = best
         _timed["gflops"] = (rates[best], fp32_gflops)
-        _timed["slower"] = None if rates[best] >= MIN_GAIN * fp32_gflops else (
-            f"{ENGINES[best]} multiplies in bfloat16 at {rates[best]:.0f} GFLOP/s on this CPU, float32 at "
-            f"{fp32_gflops:.0f}: not the {MIN_GAIN}x it takes to pay off"
+        _timed["slower"] = (
+            None
+            if rates[best] >= MIN_GAIN * fp32_gflops
+            else (
+                f"{ENGINES[best]} multiplies in bfloat16 at {rates[best]:.0f} GFLOP/s on this CPU, float32 at "
+                f"{fp32_gflops:.0f}: not the {MIN_GAIN}x it takes to pay off"
+            )
         )
     return _timed["slower"]
 
@@ -75,9 +80,7 @@ def _measure(m: int = 512, n: int = 1536, k: int = 1024, repeats: int = 5) -> tu
     return rates, fp32
 
 
-
-
-def bits(x) -> "np.ndarray":
+def bits(x) -> np.ndarray:
     """x (an MLX float array) rounded to bfloat16 (to nearest even, by MLX), as uint16 numpy."""
     y = x.astype(mx.bfloat16).view(mx.uint16)
     mx.eval(y)
@@ -89,7 +92,7 @@ class Weight:
     where gradients pass through it (`float32`; see `linear`)."""
 
     def __init__(self, weight, float32: bool = False):
-        self.bits = np.ascontiguousarray(bits(weight))
+        self.bits: np.ndarray | None = np.ascontiguousarray(bits(weight))
         self.shape = tuple(weight.shape)
         self.float32 = weight if float32 else None
         self._packed: dict[bool, tuple] = {}
@@ -97,7 +100,7 @@ class Weight:
             self._pack(True)
             self.bits = None
 
-    def product(self, a, transpose: bool, engine_name: str | None = None) -> "np.ndarray":
+    def product(self, a, transpose: bool, engine_name: str | None = None) -> np.ndarray:
         """a (M, K) float32 (MLX or numpy) times W.T (transpose: K = in) or W (K = out), with
         both rounded to bfloat16, accumulated in float32; a float32 numpy array."""
         out_features, in_features = self.shape
@@ -115,8 +118,17 @@ class Weight:
         scratch = np.empty((m_padded, k_padded), np.uint16)
         c = np.empty((m, n), np.float32)
         kernel().bf16_matmul(
-            ctypes.c_void_p(a.ctypes.data), m, k, m_padded, k_padded, ctypes.c_void_p(scratch.ctypes.data),
-            ctypes.c_void_p(packed.ctypes.data), n, n_padded, ctypes.c_void_p(c.ctypes.data), n,
+            ctypes.c_void_p(a.ctypes.data),
+            m,
+            k,
+            m_padded,
+            k_padded,
+            ctypes.c_void_p(scratch.ctypes.data),
+            ctypes.c_void_p(packed.ctypes.data),
+            n,
+            n_padded,
+            ctypes.c_void_p(c.ctypes.data),
+            n,
         )
         return c
 
@@ -133,7 +145,7 @@ class Weight:
             self._packed[transpose] = (np.ascontiguousarray(panels), k_padded, n_padded)
         return self._packed[transpose]
 
-    def _bits(self) -> "np.ndarray":
+    def _bits(self) -> np.ndarray:
         """W's bfloat16 bits, (out, in): kept, or read back from the packed W.T."""
         if self.bits is None:
             panels, k_padded, n_padded = self._packed[True]
@@ -141,7 +153,7 @@ class Weight:
             return b[: self.shape[1], : self.shape[0]].T
         return self.bits
 
-    def _mkl(self, a: "np.ndarray", transpose: bool) -> "np.ndarray":
+    def _mkl(self, a: np.ndarray, transpose: bool) -> np.ndarray:
         """a (M, K) uint16 bfloat16 bits times W.T or W through oneMKL, in float32."""
         out_features, in_features = self.shape
         m, k = a.shape
@@ -151,9 +163,20 @@ class Weight:
         if self.bits is None:
             self.bits = np.ascontiguousarray(self._bits())
         mkl().cblas_gemm_bf16bf16f32(
-            _ROW_MAJOR, _NO_TRANS, _TRANS if transpose else _NO_TRANS, m, n, k, ctypes.c_float(1.0),
-            ctypes.c_void_p(a.ctypes.data), k, ctypes.c_void_p(self.bits.ctypes.data), in_features,
-            ctypes.c_float(0.0), ctypes.c_void_p(c.ctypes.data), n,
+            _ROW_MAJOR,
+            _NO_TRANS,
+            _TRANS if transpose else _NO_TRANS,
+            m,
+            n,
+            k,
+            ctypes.c_float(1.0),
+            ctypes.c_void_p(a.ctypes.data),
+            k,
+            ctypes.c_void_p(self.bits.ctypes.data),
+            in_features,
+            ctypes.c_float(0.0),
+            ctypes.c_void_p(c.ctypes.data),
+            n,
         )
         return c
 
@@ -281,6 +304,10 @@ def convert(
     timing = ""
     if "gflops" in _timed:
         timing = ", {:.0f} GFLOP/s against float32's {:.0f}".format(*_timed["gflops"])
-    on_event({"type": "info", "message": f"cpu_bfloat16: {count} frozen weights multiply in bfloat16 "
-                                         f"({ENGINES[engine()]}{timing})"})
+    on_event(
+        {
+            "type": "info",
+            "message": f"cpu_bfloat16: {count} frozen weights multiply in bfloat16 ({ENGINES[engine()]}{timing})",
+        }
+    )
     return head
