@@ -191,6 +191,9 @@ def test_push_uploads_the_model_files_and_a_model_card(client, data_dir, monkeyp
         assert fake.calls[0] == ("create_repo", "me/zorb", True, True)
         _, repo, message, files, card = fake.calls[1]
         assert expected_files <= set(files) and not any(f.startswith(("checkpoints", "meta.json")) for f in files)
+        from huggingface_hub import ModelCard
+
+        assert ModelCard(card).data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub's own reading
         header = card.split("---")[1]
         assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in header
         assert "library_name: mlx" in header and "license: apache-2.0" in header and "- mlx" in header

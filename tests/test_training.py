@@ -3,6 +3,7 @@ import json
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.utils import load
 
 from mlx_lora_api.tasks import finetune
@@ -126,7 +127,11 @@ def test_checkpoints_are_saved_with_their_validation_loss(tmp_path, tiny_model_t
     assert [(c["iteration"], c["val_loss"]) for c in checkpoints] == [(2, vals[2]), (4, vals[4])]
     model, _ = load(str(tiny_model_template))
     finetune.prepare_model(model, Parameters(), 2)
-    model.load_weights(str(out / "checkpoints" / "0000002_adapters.safetensors"), strict=False)
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    saved = mx.load(str(out / "checkpoints" / "0000002_adapters.safetensors"))
+    assert set(saved) == set(trainable) and all(saved[k].shape == trainable[k].shape for k in saved)  # an adapter
+    final = mx.load(str(out / "adapters.safetensors"))
+    assert any(not mx.array_equal(saved[k], final[k]).item() for k in saved)  # step 2's weights, not the last
 
 
 def test_keep_best_publishes_the_adapter_of_the_lowest_validation_loss(tmp_path, tiny_model_template):

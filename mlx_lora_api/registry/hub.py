@@ -1,4 +1,6 @@
-"""The Hugging Face Hub: finding and fetching base models. No MLX here."""
+"""The Hugging Face Hub: finding and fetching base models, publishing results with a model card.
+No MLX here. `huggingface_hub` is imported where it is used: it takes about 0.3 s to import,
+which every server start and CLI command would pay for a feature most of them never touch."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*
 
 
 def cached_path(repo_id: str) -> str | None:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: see the module's doc
 
     try:
         path = snapshot_download(repo_id, allow_patterns=MODEL_FILES, local_files_only=True)
@@ -27,8 +29,12 @@ def lookup(repo_id: str, timeout: float = 10.0) -> str | None:
     """
     if path := cached_path(repo_id):
         return path
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from huggingface_hub import HfApi  # lazy: see the module's doc
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )  # lazy: see the module's doc
 
     try:
         HfApi().model_info(repo_id, timeout=timeout)
@@ -46,7 +52,7 @@ def lookup(repo_id: str, timeout: float = 10.0) -> str | None:
 
 
 def download(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: see the module's doc
 
     return snapshot_download(repo_id, allow_patterns=MODEL_FILES)
 
@@ -58,14 +64,14 @@ UPLOAD_IGNORE = ["meta.json", "checkpoints/*", "gguf/*", ".*"]
 
 def token() -> str | None:
     """HF_TOKEN, or the token `hf auth login` stored; never logged, never returned."""
-    from huggingface_hub import get_token
+    from huggingface_hub import get_token  # lazy: see the module's doc
 
     return get_token()
 
 
 def check_repo_id(repo_id: str) -> str:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.errors import HFValidationError  # lazy: see the module's doc
+    from huggingface_hub.utils import validate_repo_id  # lazy: see the module's doc
 
     try:
         validate_repo_id(repo_id)
@@ -79,19 +85,14 @@ def model_card(model_id: str, repo_id: str, lineage: list[dict], base_hub_id: st
 
     `lineage` runs from the pushed model down to its base, each a registry record as a dict.
     """
+    from huggingface_hub import ModelCard, ModelCardData  # lazy: see the module's doc
+
     pushed = lineage[0]
     tags = ["mlx", "mlx-lora-api", "text-generation"]
     tags.append("lora" if pushed["kind"] == "adapter" else "fine-tuned" if pushed["kind"] == "fused" else "base")
-    header = ["---"]
-    if base_hub_id:
-        header.append(f"base_model: {base_hub_id}")
-    header.append("library_name: mlx")
-    if license:
-        header.append(f"license: {license}")
-    header.append("pipeline_tag: text-generation")
-    header.append("tags:")
-    header.extend(f"- {tag}" for tag in tags)
-    header.append("---")
+    card_data = ModelCardData(
+        base_model=base_hub_id, library_name="mlx", license=license, pipeline_tag="text-generation", tags=tags
+    )
     body = [f"# {repo_id.split('/')[-1]}", ""]
     kind = {"adapter": "A LoRA adapter", "fused": "A fine-tuned model", "base": "A model"}[pushed["kind"]]
     body.append(f"{kind} made with mlx-lora-api on [MLX](https://github.com/ml-explore/mlx) (local id `{model_id}`).")
@@ -129,16 +130,16 @@ def model_card(model_id: str, repo_id: str, lineage: list[dict], base_hub_id: st
     else:
         body.append(f'mlx_lm.generate --model {repo_id} --prompt "Hello"')
     body.append("```")
-    return "\n".join(header + body) + "\n"
+    return str(ModelCard("\n".join(["---", card_data.to_yaml(), "---", *body]) + "\n"))
 
 
 def push(folder: Path, repo_id: str, private: bool, commit_message: str, card: str, api=None) -> str:
     """create_repo, then upload_folder; returns the commit's URL."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, ModelCard  # lazy: see the module's doc
 
     api = api or HfApi(token=token())
     api.create_repo(repo_id, private=private, exist_ok=True)
-    (folder / "README.md").write_text(card)
+    ModelCard(card).save(folder / "README.md")
     info = api.upload_folder(
         repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE
     )
