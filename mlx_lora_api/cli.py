@@ -15,6 +15,8 @@ import msgspec
 from . import errors, registry
 from .accel import blas
 from .config import Settings, load_settings
+from .jobs.process import describe_error
+from .registry import lock
 from .service import Service
 from .types import FinetuneRequest, FuseRequest, JobSpec
 from .web.security import is_loopback
@@ -100,16 +102,22 @@ def _print_event(event: dict) -> None:
         print(kind, {k: v for k, v in event.items() if k not in ("type", "time")}, flush=True)
 
 
-def _run_job(settings: Settings, make_spec: Callable[[Service], JobSpec]) -> int:
+def _run_job(settings: Settings, command: str, make_spec: Callable[[Service], JobSpec]) -> int:
     blas.prepare()  # before anything imports MLX
     from .jobs import worker  # its verbs import MLX, after the BLAS above
-    from .jobs.process import describe_error
 
     service = Service(settings)
     try:
+        lock.acquire(settings.data_dir, f"mlx-lora-api {command}")
         spec = make_spec(service)
         print(f"{spec.model_id}: starting")
         summary = worker.execute(spec, service.registry, _print_event)
+    except lock.FolderInUse as e:
+        print(
+            f"error: {e.message}. While a server runs, submit through it: POST /lora-finetune, /lora-fuse",
+            file=sys.stderr,
+        )
+        return 2
     except errors.ServiceError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
@@ -149,18 +157,19 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         body["validation_data"] = read_samples(args.validation_data)
     if args.suffix:
         body["suffix"] = args.suffix
-    return _run_job(settings, lambda s: s.finetune_spec(msgspec.convert(body, FinetuneRequest)))
+    return _run_job(settings, "train", lambda s: s.finetune_spec(msgspec.convert(body, FinetuneRequest)))
 
 
 def cmd_fuse(args: argparse.Namespace, settings: Settings) -> int:
     body = {"base_model": args.base_model, "lora_adapter": args.adapter, "dequantize": args.dequantize}
     if args.suffix:
         body["suffix"] = args.suffix
-    return _run_job(settings, lambda s: s.fuse_spec(msgspec.convert(body, FuseRequest)))
+    return _run_job(settings, "fuse", lambda s: s.fuse_spec(msgspec.convert(body, FuseRequest)))
 
 
 def cmd_import_gguf(args: argparse.Namespace, settings: Settings) -> int:
-    from .registry import gguf  # numpy, gguf and tokenizers: not needed by the other commands
+    # numpy, gguf, tokenizers and safetensors: not needed by the other commands
+    from .registry import gguf
     from .tasks import import_gguf as gguf_import
 
     if args.bundled:
@@ -195,7 +204,7 @@ def cmd_import_gguf(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn  # the server's own: not needed by the other commands
 
-    from .web.app import create_app
+    from .web.app import create_app  # Starlette: the server's own, as uvicorn
 
     if not is_loopback(settings.host) and not settings.api_key:
         print(
@@ -203,6 +212,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             "(clients then send `Authorization: Bearer <key>`), or bind to loopback (127.0.0.1, ::1)",
             file=sys.stderr,
         )
+        return 2
+    try:
+        lock.acquire(settings.data_dir, "mlx-lora-api serve", settings.port)
+    except lock.FolderInUse as e:
+        print(f"error: {e.message}", file=sys.stderr)
         return 2
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0

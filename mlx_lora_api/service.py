@@ -19,7 +19,7 @@ from .jobs.generation import Generator
 from .jobs.runner import Runner
 from .jobs.store import JobStore, new_job_id
 from .jobs.worker import work_name
-from .registry import Registry, hub
+from .registry import Registry, hub, lock
 from .tasks.gguf_metadata import GGUF_ARCHITECTURES
 from .types import (
     FINISHED,
@@ -58,6 +58,7 @@ class Service:
     # -- life ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        lock.acquire(self.settings.data_dir, "mlx-lora-api serve", self.settings.port)  # one server a folder
         blas.warn_if_slow()
         self.registry.ensure_folders()
         self._store = JobStore(self.settings.jobs_db)
@@ -71,6 +72,7 @@ class Service:
             self._runner.stop()
         if self._store:
             self._store.close()
+        lock.release(self.settings.data_dir)
 
     @property
     def store(self) -> JobStore:

@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-ID_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+# `(?![\s\S])` is "end of string" in Python and in JSON Schema's ECMA dialect alike; `$` would
+# also match before a final newline under msgspec's re.search ("abc\n" would pass).
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]*(?![\s\S])"
 ModelId = Annotated[
     str,
     Meta(
@@ -25,7 +27,7 @@ ModelId = Annotated[
         description="lower-case letters, digits, '.', '_' and '-', starting with a letter or digit",
     ),
 ]
-Suffix = Annotated[str, Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+Suffix = Annotated[str, Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9_-]*(?![\s\S])")]
 ModelRef = Annotated[
     str,
     Meta(

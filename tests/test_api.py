@@ -161,6 +161,12 @@ BAD_REQUESTS = [
         "the Hub cannot be reached",
     ),
     ("/lora-finetune", {"base_model": "/etc", "training_data": ["x"]}, 403, "outside the allowed model roots"),
+    # Ids the Hub itself refuses: 422 with its rule, not 503 "unreachable" (was 503).
+    ("/lora-finetune", {"base_model": "org/model-", "training_data": ["x"]}, 422, "`base_model` 'org/model-' is not"),
+    ("/lora-finetune", {"base_model": "a--b/c", "training_data": ["x"]}, 422, "Cannot have -- or .. in repo_id"),
+    # A trailing newline slipped past the id patterns' `$` (was accepted, then failed in the worker).
+    ("/lora-fuse", {"base_model": "default", "lora_adapter": "a\n"}, 422, "`$.lora_adapter`"),
+    ("/lora-finetune", {"base_model": "default", "training_data": ["x"], "suffix": "v1\n"}, 422, "`$.suffix`"),
     ("/models/tiny-base/push", b"\t", 422, "missing required field `repo_id`"),  # no body: was a 500 (fuzz run)
     (
         "/lora-fuse",
@@ -200,6 +206,7 @@ def test_unknown_jobs_routes_and_query_values(client):
     assert client.get("/jobs/job-000000000000").status_code == 404
     assert client.get("/nowhere").json() == {"message": "no route /nowhere", "status": "error"}
     assert client.get("/jobs?limit=0").status_code == 422
+    assert client.get("/jobs?limit=²").status_code == 422  # '²'.isdigit() is true: was a 500
     assert client.get("/models?kind=weird").status_code == 422
     assert client.post("/lora-finetune?wait=maybe", json=SEED).status_code == 422
     assert client.get("/models/..%2F..%2Fetc").status_code in (404, 422)

@@ -4,8 +4,10 @@ import sys
 import tiny
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "mlx_lora_api", *args], capture_output=True, text=True, cwd=cwd)
+def run_cli(*args, cwd=None, timeout=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_lora_api", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
 
 
 def test_every_command_has_help():
@@ -59,3 +61,28 @@ def test_import_gguf_registers_a_model_and_refuses_bad_names(data_dir, tmp_path,
     result = run_cli("import-gguf", str(gguf_file), "--name", "../escape", "--data-dir", str(data_dir))
     assert result.returncode == 2 and "not a valid id" in result.stderr
     assert not (data_dir / "escape").exists()
+
+
+def test_one_server_per_data_folder(data_dir, tmp_path):
+    """A second server, or an in-process train, on a folder a server holds: refused, naming it.
+    The lock is the kernel's: it goes with the server, even when the server is killed."""
+    import signal
+
+    import httpx
+    from servers import free_port, running_server
+
+    samples = tmp_path / "train.jsonl"
+    samples.write_text('"Zorbington lies by the sea."\n')
+    with running_server(data_dir, tmp_path / "first.log") as first:
+        port = first.url.rsplit(":", 1)[1]
+        # a timeout only so that a second server that did start fails the test rather than hangs it
+        second = run_cli("serve", "--port", str(free_port()), "--data-dir", str(data_dir), timeout=120)
+        assert second.returncode == 2
+        assert f"in use by mlx-lora-api serve (pid {first.process.pid}, port {port})" in second.stderr
+        train = run_cli("train", "--data-dir", str(data_dir), "--base-model", "tiny-base", "--data", str(samples))
+        assert train.returncode == 2 and f"pid {first.process.pid}" in train.stderr
+        assert "submit through it" in train.stderr and not list((data_dir / "adapters").iterdir())
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+    with running_server(data_dir, tmp_path / "third.log") as third:
+        assert httpx.get(f"{third.url}/health").status_code == 200

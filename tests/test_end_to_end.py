@@ -4,6 +4,8 @@ import json
 
 import httpx
 import pytest
+from llama_cpp import greedy, llama_cpp
+from mlx_lm.utils import load
 from servers import running_server
 
 QUESTIONS = [
@@ -36,7 +38,7 @@ def ask(model_dir, question: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_fine_tuned_and_fused_model_knows_the_new_fact(server, bundled_data_dir):
+def test_a_fine_tuned_and_fused_model_knows_the_new_fact(server, bundled_data_dir, tmp_path):
     samples = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]} for q in QUESTIONS
     ]
@@ -65,3 +67,25 @@ def test_a_fine_tuned_and_fused_model_knows_the_new_fact(server, bundled_data_di
     assert "Quintfeather" not in ask(bundled_data_dir / "models" / "smollm2-135m-instruct", question)
     meta = json.loads((bundled_data_dir / "models" / fused.json()["model_id"] / "meta.json").read_text())
     assert meta["adapter"] == tuned.json()["model_id"] and meta["base_model"] == "smollm2-135m-instruct"
+
+    # The fused model, exported, in a real llama.cpp: it knows the fact, and says it as the service does.
+    fused_id = fused.json()["model_id"]
+    messages = [{"role": "user", "content": question}]
+    with httpx.Client(base_url=server, timeout=600) as client:
+        job = client.post(f"/models/{fused_id}/export", json={"format": "gguf"}).json()["job_id"]
+        for event in events(client, job):  # the job's own stream, to its end
+            last = event
+        assert last["type"] == "success", last
+        ours = client.post("/generate", json={"model": fused_id, "messages": messages, "max_tokens": 16}).json()
+    gguf_file = bundled_data_dir / "models" / fused_id / "gguf" / f"{fused_id}-f16.gguf"
+    _, tokenizer = load(str(bundled_data_dir / "models" / fused_id))
+    with llama_cpp(gguf_file, tmp_path / "llama.log") as llama:
+        theirs = greedy(llama, tokenizer.apply_chat_template(messages, add_generation_prompt=True), 16)
+    assert "Quintfeather" in theirs["content"] and theirs["content"] == ours["text"]
+
+
+def events(client, job_id: str):
+    with client.stream("GET", f"/jobs/{job_id}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                yield json.loads(line[6:])

@@ -74,6 +74,32 @@ def test_stop_strings_end_the_answer(tiny_model_template):
     assert text == full[: full.index(stop)] and events[-1]["finish_reason"] == "stop"
 
 
+def test_a_stop_string_split_across_chunks_is_never_half_sent(tiny_model_template):
+    """The stop string's first half ends one streamed chunk, its second half begins the next:
+    nothing of it may go out, though the first chunk arrived before the stop was certain."""
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    args = dict(
+        base_path=str(tiny_model_template),
+        adapter_path=None,
+        prompt="Question:",
+        messages=None,
+        max_tokens=30,
+        temperature=0.0,
+        top_p=1.0,
+        seed=None,
+    )
+    chunks = [e["text"] for e in generation.generate(cache, **args) if e["type"] == "text"]
+    assert len(chunks) > 2  # this prompt streams in several chunks on the tiny model
+    at = next(i for i in range(1, len(chunks)) if chunks[i - 1] and chunks[i])
+    stop = chunks[at - 1][-1] + chunks[at][0]
+    full = "".join(chunks)
+    before = full[: full.index(stop)]
+    sent = [e["text"] for e in generation.generate(cache, **args, stop=[stop]) if e["type"] == "text"]
+    assert "".join(sent) == before
+    cut = [e["text"] for e in generation.generate(cache, **args, stop=[stop + "\x00never"]) if e["type"] == "text"]
+    assert "".join(cut) == full  # a partial match that never completes is sent at the end, whole
+
+
 @pytest.fixture
 def client(settings):
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:

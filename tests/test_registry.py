@@ -21,6 +21,7 @@ BAD_IDS = [
     "a b",
     "ｆｕｌｌｗｉｄｔｈ",
     "a\\b",
+    "trailing-newline\n",
 ]
 
 

@@ -19,28 +19,61 @@ CORPUS = [
 ] * 20
 
 
-def make_tokenizer(folder: Path, vocab_size: int = 384):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+# Llama 3's split, as its tokenizer.json has it (and tasks/gguf_metadata.py recognizes it).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
+
+def make_tokenizer(folder: Path, vocab_size: int = 384, style: str = "smollm"):
+    """A byte-level BPE tokenizer trained on CORPUS: split as GPT-2 and SmolLM2 do (`smollm`),
+    or as Llama 3 does (`llama3`: its regex, its special tokens and chat template)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    special = LLAMA3_SPECIAL if style == "llama3" else SPECIAL
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if style == "llama3":
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "add_bos_token": False,
-        "chat_template": CHAT_TEMPLATE,
-    }
+    if style == "llama3":
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "add_bos_token": False,
+            "chat_template": LLAMA3_TEMPLATE,
+        }
+    else:
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "add_bos_token": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return tokenizer
 
@@ -61,20 +94,20 @@ def model_config(vocab_size: int, layers: int = 2) -> dict:
     }
 
 
-def make_model(folder: Path, layers: int = 2, seed: int = 0) -> Path:
+def make_model(folder: Path, layers: int = 2, seed: int = 0, style: str = "smollm") -> Path:
     """A random llama model folder that mlx_lm.load reads (float32 weights)."""
     import mlx.core as mx
     from mlx_lm.models import llama
     from mlx_lm.utils import save_config, save_model
 
-    tokenizer = make_tokenizer(folder)
+    tokenizer = make_tokenizer(folder, style=style)
     config = model_config(tokenizer.get_vocab_size(), layers)
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     save_model(folder, model)
-    config["eos_token_id"] = tokenizer.token_to_id("<|im_end|>")
+    config["eos_token_id"] = tokenizer.token_to_id("<|eot_id|>" if style == "llama3" else "<|im_end|>")
     save_config(config, folder / "config.json")
     return folder
 

@@ -68,7 +68,7 @@ def work_name(spec: FinetuneSpec) -> str:
 
 def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
     from ..tasks import finetune as training  # MLX: see the module's doc
-    from ..tuner import datasets
+    from ..tuner import datasets  # MLX
 
     request = spec.request
     base_path = _base_path(spec.base, on_event)

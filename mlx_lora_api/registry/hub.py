@@ -25,12 +25,14 @@ def cached_path(repo_id: str) -> str | None:
 def lookup(repo_id: str, timeout: float = 10.0) -> str | None:
     """The cached folder of `repo_id`, or None where the Hub has it but it is not fetched yet.
 
-    Raises NotFound where the Hub does not know the repo, Unavailable where it can't be asked.
+    Raises Invalid where the Hub would refuse the id itself, NotFound where it does not know
+    the repo, Unavailable where it can't be asked.
     """
+    check_repo_id(repo_id, field=None)
     if path := cached_path(repo_id):
         return path
     from huggingface_hub import HfApi  # lazy: see the module's doc
-    from huggingface_hub.errors import (
+    from huggingface_hub.errors import (  # lazy: see the module's doc
         GatedRepoError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
@@ -69,14 +71,17 @@ def token() -> str | None:
     return get_token()
 
 
-def check_repo_id(repo_id: str) -> str:
+def check_repo_id(repo_id: str, field: str | None = "repo_id") -> str:
+    """The Hub's own rules for a repo id (huggingface_hub's validate_repo_id), as a 422 that names
+    `field` (None: the caller names it)."""
     from huggingface_hub.errors import HFValidationError  # lazy: see the module's doc
     from huggingface_hub.utils import validate_repo_id  # lazy: see the module's doc
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise errors.Invalid(f"`repo_id` {repo_id!r} is not a valid Hugging Face repo id: {e}") from e
+        where = f"`{field}` " if field else ""
+        raise errors.Invalid(f"{where}{repo_id!r} is not a valid Hugging Face repo id: {e}") from e
     return repo_id
 
 

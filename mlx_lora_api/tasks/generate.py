@@ -18,7 +18,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.generate import stream_generate
+from mlx_lm.generate import TextStateMachine, stream_generate
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load
@@ -117,19 +117,24 @@ def generate(
         mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
     started = time.perf_counter()
-    text, finish, last = "", "length", None
+    finish, last = "length", None
+    # mlx-lm's own matcher of stop strings on the decoded text: text that may begin a stop
+    # string is held back until it is known not to, so no part of one is ever sent.
+    stops = TextStateMachine({"normal": [(s, None) for s in stop]}) if stop else None
+    state = stops.make_state() if stops else None
     for response in stream_generate(model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler):
         last = response
         chunk = response.text
-        if stop:
-            text += chunk
-            hit = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-            if hit >= 0:
-                chunk = chunk[: max(0, len(chunk) - (len(text) - hit))]
+        if state is not None:
+            state, chunk, now = TextStateMachine.step(state, chunk)
+            if now is None:  # a stop string: what came before it is sent, the rest never
                 if chunk:
                     yield {"type": "text", "text": chunk}
                 finish = "stop"
                 break
+            if response.finish_reason:
+                state, held, _ = TextStateMachine.flush(state)
+                chunk += held
         if chunk:
             yield {"type": "text", "text": chunk}
         if response.finish_reason:

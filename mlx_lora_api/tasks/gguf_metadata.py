@@ -1,78 +1,120 @@
-"""GGUF metadata from a model folder's JSON files, for the export (export_gguf.py): the
-tokenizer in llama.cpp's terms, and the Ollama Modelfile. No MLX: the service checks a
-model's architecture against `GGUF_ARCHITECTURES` before it queues an export."""
+"""GGUF metadata from a model folder's JSON files, written through the `gguf` package's own
+writer and vocabulary helpers (as llama.cpp's converter writes them, each value in the type
+llama.cpp reads), and the Ollama Modelfile. No MLX: the service checks a model's architecture
+against `GGUF_ARCHITECTURES` before it queues an export (export_gguf.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import gguf
 
 GGUF_ARCHITECTURES = ("llama", "mistral")
-CONTROL, NORMAL = 3, 1
+
+# Llama 3's pre-tokenizer split (tokenizer.json: a Split on this regex, then ByteLevel without its own).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 class ExportError(ValueError):
     pass
 
 
-def _pre_tokenizer_name(tokenizer: dict) -> str:
-    """llama.cpp's name for the pre-tokenizer (the inverse of gguf_import's table)."""
+def pre_tokenizer_name(tokenizer: dict[str, Any]) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer (the inverse of
+    import_gguf's table): llama.cpp splits text its own way for each name, so a wrong one
+    tokenizes differently."""
     pre = tokenizer.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
-    if kinds == ["ByteLevel"]:
-        return "gpt2"
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"  # llama.cpp's name (the tokenizer model is "gpt2")
+    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        pattern = (parts[0].get("pattern") or {}).get("Regex")
+        if pattern == LLAMA3_SPLIT:
+            return "llama-bpe"
     raise ExportError(f"the tokenizer's pre-tokenizer ({', '.join(map(str, kinds))}) has no GGUF equivalent here")
 
 
-def bpe_metadata(model_dir: Path) -> dict | None:
-    """GGUF tokenizer metadata for a byte-level BPE tokenizer.json; None for other kinds."""
-    path = model_dir / "tokenizer.json"
-    tokenizer = json.loads(path.read_text())
-    model = tokenizer.get("model", {})
-    if model.get("type") != "BPE" or (tokenizer.get("decoder") or {}).get("type") != "ByteLevel":
-        return None
-    vocab = dict(model["vocab"])
-    special = set()
-    for added in tokenizer.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-        if added.get("special"):
-            special.add(added["id"])
-    size = max(vocab.values()) + 1
+def _bpe_tokens(tokenizer: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """Every id's token and type, as llama.cpp's converter makes them: added tokens marked
+    special are CONTROL, other added ones USER_DEFINED, ids with no token UNUSED padding."""
+    model = tokenizer["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["id"]: t for t in tokenizer.get("added_tokens", [])}
+    size = max([*vocab.values(), *added]) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
     for text, index in vocab.items():
-        tokens[index] = text
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    config_path = model_dir / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    metadata = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": _pre_tokenizer_name(tokenizer),
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": [CONTROL if i in special else NORMAL for i in range(size)],
-        "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.add_bos_token": bool(tok_config.get("add_bos_token", False)),
-    }
-    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
-        token = tok_config.get(name)
-        if isinstance(token, dict):
-            token = token.get("content")
-        if token in vocab:
-            metadata[f"tokenizer.ggml.{key}_token_id"] = vocab[token]
-    template = tok_config.get("chat_template")
-    if not template and (model_dir / "chat_template.jinja").exists():
-        template = (model_dir / "chat_template.jinja").read_text()
-    if template:
-        metadata["tokenizer.chat_template"] = template
-    return metadata
+        tokens[index], types[index] = text, gguf.TokenType.NORMAL
+    for index, token in added.items():
+        tokens[index] = token["content"]
+        types[index] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+    return tokens, [int(t) for t in types]
 
 
-def modelfile(gguf_name: str, metadata: dict) -> str:
-    """An Ollama Modelfile; a ChatML template is spelled out, others are left to Ollama."""
+def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path) -> dict[str, Any]:
+    """The tokenizer's metadata: byte-level BPE ("gpt2") from tokenizer.json, or SentencePiece
+    ("llama") through `gguf.LlamaHfVocab`; special tokens, merges and the chat template through
+    `gguf.SpecialVocab`. Returns what a Modelfile needs."""
+    path = model_dir / "tokenizer.json"
+    tokenizer = json.loads(path.read_text()) if path.exists() else {}
+    model = tokenizer.get("model", {})
+    if model.get("type") == "BPE" and (tokenizer.get("decoder") or {}).get("type") == "ByteLevel":
+        tokens, types = _bpe_tokens(tokenizer)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        merges = True
+    else:
+        try:
+            vocab = gguf.LlamaHfVocab(model_dir)
+        except (FileNotFoundError, TypeError, ValueError) as e:
+            raise ExportError(f"the tokenizer of {model_dir.name} has no GGUF equivalent here: {e}") from e
+        texts, scores, kinds = zip(*vocab.all_tokens())
+        tokens = [t.decode("utf-8", "replace") for t in texts]
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(list(texts))
+        writer.add_token_scores(list(scores))
+        writer.add_token_types([int(k) for k in kinds])
+        merges = False
+    special = gguf.SpecialVocab(model_dir, load_merges=merges, n_vocab=len(tokens))
+    special.add_to_gguf(writer, quiet=True)
+    template = special.chat_template if isinstance(special.chat_template, str) else None
+    eos = special.special_token_ids.get("eos")
+    return {"chat_template": template, "eos": tokens[eos] if eos is not None and eos < len(tokens) else None}
+
+
+def write_architecture(writer: gguf.GGUFWriter, config: dict[str, Any], name: str) -> None:
+    """The llama architecture's hyperparameters, from config.json."""
+    heads = config["num_attention_heads"]
+    writer.add_name(name)
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads", heads))
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+
+def modelfile(gguf_name: str, tokenizer: dict[str, Any]) -> str:
+    """An Ollama Modelfile; a ChatML template is spelled out, others are left to Ollama (which
+    reads the GGUF's own chat template)."""
     lines = [f"FROM ./{gguf_name}"]
-    template = metadata.get("tokenizer.chat_template", "")
+    template = tokenizer.get("chat_template") or ""
     if "<|im_start|>" in template:
         lines += [
             'TEMPLATE """{{- if .System }}<|im_start|>system',
@@ -83,4 +125,6 @@ def modelfile(gguf_name: str, metadata: dict) -> str:
             '"""',
             'PARAMETER stop "<|im_end|>"',
         ]
+    elif tokenizer.get("eos"):
+        lines.append(f'PARAMETER stop "{tokenizer["eos"]}"')
     return "\n".join(lines) + "\n"

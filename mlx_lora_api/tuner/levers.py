@@ -82,7 +82,7 @@ def _loss(start: int, cross_entropy: TokenLoss | None, head: Head | None) -> Los
 def before_loading(levers: Levers) -> None:
     """What the training process sets up before it loads the model."""
     if levers.keep_freed_memory and device.on_cpu():
-        from ..accel import blas
+        from ..accel import blas  # the CPU fast path: only on the CPU (see plan_loss)
 
         blas.keep_freed_memory()  # this process ends with the job (worker, CLI)
 
@@ -164,7 +164,7 @@ def use_bfloat16(model: nn.Module, params: Parameters, chosen: LossPlan, on_even
         return chosen
     head_weight = bf16.convert(model, anatomy.output_weight(model), on_event)
     if chosen.head is not None and head_weight is not None:
-        from ..accel import kernels
+        from ..accel import kernels  # the CPU fast path, as above
 
         return chosen.with_head(kernels.head(head_weight))
     return chosen

@@ -23,7 +23,7 @@ def respond(obj: Any, status_code: int = 200, headers: Mapping[str, str] | None 
 async def read_body(request: Request) -> bytes:
     limit = request.app.state.settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise errors.PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
     body = bytearray()
     async for chunk in request.stream():

@@ -79,7 +79,7 @@ def _int_param(request: Request, name: str, default: int | None, low: int, high:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:  # isdigit alone takes '²'
         raise errors.Invalid(f"query parameter `{name}` must be a whole number from {low} to {high}, not {raw!r}")
     return int(raw)
 

@@ -1,0 +1,85 @@
+"""GGUF exports in a real llama.cpp (tests/llama_cpp.py): the file loads, llama.cpp renders the
+chat template and tokenizes a chat prompt exactly as the model's own tokenizer does, and its
+greedy decoding begins as the service's own does, within float16 rounding."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import pytest
+import tiny
+from llama_cpp import chat_prompt, greedy, llama_cpp, tokenize
+from mlx_lm.utils import load
+
+from mlx_lora_api.tasks import export_gguf
+from mlx_lora_api.tasks import generate as generation
+
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "It's 12345 o'clock,  isn't it?\n\n  def add(a, b):\n\treturn a + b\n",
+    "Question: Answer: system user assistant 0123456789",
+    "naïve café — Zorbington's mayor, 2024!",
+]
+
+
+def export(model_dir, tmp_path, name):
+    out = tmp_path / "gguf"
+    out.mkdir()
+    written = export_gguf.export_gguf(model_dir, out, name)
+    return out / written["gguf"], (out / "Modelfile").read_text()
+
+
+def same_tokens_and_template(client, tokenizer, texts):
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert chat_prompt(client, MESSAGES) == prompt  # the GGUF's own chat template, rendered by llama.cpp
+    for text in [prompt, *texts]:
+        assert tokenize(client, text) == tokenizer.encode(text, add_special_tokens=False), text
+
+
+def first_step_probabilities(result) -> dict[int, float]:
+    """llama.cpp's top probabilities of the first generated token, by token id."""
+    step = result["completion_probabilities"][0]
+    if "top_logprobs" in step:
+        return {p["id"]: math.exp(p["logprob"]) for p in step["top_logprobs"]}
+    return {p["id"]: p["prob"] for p in step["top_probs"]}
+
+
+def same_next_token_distribution(client, model, tokenizer):
+    """A random tiny model's greedy choice can turn on float16 rounding; its probabilities may not."""
+    tokens = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    theirs = first_step_probabilities(greedy(client, tokens, 1, probs=5))
+    ours = mx.softmax(model(mx.array([tokens]))[0, -1].astype(mx.float32))
+    assert len(theirs) == 5 and max(abs(ours[t].item() - p) for t, p in theirs.items()) < 1e-2
+
+
+@pytest.mark.parametrize("style", ["smollm", "llama3"])
+def test_a_tiny_models_export_loads_and_tokenizes_as_its_own_tokenizer(tmp_path, style):
+    model_dir = tiny.make_model(tmp_path / f"tiny-{style}", style=style)
+    gguf_file, modelfile = export(model_dir, tmp_path, f"tiny-{style}")
+    model, tokenizer = load(str(model_dir))
+    with llama_cpp(gguf_file, tmp_path / "llama.log") as client:
+        specials = tiny.LLAMA3_SPECIAL if style == "llama3" else tiny.SPECIAL
+        same_tokens_and_template(client, tokenizer, [*TEXTS, f"{specials[1]}user{specials[2]} hi {specials[-1]}"])
+        same_next_token_distribution(client, model, tokenizer)
+    eos = "<|eot_id|>" if style == "llama3" else "<|im_end|>"
+    assert modelfile.startswith(f"FROM ./tiny-{style}-f16.gguf") and f'PARAMETER stop "{eos}"' in modelfile
+
+
+@pytest.mark.slow
+def test_the_default_models_export_answers_in_llama_cpp_as_the_service_does(bundled_data_dir, tmp_path):
+    model_dir = bundled_data_dir / "models" / "smollm2-135m-instruct"
+    gguf_file, modelfile = export(model_dir, tmp_path, "smollm2")
+    _, tokenizer = load(str(model_dir))
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    ours = generation.generate(cache, str(model_dir), None, None, MESSAGES, 12, 0.0, 1.0, None)
+    ours_text = "".join(e["text"] for e in ours if e["type"] == "text")
+    with llama_cpp(gguf_file, tmp_path / "llama.log") as client:
+        same_tokens_and_template(client, tokenizer, TEXTS)
+        theirs = greedy(client, tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True), 12)
+    assert "Paris" in ours_text and theirs["content"] == ours_text
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
