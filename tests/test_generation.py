@@ -54,18 +54,22 @@ def test_the_cache_unloads_the_least_recently_used_model_past_its_budget(tmp_pat
     assert cache.loads == 3
 
 
-def test_stop_strings_end_the_answer(tiny_model_template):
-    cache = generation.ModelCache(budget_bytes=1 << 30)
-    args = dict(
-        base_path=str(tiny_model_template),
+def greedy_args(model_dir, prompt: str) -> dict:
+    return dict(
+        base_path=str(model_dir),
         adapter_path=None,
-        prompt="The",
+        prompt=prompt,
         messages=None,
         max_tokens=30,
         temperature=0.0,
         top_p=1.0,
         seed=None,
     )
+
+
+def test_stop_strings_end_the_answer(tiny_model_template):
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    args = greedy_args(tiny_model_template, "The")
     full = "".join(e["text"] for e in generation.generate(cache, **args) if e["type"] == "text")
     assert len(full) > 4
     stop = full[2:4]
@@ -78,16 +82,7 @@ def test_a_stop_string_split_across_chunks_is_never_half_sent(tiny_model_templat
     """The stop string's first half ends one streamed chunk, its second half begins the next:
     nothing of it may go out, though the first chunk arrived before the stop was certain."""
     cache = generation.ModelCache(budget_bytes=1 << 30)
-    args = dict(
-        base_path=str(tiny_model_template),
-        adapter_path=None,
-        prompt="Question:",
-        messages=None,
-        max_tokens=30,
-        temperature=0.0,
-        top_p=1.0,
-        seed=None,
-    )
+    args = greedy_args(tiny_model_template, "Question:")
     chunks = [e["text"] for e in generation.generate(cache, **args) if e["type"] == "text"]
     assert len(chunks) > 2  # this prompt streams in several chunks on the tiny model
     at = next(i for i in range(1, len(chunks)) if chunks[i - 1] and chunks[i])
