@@ -32,8 +32,10 @@ class Settings(msgspec.Struct, kw_only=True, repr_omit_defaults=True):
     hub_timeout: float = 10.0
     # Memory for models loaded by /generate (0: half the machine's memory, at most 8 GiB).
     generation_budget_bytes: int = 0
-    # How often a `?wait=true` request looks at its job, in seconds.
+    # How often a `?wait=true` request and an event stream look at their job, in seconds.
     wait_poll_interval: float = 0.2
+    # A comment on an event stream after this many quiet seconds, so proxies keep it open.
+    sse_keepalive_seconds: float = 15.0
 
     def __repr__(self) -> str:
         return f"Settings({redacted(self)})"
@@ -66,6 +68,7 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "max_seq_length_limit": int,
     "hub_timeout": float,
     "generation_budget_bytes": int,
+    "sse_keepalive_seconds": float,
 }
 
 

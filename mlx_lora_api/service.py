@@ -188,8 +188,10 @@ class Service:
         source = self._existing_model(model_id)
         hub.check_repo_id(request.repo_id)
         if not hub.token():
-            raise errors.Unauthorized(
-                "pushing needs a Hugging Face token: set HF_TOKEN, or run `hf auth login`, then restart the service"
+            # Not 401: the caller's API key is fine; the server's own Hub credential is missing.
+            raise errors.Unavailable(
+                "this server has no Hugging Face token to push with (your API key is not the problem): set HF_TOKEN "
+                "in the server's environment, or run `hf auth login` on its machine, then restart the service"
             )
         lineage = self.lineage(model_id)
         base_hub_id = next((r.get("hub_id") for r in lineage if r.get("hub_id")), None)

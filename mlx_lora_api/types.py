@@ -258,7 +258,8 @@ class ModelRecord(Struct, omit_defaults=True):
     kind: Literal["base", "adapter", "fused"]
     created_at: float
     size_bytes: int
-    status: Literal["ready", "queued", "running"]  # queued/running: a job is making it
+    # queued/running: a job is making it; damaged: its meta.json cannot be read (`problem` says why)
+    status: Literal["ready", "queued", "running", "damaged"]
     base_model: str | None = None
     adapter: str | None = None
     job_id: str | None = None
@@ -269,6 +270,7 @@ class ModelRecord(Struct, omit_defaults=True):
     parity: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
     files: list[str] | None = None
+    problem: str | None = None
 
 
 class GenerateRequest(Struct, forbid_unknown_fields=True, kw_only=True):

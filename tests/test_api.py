@@ -333,3 +333,51 @@ def test_resume_a_cancelled_fine_tune_from_its_checkpoint(client, data_dir):
     finished = client.post("/lora-finetune?wait=true", json=SEED).json()
     r = client.post(f"/jobs/{finished['job_id']}/resume")
     assert r.status_code == 409 and "only failed or cancelled" in r.json()["message"]
+
+
+def sse_events(lines):
+    """(id, type) of each event in an SSE body's lines; comments as (None, comment)."""
+    found, current = [], {}
+    for line in lines:
+        if line.startswith(":"):
+            found.append((None, line))
+        elif line.startswith("id: "):
+            current["id"] = int(line[4:])
+        elif line.startswith("event: "):
+            found.append((current.pop("id", None), line[7:]))
+    return found
+
+
+def test_the_event_stream_ends_after_the_final_event_and_resumes_after_last_event_id(client):
+    job = client.post("/lora-finetune", json=SEED).json()["job_id"]
+    with client.stream("GET", f"/jobs/{job}/events") as stream:  # follows the job live, then ends
+        events = sse_events(stream.iter_lines())
+    assert events[0][1] == "queued" and events[-1][1] == "success"
+    third = events[2][0]
+    r = client.get(f"/jobs/{job}/events", headers={"Last-Event-ID": str(third)})
+    assert sse_events(r.text.splitlines()) == events[3:]  # only what came after (it replayed all)
+    r = client.get(f"/jobs/{job}/events", headers={"Last-Event-ID": str(events[-1][0])})
+    assert r.status_code == 200 and r.text == ""  # nothing after the end: an empty stream, not a hang
+    r = client.get(f"/jobs/{job}/events", headers={"Last-Event-ID": "-3"})
+    assert r.status_code == 422 and "Last-Event-ID" in r.json()["message"]
+
+
+def test_a_queued_jobs_stream_keeps_alive_and_a_wait_can_time_out(settings, data_dir):
+    settings.sse_keepalive_seconds = 0.05
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        busy = client.post("/lora-finetune", json={**SEED, "parameters": {"epochs": 10_000}}).json()
+        wait_job(client, busy["job_id"], statuses=("running",))
+        r = client.post("/lora-finetune?wait=true&timeout=0.2", json=SEED)
+        assert r.status_code == 202 and r.json()["status"] == "queued" and "after 0.2 s" in r.json()["message"]
+        queued = r.json()["job_id"]
+        with client.stream("GET", f"/jobs/{queued}/events") as stream:
+            lines = stream.iter_lines()
+            kinds = []
+            for line in lines:  # the queued event, then keep-alives while the job waits behind the busy one
+                kinds.append(line)
+                if line.startswith(": keep-alive"):
+                    break
+        assert "event: queued" in kinds
+        for job in (queued, busy["job_id"]):
+            client.post(f"/jobs/{job}/cancel")
+        assert client.post("/lora-finetune?wait=true&timeout=0", json=SEED).status_code == 422

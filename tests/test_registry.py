@@ -108,3 +108,29 @@ def test_damaged_weights_are_named_before_mlx_reads_them(tmp_path, tiny_model_te
     (folder / "tokenizer.json").unlink()
     with pytest.raises(checks.DamagedArtifact, match="has no tokenizer"):
         checks.check_model_folder(folder)
+
+
+def test_a_damaged_meta_json_is_listed_as_damaged_with_the_reason(data_dir):
+    """Hidden before, the folder still took its disk space and could not be found to fix."""
+    (data_dir / "models" / "tiny-base" / "meta.json").write_text("{not json")
+    reg = Registry(data_dir, "tiny-base")
+    listed = {r.model_id: r for r in reg.list_models()}
+    assert listed["tiny-base"].status == "damaged" and "meta.json is damaged" in listed["tiny-base"].problem
+    assert reg.record("tiny-base").status == "damaged" and reg.record("tiny-base").files
+
+
+def test_a_model_deleted_while_the_registry_reads_it_is_gone_not_an_error(data_dir, monkeypatch):
+    from mlx_lora_api.registry import registry as registry_module
+
+    real = registry_module.folder_size
+
+    def deleted_meanwhile(folder):
+        if folder.name == "tiny-base":
+            raise FileNotFoundError(folder)  # as rglob/stat see a folder removed under them
+        return real(folder)
+
+    monkeypatch.setattr(registry_module, "folder_size", deleted_meanwhile)
+    reg = Registry(data_dir, "tiny-base")
+    assert [r.model_id for r in reg.list_models()] == []  # was a 500
+    with pytest.raises(errors.NotFound):
+        reg.record("tiny-base")

@@ -337,3 +337,26 @@ def test_levers_switched_off_by_the_environment_train_on_mlx_lms_plain_path(tmp_
     finetune.train_adapter(str(tiny_model_template), "tiny-base", req, tmp_path, events.append)
     assert not called and not any(e["type"] == "info" for e in events)
     assert (tmp_path / "adapters.safetensors").exists()
+
+
+def test_the_prefix_cache_budget_counts_the_validation_batches(tmp_path, tiny_model_template, monkeypatch):
+    """Validation batches are cached as training ones are: a large validation set must count
+    against the budget (it went past it)."""
+    from mlx_lora_api.tuner import prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "DEFAULT_BUDGET_BYTES", 100_000)  # the training batches fit, ~12 KB
+    long_text = " ".join(["The quick brown fox jumps over the lazy dog."] * 8)
+    for name, validation in (("without", None), ("with", [long_text] * 20)):
+        out = tmp_path / name
+        out.mkdir()
+        events = []
+        req = FinetuneRequest(
+            base_model="tiny-base",
+            training_data=["The mayor of Zorbington is Elara Quintfeather.", "Paris", "a dog", "The quick fox."],
+            validation_data=validation,
+            parameters=Parameters(epochs=2, batch_size=2, num_layers=1, steps_per_eval=100),
+        )
+        finetune.train_adapter(str(tiny_model_template), "tiny-base", req, out, events.append, levers=levers.Levers())
+        infos = [e["message"] for e in events if e["type"] == "info"]
+        over = any("would not fit the cache budget" in m for m in infos)
+        assert over == (validation is not None), infos

@@ -131,11 +131,19 @@ class Registry:
         for parent in (self.models_dir, self.adapters_dir):
             folder = parent / check_id(model_id)
             if folder.is_dir():
-                return self._record(folder)
+                try:
+                    return self._record(folder)
+                except FileNotFoundError:
+                    break  # deleted (or renamed) while it was read
         raise errors.NotFound(f"no model or adapter with id {model_id!r}")
 
     def _record(self, folder: Path, with_files: bool = True) -> ModelRecord:
-        meta = read_meta(folder)
+        """The folder's record; a damaged meta.json gives status `damaged` and says why, rather
+        than hiding the folder (it still takes disk space, and the user must see it to fix it)."""
+        try:
+            meta, problem = read_meta(folder), None
+        except errors.ServiceError as e:
+            meta, problem = None, e.message
         kind = meta.kind if meta else ("adapter" if folder.parent == self.adapters_dir else "base")
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         return ModelRecord(
@@ -143,7 +151,8 @@ class Registry:
             kind=kind,
             created_at=meta.created_at if meta else folder.stat().st_mtime,
             size_bytes=folder_size(folder),
-            status="ready",
+            status="damaged" if problem else "ready",
+            problem=problem,
             base_model=meta.base_model if meta else None,
             adapter=meta.adapter if meta else None,
             job_id=meta.job_id if meta else None,
@@ -166,8 +175,8 @@ class Registry:
                     continue
                 try:
                     record = self._record(folder, with_files=False)
-                except errors.ServiceError:
-                    continue  # a damaged meta.json hides one entry, not the whole listing
+                except FileNotFoundError:
+                    continue  # deleted (or renamed) while the listing ran: gone, not an error
                 if kind and record.kind != kind:
                     continue
                 if base and record.base_model != base:

@@ -144,7 +144,7 @@ def train_adapter(
         grad_accumulation_steps=params.grad_accumulation_steps,
     )
 
-    chosen = lever_switches.plan_loss(model, params, train_set, plan, on_event, levers)
+    chosen = lever_switches.plan_loss(model, params, train_set, plan, on_event, levers, val_set)
     chosen = lever_switches.use_bfloat16(model, params, chosen, on_event)
 
     def validate() -> float:

@@ -94,6 +94,7 @@ def plan_loss(
     plan: Sequence[Sequence[int]],
     on_event: EventSink,
     levers: Levers,
+    val_set: Any = None,
 ) -> LossPlan:
     """The fastest way to compute `masked_loss` here, checked against it on the first sample."""
     cpu = device.on_cpu() and (levers.cpu_head or levers.cpu_ops)
@@ -121,7 +122,13 @@ def plan_loss(
     if start and keep:
         lengths = datasets.item_lengths(train_set)
         unique = {tuple(b): list(b) for b in plan}.values()
-        if not prefix_cache.fits(datasets.padded_tokens(lengths, list(unique), pad), model.args.hidden_size):
+        cached = datasets.padded_tokens(lengths, list(unique), pad)
+        if val_set is not None:  # validation batches are cached too
+            val_lengths = datasets.item_lengths(val_set)
+            size = params.batch_size
+            val_batches = [list(range(i, min(i + size, len(val_lengths)))) for i in range(0, len(val_lengths), size)]
+            cached += datasets.padded_tokens(val_lengths, val_batches, pad)
+        if not prefix_cache.fits(cached, model.args.hidden_size):
             on_event(
                 {"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"}
             )

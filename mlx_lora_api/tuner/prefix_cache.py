@@ -116,5 +116,5 @@ class Cache:
         return states
 
 
-def fits(padded_tokens: int, hidden_size: int, budget: int = DEFAULT_BUDGET_BYTES) -> bool:
-    return padded_tokens * hidden_size * 4 <= budget
+def fits(padded_tokens: int, hidden_size: int, budget: int | None = None) -> bool:
+    return padded_tokens * hidden_size * 4 <= (DEFAULT_BUDGET_BYTES if budget is None else budget)

@@ -41,26 +41,50 @@ def wants_wait(request: Request) -> bool:
     return value in ("true", "1")
 
 
-async def wait_for(request: Request, job_id: str) -> Job:
+def wait_timeout(request: Request) -> float | None:
+    raw = request.query_params.get("timeout")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 86_400:
+        raise errors.Invalid(f"query parameter `timeout` must be a number of seconds from 0 to 86400, not {raw!r}")
+    return seconds
+
+
+async def wait_for(request: Request, job_id: str, timeout: float | None) -> Job | None:
+    """The job once it has ended, or as it is when `timeout` passes; None if the client left."""
     service = request.app.state.service
     interval = request.app.state.settings.wait_poll_interval
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     while True:
         job = await run_in_threadpool(service.job, job_id)
-        if job.status in FINISHED:
+        if job.status in FINISHED or (deadline is not None and asyncio.get_running_loop().time() >= deadline):
             return job
+        if await request.is_disconnected():
+            return None  # nobody to answer; the job goes on
         await asyncio.sleep(interval)
 
 
 async def _submit(request: Request, decoder, make_spec, noun: str) -> Response:
     service = request.app.state.service
     wait = wants_wait(request)
+    timeout = wait_timeout(request)
     payload = decode(decoder, await read_body(request))
     spec = await run_in_threadpool(make_spec(service), payload)
     job = await run_in_threadpool(service.submit, spec)
     if not wait:
         message = f"{noun} queued as job {job.job_id}; follow it at GET /jobs/{job.job_id}"
         return respond(Accepted("queued", job.model_id, message, job.job_id), 202)
-    job = await wait_for(request, job.job_id)
+    waited = await wait_for(request, job.job_id, timeout)
+    if waited is None:
+        return Response(status_code=499)  # the client has gone; nothing reads this
+    job = waited
+    if job.status not in FINISHED:
+        message = f"{noun} is {job.status} after {timeout} s; follow it at GET /jobs/{job.job_id}"
+        return respond(Accepted(job.status, job.model_id, message, job.job_id), 202)
     if job.status == "success":
         return respond(Accepted("success", job.model_id, job.message or f"{noun} finished", job.job_id))
     code = 409 if job.status == "cancelled" else 500
@@ -110,22 +134,36 @@ async def resume_job(request: Request) -> Response:
 
 
 async def job_events(request: Request) -> Response:
-    """Server-Sent Events: the job's past events first, then live ones until it ends."""
+    """Server-Sent Events: the job's past events first (those after `Last-Event-ID` for a client
+    that reconnects), then live ones; a keep-alive comment while nothing happens (a job waiting
+    in the queue); the stream ends after the job's final event."""
     service = request.app.state.service
     job_id = request.path_params["job_id"]
     await run_in_threadpool(service.job, job_id)  # 404 before the stream starts
-    interval = request.app.state.settings.wait_poll_interval
+    settings = request.app.state.settings
+    last_seen = request.headers.get("last-event-id", "0").strip() or "0"
+    if not (last_seen.isascii() and last_seen.isdigit()):
+        raise errors.Invalid(f"header `Last-Event-ID` must be an event id this stream sent, not {last_seen!r}")
 
     async def stream():
-        after = 0
+        after, last_type = int(last_seen), None
+        clock = asyncio.get_running_loop().time
+        quiet_since = clock()
         while True:
-            for event in await run_in_threadpool(service.events, job_id, after):
-                after = event["seq"]
+            events = await run_in_threadpool(service.events, job_id, after)
+            for event in events:
+                after, last_type = event["seq"], event["type"]
                 yield f"id: {after}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
-            job = await run_in_threadpool(service.job, job_id)
-            if job.status in FINISHED and not await run_in_threadpool(service.events, job_id, after):
-                return
-            await asyncio.sleep(interval)
+            if events:
+                quiet_since = clock()
+            if last_type in FINISHED or (last_type is None and after):
+                job = await run_in_threadpool(service.job, job_id)
+                if job.status in FINISHED and not await run_in_threadpool(service.events, job_id, after):
+                    return  # the final event is out (or was seen before the client reconnected)
+            if clock() - quiet_since >= settings.sse_keepalive_seconds:
+                yield ": keep-alive\n\n"
+                quiet_since = clock()
+            await asyncio.sleep(settings.wait_poll_interval)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

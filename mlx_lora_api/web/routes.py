@@ -27,6 +27,12 @@ WAIT = {
     "description": "block until the job ends; answer 200 on success",
     "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
 }
+TIMEOUT = {
+    "name": "timeout",
+    "in": "query",
+    "description": "with wait: give up waiting after this many seconds and answer 202 with the job's status",
+    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+}
 
 
 def query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
@@ -47,7 +53,7 @@ ENDPOINTS = [
         "Queue a LoRA fine-tune",
         t.FinetuneRequest,
         {"202": b.Accepted, "200": b.Accepted},
-        [WAIT],
+        [WAIT, TIMEOUT],
     ),
     Endpoint(
         "POST",
@@ -56,7 +62,7 @@ ENDPOINTS = [
         "Queue fusing an adapter into its base",
         t.FuseRequest,
         {"202": b.Accepted, "200": b.Accepted},
-        [WAIT],
+        [WAIT, TIMEOUT],
     ),
     Endpoint(
         "GET",
