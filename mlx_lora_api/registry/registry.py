@@ -61,7 +61,7 @@ class Registry:
             if not self.is_model(self.default_model):
                 raise errors.NotFound(
                     f"the default model {self.default_model!r} is not imported yet: run "
-                    "`mlx-lora-api import-gguf --bundled` (./scripts/serve does it on first start)"
+                    "`mlx-lora-api import-gguf --bundled` (`mlx-lora-api serve` does it on first start)"
                 )
             ref = self.default_model
         if self.is_model(ref):
