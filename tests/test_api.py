@@ -381,3 +381,35 @@ def test_a_queued_jobs_stream_keeps_alive_and_a_wait_can_time_out(settings, data
         for job in (queued, busy["job_id"]):
             client.post(f"/jobs/{job}/cancel")
         assert client.post("/lora-finetune?wait=true&timeout=0", json=SEED).status_code == 422
+
+
+def test_deleting_a_model_others_depend_on_needs_force(client, data_dir):
+    adapter = client.post("/lora-finetune?wait=true", json=SEED).json()["model_id"]
+    r = client.delete("/models/tiny-base")
+    assert r.status_code == 409 and adapter in r.json()["message"] and "?force=true" in r.json()["message"]
+    assert (data_dir / "models" / "tiny-base").is_dir()
+    r = client.delete("/models/tiny-base?force=true")
+    assert r.status_code == 200 and r.json() == {"status": "deleted", "model_id": "tiny-base"}
+    assert not (data_dir / "models" / "tiny-base").exists() and client.get("/models/tiny-base").status_code == 404
+    assert client.delete(f"/models/{adapter}").status_code == 200  # nothing depends on it
+
+
+def test_a_job_interrupted_three_times_is_failed(tmp_path):
+    """It may be what brings the server down: the third restart fails it instead of running it again."""
+    from mlx_lora_api.types import BaseModel, FinetuneRequest, FinetuneSpec
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    spec = FinetuneSpec(
+        job_id="job-000000000001",
+        model_id="m",
+        base=BaseModel("b", "registry", "/b"),
+        request=FinetuneRequest(base_model="b", training_data=["x"]),
+    )
+    store.add(spec)
+    for restart in (1, 2, 3):
+        assert store.claim_next()[0] == spec.job_id
+        store.recover()  # the server starts again with the job left running
+        job = store.get(spec.job_id)
+        assert job.status == ("failed" if restart == 3 else "queued"), restart
+    assert job.error == "interrupted 3 times by the server stopping"
+    store.close()

@@ -80,6 +80,25 @@ def test_a_killed_server_resumes_its_job_and_ends_where_an_uninterrupted_run_wou
     assert max(mx.max(mx.abs(expected[k] - got[k])).item() for k in expected) < 1e-5
 
 
+def test_a_gracefully_stopped_server_requeues_its_running_job(data_dir, tmp_path):
+    """SIGTERM (uvicorn's shutdown): the worker is cancelled, its checkpoints kept, and the job goes
+    back to the queue, to resume at the next start."""
+    from mlx_lora_api.jobs.store import JobStore
+
+    with running_server(data_dir, tmp_path / "server.log") as server:
+        job = httpx.post(f"{server.url}/lora-finetune", json=BODY).json()
+        wait_for(lambda: job_of(server.url, job["job_id"])["progress"].get("iteration", 0) >= 60)
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=60)  # uvicorn shuts down, then re-raises the signal: -15
+    store = JobStore(data_dir / "jobs.sqlite3")
+    stopped = store.get(job["job_id"])
+    events = [e["type"] for e in store.events(job["job_id"])]
+    store.close()
+    assert stopped.status == "queued" and "resumes when the server starts" in stopped.message
+    assert events[-1] == "requeued" and "failed" not in events
+    assert list((data_dir / "adapters" / ".staging").glob("*/checkpoints/0000050_adapters.safetensors"))
+
+
 def msgspec_convert(body):
     import msgspec
 

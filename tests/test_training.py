@@ -2,6 +2,7 @@ import json
 
 import mlx.core as mx
 import mlx.nn as nn
+import msgspec
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load
@@ -360,3 +361,58 @@ def test_the_prefix_cache_budget_counts_the_validation_batches(tmp_path, tiny_mo
         infos = [e["message"] for e in events if e["type"] == "info"]
         over = any("would not fit the cache budget" in m for m in infos)
         assert over == (validation is not None), infos
+
+
+def run(template, out, data, **params):
+    out.mkdir()
+    events = []
+    body = {"base_model": "tiny-base", "training_data": data, "parameters": params}
+    req = msgspec.convert(body, FinetuneRequest)
+    metrics = finetune.train_adapter(str(template), "tiny-base", req, out, events.append)
+    return mx.load(str(out / "adapters.safetensors")), events, metrics
+
+
+def test_grad_checkpoint_trains_the_same_adapter(tmp_path, tiny_model_template):
+    sgd = dict(learning_rate=0.05, optimizer="sgd", epochs=3, batch_size=2, num_layers=2)
+    data = [FACT, "The quick brown fox.", "Paris"]
+    plain, _, _ = run(tiny_model_template, tmp_path / "plain", data, **sgd)
+    checkpointed, _, _ = run(tiny_model_template, tmp_path / "checkpointed", data, **sgd, grad_checkpoint=True)
+    assert all(mx.allclose(plain[k], checkpointed[k], atol=1e-5).item() for k in plain)
+
+
+def test_grad_accumulation_updates_once_every_n_steps(tmp_path, tiny_model_template):
+    data = [FACT, "The quick brown fox."]  # one batch of 2: one step an epoch
+    once, _, _ = run(tiny_model_template, tmp_path / "once", data, epochs=1, learning_rate=0.01)
+    waiting, _, _ = run(
+        tiny_model_template, tmp_path / "waiting", data, epochs=1, learning_rate=0.01, grad_accumulation_steps=2
+    )
+    both, _, _ = run(
+        tiny_model_template, tmp_path / "both", data, epochs=2, learning_rate=0.01, grad_accumulation_steps=2
+    )
+    lora_b = [k for k in once if k.endswith("lora_b")]
+    assert all(mx.abs(once[k]).max().item() > 0 for k in lora_b)  # updated after its one step
+    assert all(mx.abs(waiting[k]).max().item() == 0 for k in lora_b)  # one of two steps: no update yet
+    assert all(mx.abs(both[k]).max().item() > 0 for k in lora_b)  # the second step updates
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_other_optimizers_train(tmp_path, tiny_model_template, optimizer):
+    _, events, _ = run(
+        tiny_model_template, tmp_path / optimizer, [FACT], epochs=20, learning_rate=0.01, optimizer=optimizer
+    )
+    losses = [e["train_loss"] for e in events if e["type"] == "train"]
+    assert losses[-1] < 0.95 * losses[0]  # it trained (adafactor's relative steps are the slower here)
+
+
+def test_mask_prompt_trains_on_the_completion_only(tmp_path, tiny_model_template):
+    data = [{"prompt": "Who is the mayor of Zorbington?", "completion": "Elara Quintfeather."}]
+    _, _, full = run(tiny_model_template, tmp_path / "full", data, epochs=1)
+    _, _, masked = run(tiny_model_template, tmp_path / "masked", data, epochs=1, mask_prompt=True)
+    assert 0 < masked["trained_tokens"] < full["trained_tokens"]  # the prompt's tokens are not targets
+
+
+def test_a_sample_past_max_seq_length_is_truncated_with_a_warning(tmp_path, tiny_model_template):
+    long_sample = " ".join(["The quick brown fox jumps over the lazy dog."] * 10)
+    _, events, _ = run(tiny_model_template, tmp_path / "long", [long_sample], epochs=1, max_seq_length=16)
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert len(warnings) == 1 and "longer than max_seq_length=16 and was truncated" in warnings[0]
