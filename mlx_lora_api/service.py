@@ -6,6 +6,7 @@ The web layer decodes and encodes; the CLI calls the same checks before training
 from __future__ import annotations
 
 import functools
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from . import errors, registry
 from .accel import blas
 from .config import Settings
 from .jobs.generation import Generator
+from .jobs.probe import Probe
 from .jobs.runner import Runner
 from .jobs.store import JobStore, new_job_id
 from .jobs.worker import work_name
@@ -54,6 +56,7 @@ class Service:
         self._store: JobStore | None = None  # with the runner, from start() on (the CLI has neither)
         self._runner: Runner | None = None
         self.generator = Generator(settings.generation_budget_bytes)
+        self.probe = Probe()
 
     # -- life ----------------------------------------------------------------------------
 
@@ -325,6 +328,24 @@ class Service:
         train = [msgspec.convert(e, TrainPoint) for e in events if e["type"] == "train"]
         val = [ValPoint(e["iteration"], e["val_loss"]) for e in events if e["type"] == "val"]
         return Metrics(job_id, train, val)
+
+    # -- health -------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """What /health reports: each check, what is wrong, and what a worker finds (versions,
+        device, BLAS)."""
+        problems = []
+        if self._runner is None or not self._runner.alive():
+            problems.append("the job runner is not running: queued jobs will not start")
+        try:
+            self.store.check_writable()
+        except (sqlite3.Error, errors.ServiceError) as e:
+            problems.append(f"the job database cannot be written: {e}")
+        worker = self.probe.result()
+        if not worker["ok"]:
+            problems.append(worker["error"])
+        details = {k: v for k, v in worker.items() if k not in ("ok", "error")}
+        return {"problems": problems, **details}
 
     # -- jobs ----------------------------------------------------------------------------
 

@@ -413,3 +413,39 @@ def test_a_job_interrupted_three_times_is_failed(tmp_path):
         assert job.status == ("failed" if restart == 3 else "queued"), restart
     assert job.error == "interrupted 3 times by the server stopping"
     store.close()
+
+
+def test_health_reports_what_a_worker_finds(client):
+    r = client.get("/health")
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "ok" and "problems" not in body
+    assert body["device"] in ("cpu", "gpu") and body["mlx"] and body["mlx_lm"] == "0.32.2"
+    if body["device"] == "cpu" and os.uname().sysname == "Linux":
+        assert "openblas" in body["blas"]  # the fast BLAS the workers load
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death is the point
+def test_health_is_503_when_the_runner_has_died(client, monkeypatch):
+    service = client.app.state.service
+
+    def crash():
+        raise SystemExit("a bug that escapes the runner's loop")
+
+    monkeypatch.setattr(service.store, "claim_next", crash)
+    service.runner.wake()
+    service.runner._thread.join(timeout=30)  # the thread's own end, not a sleep
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "unavailable"
+    assert r.json()["problems"] == ["the job runner is not running: queued jobs will not start"]
+
+
+def test_health_is_503_when_no_worker_can_start_or_the_database_cannot_be_written(settings, monkeypatch):
+    import multiprocessing.spawn
+
+    monkeypatch.setattr(multiprocessing.spawn, "_python_exe", os.fsencode("/nonexistent/python"))
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        r = client.get("/health")
+        assert r.status_code == 503 and "a worker process could not start" in r.json()["problems"][0]
+        client.app.state.service.store._db.close()  # what a vanished or read-only disk looks like to SQLite
+        problems = client.get("/health").json()["problems"]
+        assert any(p.startswith("the job database cannot be written") for p in problems)

@@ -33,6 +33,9 @@ class Runner:
         self._current: tuple[str, BaseProcess] | None = None
         self._context = multiprocessing.get_context("spawn")
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
         self._thread.start()

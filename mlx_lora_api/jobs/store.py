@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
+CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL);
 """
 PROGRESS_KEYS = set(Progress.__struct_fields__)
 MAX_INTERRUPTIONS = 3
@@ -126,6 +127,10 @@ class JobStore:
         job = self.get(spec.job_id)
         assert job is not None  # committed just above
         return job
+
+    def check_writable(self) -> None:
+        """A real committed write (a disk that is full or read-only raises sqlite3.Error)."""
+        self._execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (time.time(),))
 
     def add_event(self, job_id: str, event: dict[str, Any]) -> None:
         data = {k: v for k, v in event.items() if k not in ("type", "time")}

@@ -98,11 +98,19 @@ class OpenAIModelList(Struct):
     object: str = "list"
 
 
-class Health(Struct):
+class Health(Struct, omit_defaults=True):
+    """`ok`, or `unavailable` (503) with `problems` saying what is wrong."""
+
     status: str
     version: str
     queued_jobs: int
     running_jobs: int
+    problems: list[str] = []
+    mlx: str | None = None
+    mlx_lm: str | None = None
+    device: str | None = None
+    blas: str | None = None
+    blas_kernels: str | None = None
 
 
 class Deleted(Struct):

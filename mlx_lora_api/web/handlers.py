@@ -248,7 +248,13 @@ async def generate(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    """Liveness with its reasons: the runner, the database, a worker's start; 503 when one fails."""
     service = request.app.state.service
     queued = await run_in_threadpool(service.store.count, "queued")
     running = await run_in_threadpool(service.store.count, "running")
-    return respond(Health("ok", __version__, queued, running))
+    found = await run_in_threadpool(service.health)
+    status = "unavailable" if found["problems"] else "ok"
+    body = msgspec.convert(
+        {"status": status, "version": __version__, "queued_jobs": queued, "running_jobs": running, **found}, Health
+    )
+    return respond(body, 503 if found["problems"] else 200)
