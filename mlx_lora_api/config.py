@@ -32,6 +32,10 @@ class Settings(msgspec.Struct, kw_only=True, repr_omit_defaults=True):
     hub_timeout: float = 10.0
     # Memory for models loaded by /generate (0: half the machine's memory, at most 8 GiB).
     generation_budget_bytes: int = 0
+    # Generations running or waiting at once; past it, 429 (each waiting one holds a server thread).
+    max_concurrent_generations: int = 16
+    # The largest `max_tokens` a generation request may ask for.
+    max_generation_tokens: int = 4096
     # How often a `?wait=true` request and an event stream look at their job, in seconds.
     wait_poll_interval: float = 0.2
     # A comment on an event stream after this many quiet seconds, so proxies keep it open.
@@ -69,6 +73,8 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "hub_timeout": float,
     "generation_budget_bytes": int,
     "sse_keepalive_seconds": float,
+    "max_concurrent_generations": int,
+    "max_generation_tokens": int,
 }
 
 

@@ -22,7 +22,7 @@ from .jobs.runner import Runner
 from .jobs.store import JobStore, new_job_id
 from .jobs.worker import work_name
 from .registry import Registry, hub, lock
-from .tasks.gguf_metadata import GGUF_ARCHITECTURES
+from .tasks.checks import GGUF_ARCHITECTURES
 from .types import (
     FINISHED,
     BaseModel,
@@ -55,7 +55,7 @@ class Service:
         self.registry = Registry(settings.data_dir, settings.default_model, settings.model_roots)
         self._store: JobStore | None = None  # with the runner, from start() on (the CLI has neither)
         self._runner: Runner | None = None
-        self.generator = Generator(settings.generation_budget_bytes)
+        self.generator = Generator(settings.generation_budget_bytes, settings.max_concurrent_generations)
         self.probe = Probe()
 
     # -- life ----------------------------------------------------------------------------
@@ -265,6 +265,11 @@ class Service:
 
     def generate(self, request: GenerateRequest) -> Iterator[dict[str, Any]]:
         """Check the request now (errors before any streaming), then return the event stream."""
+        if request.max_tokens > self.settings.max_generation_tokens:
+            raise errors.Invalid(
+                f"`max_tokens` is {request.max_tokens}; this server allows at most "
+                f"{self.settings.max_generation_tokens} (MLX_LORA_API_MAX_GENERATION_TOKENS)"
+            )
         target = self.generation_target(request.model)
         messages = [{"role": m.role, "content": m.content} for m in request.messages] if request.messages else None
         call = {
@@ -283,13 +288,18 @@ class Service:
         """The whole answer at once: (text, end event)."""
         events = self.generate(request)
         chunks = []
-        for event in events:
-            if event["type"] == "error":
-                raise errors.ServiceError(f"generation failed: {event['message']}")
-            if event["type"] == "text":
-                chunks.append(event["text"])
-            else:
-                return "".join(chunks), event
+        try:
+            for event in events:
+                if event["type"] == "error":
+                    raise errors.ServiceError(f"generation failed: {event['message']}")
+                if event["type"] == "text":
+                    chunks.append(event["text"])
+                else:
+                    return "".join(chunks), event
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()  # its place goes back at once
         raise errors.ServiceError("generation ended without an answer")
 
     # -- models -------------------------------------------------------------------------

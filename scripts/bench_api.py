@@ -10,7 +10,11 @@ with the bundled model imported:
 - for --seconds while a fine-tune of the bundled model trains: --clients concurrent clients
   polling job status, listing models, and submitting and cancelling small jobs. Latency per
   kind of request (p50, p99), requests per second, and every error (a 5xx, a refused or
-  dropped connection, or a status that request should not get).
+  dropped connection, or a status that request should not get);
+- --chats concurrent streaming chats (/v1/chat/completions, the bundled model, 32 tokens each)
+  while one more client asks /health and GET /jobs every 50 ms: how many chats were answered,
+  how many were turned away (429, past MLX_LORA_API_MAX_CONCURRENT_GENERATIONS), and the
+  latency of the other requests meanwhile (p50, p99).
 Prints a table with the machine and the command.
 """
 
@@ -157,6 +161,44 @@ class Load:
         return time.perf_counter() - started
 
 
+async def chats(url: str, n: int, max_tokens: int = 32) -> tuple[dict[int, int], dict[str, list[float]], float]:
+    outcomes: dict[int, int] = {}
+    latency: dict[str, list[float]] = {"health": [], "jobs": []}
+    done = asyncio.Event()
+    body = {
+        "model": "default",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0.0,
+        "messages": [{"role": "user", "content": "Tell me about the sea."}],
+    }
+
+    async def chat() -> None:
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=600) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as r,
+        ):
+            async for _ in r.aiter_lines():
+                pass
+            outcomes[r.status_code] = outcomes.get(r.status_code, 0) + 1
+
+    async def poll() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            while not done.is_set():
+                for kind, path in (("health", "/health"), ("jobs", "/jobs")):
+                    started = time.perf_counter()
+                    await client.get(path)
+                    latency[kind].append(time.perf_counter() - started)
+                await asyncio.sleep(0.05)
+
+    started = time.perf_counter()
+    poller = asyncio.create_task(poll())
+    await asyncio.gather(*(chat() for _ in range(n)))
+    done.set()
+    await poller
+    return outcomes, latency, time.perf_counter() - started
+
+
 def decode_cost(n: int = 10_000) -> tuple[float, int]:
     body = {**TRAINING, "training_data": TRAINING["training_data"] * (n // len(TRAINING["training_data"]))}
     raw = msgspec.json.encode(body)
@@ -173,6 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--chats", type=int, default=64)
     parser.add_argument(
         "--think",
         type=float,
@@ -210,6 +253,9 @@ def main() -> None:
             state = httpx.get(f"{url}/jobs/{job['job_id']}").json()
             still_training = state["status"] == "running"
             httpx.post(f"{url}/jobs/{job['job_id']}/cancel")
+            httpx.get(f"{url}/health", timeout=120)  # its first call starts a worker probe: not timed
+            httpx.post(f"{url}/generate", json={"prompt": "Hi", "max_tokens": 1}, timeout=120)  # model loaded
+            chat_outcomes, chat_latency, chat_seconds = asyncio.run(chats(url, args.chats))
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -238,6 +284,17 @@ def main() -> None:
             f"{percentile(values, 50) * 1000:.1f} ms / {percentile(values, 99) * 1000:.1f} ms |"
         )
     print(f"| errors | {len(load.errors)} |")
+    answered = chat_outcomes.get(200, 0)
+    others = ", ".join(f"{n} x {code}" for code, n in sorted(chat_outcomes.items()) if code != 200) or "none"
+    print(
+        f"| {args.chats} concurrent streaming chats of 32 tokens: answered / other answers / seconds | "
+        f"{answered} / {others} / {chat_seconds:.1f} s |"
+    )
+    for kind, values in chat_latency.items():
+        print(
+            f"| meanwhile GET /{kind} latency p50 / p99 ({len(values)} requests) | "
+            f"{percentile(values, 50) * 1000:.1f} ms / {percentile(values, 99) * 1000:.1f} ms |"
+        )
     for error in sorted(set(load.errors))[:10]:
         print(f"|   {error} | {load.errors.count(error)} |")
 

@@ -157,3 +157,33 @@ def test_the_openai_client_talks_to_the_service(data_dir, tmp_path):
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == answer
         with pytest.raises(openai.NotFoundError, match="no-such-model"):
             client.chat.completions.create(model="no-such-model", messages=messages)
+
+
+def test_generations_past_the_cap_are_turned_away_and_each_place_comes_back(settings):
+    """Each waiting generation holds a server thread: past the cap, 429 with Retry-After, so the
+    server keeps threads to answer everything else. A place comes back when a stream is read to its
+    end, closed, or dropped unread (a client that went away)."""
+    from mlx_lora_api.types import GenerateRequest
+
+    settings.max_concurrent_generations = 2
+    settings.max_generation_tokens = 64
+    ask = {"model": "default", "prompt": "The", "max_tokens": 4}
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        service = client.app.state.service
+        held = [service.generate(GenerateRequest(**ask)) for _ in range(2)]  # two places taken, unread
+        r = client.post("/generate", json=ask)
+        assert r.status_code == 429 and r.headers["retry-after"] == "5" and "2 generations" in r.json()["message"]
+        assert (
+            client.post(
+                "/v1/chat/completions",
+                json={"model": "default", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+            ).status_code
+            == 429
+        )
+        assert [e["type"] for e in held[0]][-1] == "end"  # read to its end: its place is back
+        assert client.post("/generate", json=ask).status_code == 200
+        held.pop().close()  # closed unread
+        del held  # and dropped unread
+        assert [client.post("/generate", json=ask).status_code for _ in range(3)] == [200, 200, 200]
+        r = client.post("/generate", json={**ask, "max_tokens": 65})
+        assert r.status_code == 422 and "MLX_LORA_API_MAX_GENERATION_TOKENS" in r.json()["message"]

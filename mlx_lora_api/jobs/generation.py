@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -31,9 +32,45 @@ def default_budget() -> int:
     return min(total // 2, 8 << 30)
 
 
+class Admitted:
+    """A generation's event stream holding one of the generator's places until it is exhausted,
+    closed or dropped (a client that went away before the first event included)."""
+
+    def __init__(self, events: Iterator[dict[str, Any]], release: Callable[[], None]):
+        self._events = events
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Admitted:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            return next(self._events)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            close = getattr(self._events, "close", None)
+            if close is not None:
+                close()
+            release()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class Generator:
-    def __init__(self, budget_bytes: int | None = None):
+    def __init__(self, budget_bytes: int | None = None, max_concurrent: int = 16):
         self.budget_bytes = budget_bytes or default_budget()
+        self.max_concurrent = max_concurrent
+        # Generations run one at a time; the others wait in server threads. Past this many,
+        # waiting or running, a request is turned away (429) rather than let them take every
+        # thread the server answers other requests with.
+        self._places = threading.BoundedSemaphore(max_concurrent)
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation-spawner")
         self._lock = threading.Lock()
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
@@ -43,6 +80,12 @@ class Generator:
     def _ensure_started(self) -> Connection:
         if self._process is not None and self._process.is_alive() and self._conn is not None:
             return self._conn
+        # Started from a thread of its own that lives as long as this Generator: the process dies
+        # with the thread that started it (PR_SET_PDEATHSIG follows the thread, not the process),
+        # and the server's pool threads come and go (a burst of 64 chats killed it mid-stream).
+        return self._spawner.submit(self._start).result()
+
+    def _start(self) -> Connection:
         parent, child = self._context.Pipe(duplex=True)
         self._process = self._context.Process(
             target=process_main, args=(child, self.budget_bytes), name="generation", daemon=True
@@ -52,8 +95,18 @@ class Generator:
         self._conn = parent
         return parent
 
-    def stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Events of one generation; one at a time, the others wait their turn."""
+    def stream(self, request: dict[str, Any]) -> Admitted:
+        """Events of one generation; one at a time, the others wait their turn (429 past
+        `max_concurrent` of them)."""
+        if not self._places.acquire(blocking=False):
+            raise errors.TooManyJobs(
+                f"{self.max_concurrent} generations are running or waiting (MLX_LORA_API_MAX_CONCURRENT_GENERATIONS);"
+                " try again shortly",
+                headers={"Retry-After": "5"},
+            )
+        return Admitted(self._stream(request), self._places.release)
+
+    def _stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         with self._lock:
             conn = self._ensure_started()
             request_id = next(self._ids)
@@ -78,6 +131,7 @@ class Generator:
                     conn.send_bytes(msgspec.json.encode({"cancel": request_id}))
 
     def stop(self) -> None:
+        self._spawner.shutdown(wait=False)
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# What the GGUF export writes (export_gguf.py); the service checks it before it queues an export,
+# here because importing the gguf package would cost every server start a tenth of a second.
+GGUF_ARCHITECTURES = ("llama", "mistral")
+
 
 class DamagedArtifact(ValueError):
     """A model or adapter file that cannot be what it says; the message names the file."""

@@ -17,7 +17,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.gguf import permute_weights, translate_weight_names
 
-from .gguf_metadata import GGUF_ARCHITECTURES, ExportError, modelfile, write_architecture, write_tokenizer
+from .checks import GGUF_ARCHITECTURES
+from .gguf_metadata import ExportError, modelfile, write_architecture, write_tokenizer
 
 
 def _tensors(model_dir: Path, config: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -1,7 +1,6 @@
 """GGUF metadata from a model folder's JSON files, written through the `gguf` package's own
 writer and vocabulary helpers (as llama.cpp's converter writes them, each value in the type
-llama.cpp reads), and the Ollama Modelfile. No MLX: the service checks a model's architecture
-against `GGUF_ARCHITECTURES` before it queues an export (export_gguf.py)."""
+llama.cpp reads), and the Ollama Modelfile, for export_gguf.py. No MLX."""
 
 from __future__ import annotations
 
@@ -10,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-
-GGUF_ARCHITECTURES = ("llama", "mistral")
 
 # Llama 3's pre-tokenizer split (tokenizer.json: a Split on this regex, then ByteLevel without its own).
 LLAMA3_SPLIT = (
