@@ -25,6 +25,26 @@ class Endpoint(NamedTuple):
     parameters: list[dict[str, Any]] = []  # noqa: RUF012 (never mutated)
 
 
+def operation_id(endpoint: Endpoint) -> str:
+    name = getattr(endpoint.handler, "__name__", "handler")
+    return f"openai_{name}" if endpoint.handler.__module__.endswith(".openai") else name
+
+
+def _links(answer: type) -> dict[str, Any]:
+    """OpenAPI links from an answer that names a job or a model to what can be done with them
+    (a client, or schemathesis's stateful run, follows them)."""
+    job = {"job_id": "$response.body#/job_id"}
+    model = {"model_id": "$response.body#/model_id"}
+    links: dict[str, Any] = {}
+    if answer.__name__ in ("Accepted", "Job"):
+        for op in ("get_job", "cancel_job", "resume_job", "job_metrics"):
+            links[op] = {"operationId": op, "parameters": job}
+    if answer.__name__ in ("Accepted", "Job", "ModelRecord", "Deleted"):
+        for op in ("get_model", "delete_model", "quantize_model", "export_model"):
+            links[op] = {"operationId": op, "parameters": model}
+    return links
+
+
 def build(endpoints: list[Endpoint]) -> dict[str, Any]:
     """The description of every endpoint that has a summary."""
     described = [e for e in endpoints if e.summary is not None]
@@ -35,16 +55,26 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
     refs, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     ref = dict(zip(types, refs))
     paths: dict[str, dict] = {}
-    for method, path, _, summary, body, answers, parameters in described:
-        operation: dict[str, Any] = {"summary": summary, "parameters": parameters, "responses": {}}
+    for method, path, handler, summary, body, answers, parameters in described:
+        operation: dict[str, Any] = {
+            "operationId": operation_id(Endpoint(method, path, handler, summary)),
+            "summary": summary,
+            "parameters": parameters,
+            "responses": {},
+        }
         if body is not None:
             operation["requestBody"] = {"required": True, "content": {JSON: {"schema": ref[body]}}}
         for status, answer in answers.items():
-            if isinstance(answer, str):
+            if answer == "text/event-stream":  # each event: `id`, `event` (its type) and `data` (JSON)
+                event = {"type": "object", "properties": {k: {"type": "string"} for k in ("id", "event", "data")}}
+                content = {answer: {"schema": event}}
+            elif isinstance(answer, str):
                 content = {answer: {"schema": {"type": "string"}}}
             else:
                 content = {JSON: {"schema": ref[answer]}}
             operation["responses"][status] = {"description": summary, "content": content}
+            if not isinstance(answer, str) and (links := _links(answer)):
+                operation["responses"][status]["links"] = links
         error = OpenAIError if path.startswith("/v1/") else ErrorBody
         operation["responses"]["default"] = {
             "description": "an error: what is wrong and where",
