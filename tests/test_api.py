@@ -449,3 +449,21 @@ def test_health_is_503_when_no_worker_can_start_or_the_database_cannot_be_writte
         client.app.state.service.store._db.close()  # what a vanished or read-only disk looks like to SQLite
         problems = client.get("/health").json()["problems"]
         assert any(p.startswith("the job database cannot be written") for p in problems)
+
+
+def test_a_damaged_hub_cache_entry_is_reported_not_taken_for_missing(client):
+    """It was taken for "not cached", and the answer blamed the unreachable Hub."""
+    from huggingface_hub import constants
+
+    entry = Path(constants.HF_HUB_CACHE) / "models--someone--half-downloaded"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0" * 40)
+    (entry / "snapshots" / ("0" * 40)).mkdir(parents=True)  # no config.json: an interrupted download
+    body = {"base_model": "someone/half-downloaded", "training_data": ["x"]}
+    r = client.post("/lora-finetune", json=body)
+    assert r.status_code == 409 and "copy of 'someone/half-downloaded' is damaged" in r.json()["message"]
+    assert "config.json is missing" in r.json()["message"] and "models--someone--half-downloaded" in r.json()["message"]
+    (entry / "snapshots" / ("0" * 40) / "config.json").write_text("{not json")
+    r = client.post("/lora-finetune", json=body)
+    assert r.status_code == 409 and "is not readable JSON" in r.json()["message"]
+    shutil.rmtree(entry)

@@ -4,6 +4,7 @@ which every server start and CLI command would pay for a feature most of them ne
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .. import errors
@@ -13,13 +14,32 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*
 
 
 def cached_path(repo_id: str) -> str | None:
+    """The local cache's folder of `repo_id`, None where it is not cached; a cached copy that
+    cannot be a model is reported (409), not taken for "not cached" and fetched over it."""
     from huggingface_hub import snapshot_download  # lazy: see the module's doc
+    from huggingface_hub.errors import LocalEntryNotFoundError  # lazy: see the module's doc
 
     try:
         path = snapshot_download(repo_id, allow_patterns=MODEL_FILES, local_files_only=True)
-    except Exception:  # not cached, or a partial cache: either way, not usable offline
+    except LocalEntryNotFoundError:
         return None
-    return path if (Path(path) / "config.json").is_file() else None
+    except (OSError, ValueError) as e:
+        raise _damaged(repo_id, f"it cannot be read ({e})") from e
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise _damaged(repo_id, f"{config} is missing (an interrupted download?)")
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise _damaged(repo_id, f"{config} is not readable JSON ({e})") from e
+    return path
+
+
+def _damaged(repo_id: str, why: str) -> errors.Conflict:
+    return errors.Conflict(
+        f"the local Hugging Face cache's copy of {repo_id!r} is damaged: {why}; delete it "
+        f"(`hf cache delete`, or remove its models--{repo_id.replace('/', '--')} folder) and try again"
+    )
 
 
 def lookup(repo_id: str, timeout: float = 10.0) -> str | None:

@@ -73,7 +73,7 @@ class Registry:
                 raise errors.NotFound(self._not_found(ref, field))
             try:
                 path = hub_lookup(ref)
-            except (errors.Invalid, errors.NotFound, errors.Unavailable) as e:
+            except (errors.Conflict, errors.Invalid, errors.NotFound, errors.Unavailable) as e:
                 raise type(e)(f"`{field}` {e.message}; local models: {self._local_listing()}") from e
             return BaseModel(ref=ref, source="hub", path=path)
         raise errors.NotFound(self._not_found(ref, field))
