@@ -194,3 +194,24 @@ def test_a_missing_tokenizer_is_named(client, data_dir):
     (data_dir / "models" / "tiny-base" / "tokenizer.json").unlink()
     r = client.post("/lora-finetune?wait=true", json={**BODY, "parameters": {"epochs": 1}})
     assert r.status_code == 500 and "tokenizer" in r.json()["message"].lower()
+
+
+def test_a_client_that_hangs_up_ends_its_wait_not_its_job(data_dir, tmp_path):
+    """`?wait=true` from a client that then hangs up: the server stops waiting for it (and says so
+    in its log), and the job goes on."""
+    import socket
+
+    log = tmp_path / "server.log"
+    with running_server(data_dir, log) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        body = json.dumps(BODY).encode()
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(
+                b"POST /lora-finetune?wait=true HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            job = wait_for(lambda: httpx.get(f"{server.url}/jobs?status=running").json()["jobs"])[0]
+        wait_for(lambda: f"job {job['job_id']}: the client waiting for it hung up" in log.read_text())
+        assert job_of(server.url, job["job_id"])["status"] == "running"  # the job goes on
+        httpx.post(f"{server.url}/jobs/{job['job_id']}/cancel")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import msgspec
 from starlette.concurrency import run_in_threadpool
@@ -26,6 +27,7 @@ from . import plots
 from .bodies import Accepted, Deleted, GenerateResponse, Health, ModelList, Usage
 from .codec import decode, read_body, respond, sse
 
+log = logging.getLogger("mlx_lora_api")
 finetune_decoder = msgspec.json.Decoder(FinetuneRequest)
 fuse_decoder = msgspec.json.Decoder(FuseRequest)
 quantize_decoder = msgspec.json.Decoder(QuantizeRequest)
@@ -80,7 +82,8 @@ async def _submit(request: Request, decoder, make_spec, noun: str) -> Response:
         return respond(Accepted("queued", job.model_id, message, job.job_id), 202)
     waited = await wait_for(request, job.job_id, timeout)
     if waited is None:
-        return Response(status_code=499)  # the client has gone; nothing reads this
+        log.info("job %s: the client waiting for it hung up; the job goes on", job.job_id)
+        return Response(status_code=499)  # nobody reads this
     job = waited
     if job.status not in FINISHED:
         message = f"{noun} is {job.status} after {timeout} s; follow it at GET /jobs/{job.job_id}"
