@@ -67,6 +67,11 @@ def collate(items: list[tuple[list[int], int]], max_seq_length: int, pad_multipl
     return mx.array(array), mx.array(list(zip(offsets, lengths)))
 
 
+def in_order(n_samples: int, batch_size: int) -> list[list[int]]:
+    """The batches of a set walked once in order, partial batch included (validation)."""
+    return [list(range(i, min(i + batch_size, n_samples))) for i in range(0, n_samples, batch_size)]
+
+
 def item_lengths(dataset) -> list[int]:
     return [len(dataset[i][0]) for i in range(len(dataset))]
 
@@ -92,7 +97,7 @@ def make_iterate_batches(
         if loop:
             steps = plan
         else:
-            steps = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+            steps = in_order(len(dataset), batch_size)
         warned = False
         for indices in steps:
             items = [dataset[j] for j in indices]

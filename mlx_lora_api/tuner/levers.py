@@ -125,8 +125,7 @@ def plan_loss(
         cached = datasets.padded_tokens(lengths, list(unique), pad)
         if val_set is not None:  # validation batches are cached too
             val_lengths = datasets.item_lengths(val_set)
-            size = params.batch_size
-            val_batches = [list(range(i, min(i + size, len(val_lengths)))) for i in range(0, len(val_lengths), size)]
+            val_batches = datasets.in_order(len(val_lengths), params.batch_size)
             cached += datasets.padded_tokens(val_lengths, val_batches, pad)
         if not prefix_cache.fits(cached, model.args.hidden_size):
             on_event(
