@@ -37,6 +37,24 @@ ModelRef = Annotated[
     ),
 ]
 NonEmptyStr = Annotated[str, Meta(min_length=1)]
+# Not blank: described in the OpenAPI document, checked by `_check_samples`, whose error names the
+# sample (a msgspec pattern's would not). With both descriptions below, a client can build valid
+# samples from the document alone.
+SampleText = Annotated[str, Meta(extra_json_schema={"pattern": r"\S"})]
+# What a sample object's fields may be together (`Sample.__post_init__` checks it): the OpenAPI
+# document adds this to the `Sample` schema, as msgspec cannot attach it to a Struct.
+_SAMPLE_FIELDS = {"text": "string", "prompt": "string", "completion": "string", "messages": "array"}
+
+
+def _only(*fields: str) -> dict[str, Any]:
+    """These fields, and the others absent or null."""
+    types = {f: (t if f in fields else "null") for f, t in _SAMPLE_FIELDS.items()}
+    properties: dict[str, Any] = {f: {"type": t} for f, t in types.items()}
+    properties["messages"] |= {"minItems": 1} if "messages" in fields else {}
+    return {"required": list(fields), "properties": properties}
+
+
+SAMPLE_FORMS = {"oneOf": [_only("text"), _only("prompt", "completion"), _only("messages")]}
 
 JobStatus = Literal["queued", "running", "success", "failed", "cancelled"]
 JobKind = Literal["finetune", "fuse", "quantize", "export", "push"]
@@ -51,9 +69,9 @@ class Message(Struct, forbid_unknown_fields=True):
 class Sample(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One training sample in one of mlx-lm's formats: text, prompt/completion, or chat."""
 
-    text: str | None = None
-    prompt: str | None = None
-    completion: str | None = None
+    text: SampleText | None = None
+    prompt: SampleText | None = None
+    completion: SampleText | None = None
     messages: list[Message] | None = None
 
     def __post_init__(self):
@@ -82,7 +100,7 @@ class Sample(Struct, forbid_unknown_fields=True, omit_defaults=True):
         return "completions"
 
 
-SampleIn = str | Sample
+SampleIn = SampleText | Sample
 
 
 def sample_form(sample: SampleIn) -> str:

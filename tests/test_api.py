@@ -388,6 +388,9 @@ def test_deleting_a_model_others_depend_on_needs_force(client, data_dir):
     r = client.delete("/models/tiny-base")
     assert r.status_code == 409 and adapter in r.json()["message"] and "?force=true" in r.json()["message"]
     assert (data_dir / "models" / "tiny-base").is_dir()
+    r = client.delete("/models/tiny-base?force=yes")  # not a yes: anything but true/false/1/0 is refused
+    assert r.status_code == 422 and "`force`" in r.json()["message"]
+    assert (data_dir / "models" / "tiny-base").is_dir()
     r = client.delete("/models/tiny-base?force=true")
     assert r.status_code == 200 and r.json() == {"status": "deleted", "model_id": "tiny-base"}
     assert not (data_dir / "models" / "tiny-base").exists() and client.get("/models/tiny-base").status_code == 404

@@ -11,6 +11,7 @@ import pytest
 import tiny
 from llama_cpp import chat_prompt, greedy, llama_cpp, tokenize
 from mlx_lm.utils import load
+from ollama import build, render
 
 from mlx_lora_api.tasks import export_gguf
 from mlx_lora_api.tasks import generate as generation
@@ -25,6 +26,36 @@ TEXTS = [
     "Question: Answer: system user assistant 0123456789",
     "naïve café — Zorbington's mayor, 2024!",
 ]
+
+
+CHATS = [
+    MESSAGES,
+    [{"role": "user", "content": "Hi!"}],
+    [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "And another?"},
+    ],
+    [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Sky?"},
+        {"role": "assistant", "content": "Blue"},
+        {"role": "user", "content": "Grass?\nBe brief."},
+    ],
+]
+
+
+@pytest.fixture(scope="session")
+def ollama_template(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("ollama"))
+
+
+def same_prompts_in_ollama(binary, modelfile, tokenizer, bos=""):
+    """Go's text/template renders the Modelfile's TEMPLATE for each chat as the chat template does
+    (less the BOS token that llama.cpp adds itself)."""
+    for chat in CHATS:
+        ours = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert render(binary, modelfile, chat) == ours.removeprefix(bos), chat
 
 
 def export(model_dir, tmp_path, name):
@@ -58,7 +89,7 @@ def same_next_token_distribution(client, model, tokenizer):
 
 
 @pytest.mark.parametrize("style", ["smollm", "llama3"])
-def test_a_tiny_models_export_loads_and_tokenizes_as_its_own_tokenizer(tmp_path, style):
+def test_a_tiny_models_export_loads_and_tokenizes_as_its_own_tokenizer(tmp_path, style, ollama_template):
     model_dir = tiny.make_model(tmp_path / f"tiny-{style}", style=style)
     gguf_file, modelfile = export(model_dir, tmp_path, f"tiny-{style}")
     model, tokenizer = load(str(model_dir))
@@ -68,10 +99,13 @@ def test_a_tiny_models_export_loads_and_tokenizes_as_its_own_tokenizer(tmp_path,
         same_next_token_distribution(client, model, tokenizer)
     eos = "<|eot_id|>" if style == "llama3" else "<|im_end|>"
     assert modelfile.startswith(f"FROM ./tiny-{style}-f16.gguf") and f'PARAMETER stop "{eos}"' in modelfile
+    same_prompts_in_ollama(ollama_template, modelfile, tokenizer)
 
 
 @pytest.mark.slow
-def test_the_default_models_export_answers_in_llama_cpp_as_the_service_does(bundled_data_dir, tmp_path):
+def test_the_default_models_export_answers_in_llama_cpp_as_the_service_does(
+    bundled_data_dir, tmp_path, ollama_template
+):
     model_dir = bundled_data_dir / "models" / "smollm2-135m-instruct"
     gguf_file, modelfile = export(model_dir, tmp_path, "smollm2")
     _, tokenizer = load(str(model_dir))
@@ -83,3 +117,20 @@ def test_the_default_models_export_answers_in_llama_cpp_as_the_service_does(bund
         theirs = greedy(client, tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True), 12)
     assert "Paris" in ours_text and theirs["content"] == ours_text
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    same_prompts_in_ollama(ollama_template, modelfile, tokenizer)  # its default system prompt included
+
+
+def test_a_chat_template_that_rewrites_contents_gets_no_ollama_template(tmp_path):
+    """Ollama would then build other prompts than the model was trained on: the export leaves the
+    TEMPLATE out (Ollama falls back to the GGUF's own) and says why."""
+    import json
+
+    from mlx_lora_api.tasks.modelfile import modelfile
+
+    model_dir = tiny.make_model(tmp_path / "tiny-upper")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = config["chat_template"].replace("message['content']", "message['content'] | upper")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    text, reason = modelfile("tiny-upper-f16.gguf", model_dir, adds_bos=False)
+    assert "TEMPLATE" not in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert reason == "the chat template is not the same pieces around each message"

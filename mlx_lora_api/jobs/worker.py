@@ -155,7 +155,11 @@ def export(spec: ExportSpec, reg: Registry, on_event: EventSink) -> str:
         if final.exists():
             shutil.rmtree(final)  # an export replaces the previous one
         written = export_gguf.export_gguf(folder, work, spec.model_id)
-    return f"exported {spec.model_id} to {final / written['gguf']} with an Ollama Modelfile beside it"
+    message = f"exported {spec.model_id} to {final / written['gguf']} with an Ollama Modelfile beside it"
+    if written["no_template"]:
+        on_event({"type": "warning", "message": f"the Modelfile has no TEMPLATE: {written['no_template']}"})
+        message += f" (no TEMPLATE: {written['no_template']}; Ollama then uses the GGUF's own)"
+    return message
 
 
 def push(spec: PushSpec, reg: Registry, on_event: EventSink) -> str:

@@ -18,7 +18,8 @@ import numpy as np
 from mlx_lm.gguf import permute_weights, translate_weight_names
 
 from .checks import GGUF_ARCHITECTURES
-from .gguf_metadata import ExportError, modelfile, write_architecture, write_tokenizer
+from .gguf_metadata import ExportError, write_architecture, write_tokenizer
+from .modelfile import modelfile
 
 
 def _tensors(model_dir: Path, config: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -42,7 +43,8 @@ def _tensors(model_dir: Path, config: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def export_gguf(model_dir: Path, out_dir: Path, name: str) -> dict[str, Any]:
-    """Write `<name>-f16.gguf` and `Modelfile` into `out_dir`; returns what was written."""
+    """Write `<name>-f16.gguf` and `Modelfile` into `out_dir`; returns what was written, and why
+    the Modelfile has no TEMPLATE (`no_template`, None when it has one)."""
     config = json.loads((model_dir / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in GGUF_ARCHITECTURES:
@@ -60,5 +62,6 @@ def export_gguf(model_dir: Path, out_dir: Path, name: str) -> dict[str, Any]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    (out_dir / "Modelfile").write_text(modelfile(gguf_name, tokenizer))
-    return {"gguf": gguf_name, "modelfile": "Modelfile", "tensors": len(tensors)}
+    text, no_template = modelfile(gguf_name, model_dir, tokenizer["adds_bos"])
+    (out_dir / "Modelfile").write_text(text)
+    return {"gguf": gguf_name, "modelfile": "Modelfile", "tensors": len(tensors), "no_template": no_template}

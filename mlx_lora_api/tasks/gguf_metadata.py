@@ -1,6 +1,6 @@
 """GGUF metadata from a model folder's JSON files, written through the `gguf` package's own
 writer and vocabulary helpers (as llama.cpp's converter writes them, each value in the type
-llama.cpp reads), and the Ollama Modelfile, for export_gguf.py. No MLX."""
+llama.cpp reads), for export_gguf.py. No MLX."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _bpe_tokens(tokenizer: dict[str, Any]) -> tuple[list[str], list[int]]:
 def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path) -> dict[str, Any]:
     """The tokenizer's metadata: byte-level BPE ("gpt2") from tokenizer.json, or SentencePiece
     ("llama") through `gguf.LlamaHfVocab`; special tokens, merges and the chat template through
-    `gguf.SpecialVocab`. Returns what a Modelfile needs."""
+    `gguf.SpecialVocab`. Returns what a Modelfile needs: whether llama.cpp adds the BOS token."""
     path = model_dir / "tokenizer.json"
     tokenizer = json.loads(path.read_text()) if path.exists() else {}
     model = tokenizer.get("model", {})
@@ -85,9 +85,7 @@ def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path) -> dict[str, Any]:
         merges = False
     special = gguf.SpecialVocab(model_dir, load_merges=merges, n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
-    template = special.chat_template if isinstance(special.chat_template, str) else None
-    eos = special.special_token_ids.get("eos")
-    return {"chat_template": template, "eos": tokens[eos] if eos is not None and eos < len(tokens) else None}
+    return {"adds_bos": bool(special.add_special_token.get("bos"))}
 
 
 def write_architecture(writer: gguf.GGUFWriter, config: dict[str, Any], name: str) -> None:
@@ -105,23 +103,3 @@ def write_architecture(writer: gguf.GGUFWriter, config: dict[str, Any], name: st
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-
-
-def modelfile(gguf_name: str, tokenizer: dict[str, Any]) -> str:
-    """An Ollama Modelfile; a ChatML template is spelled out, others are left to Ollama (which
-    reads the GGUF's own chat template)."""
-    lines = [f"FROM ./{gguf_name}"]
-    template = tokenizer.get("chat_template") or ""
-    if "<|im_start|>" in template:
-        lines += [
-            'TEMPLATE """{{- if .System }}<|im_start|>system',
-            "{{ .System }}<|im_end|>",
-            "{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}",
-            "{{ .Content }}<|im_end|>",
-            "{{ end }}<|im_start|>assistant",
-            '"""',
-            'PARAMETER stop "<|im_end|>"',
-        ]
-    elif tokenizer.get("eos"):
-        lines.append(f'PARAMETER stop "{tokenizer["eos"]}"')
-    return "\n".join(lines) + "\n"

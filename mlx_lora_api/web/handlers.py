@@ -36,10 +36,11 @@ push_decoder = msgspec.json.Decoder(PushRequest)
 generate_decoder = msgspec.json.Decoder(GenerateRequest)
 
 
-def wants_wait(request: Request) -> bool:
-    value = request.query_params.get("wait", "false").lower()
+def flag(request: Request, name: str) -> bool:
+    """A true/false query parameter (`true`, `false`, `1` or `0`, as the OpenAPI document says)."""
+    value = request.query_params.get(name, "false")
     if value not in ("true", "false", "1", "0"):
-        raise errors.Invalid(f"query parameter `wait` must be true or false, not {value!r}")
+        raise errors.Invalid(f"query parameter `{name}` must be true or false, not {value!r}")
     return value in ("true", "1")
 
 
@@ -72,7 +73,7 @@ async def wait_for(request: Request, job_id: str, timeout: float | None) -> Job 
 
 async def _submit(request: Request, decoder, make_spec, noun: str) -> Response:
     service = request.app.state.service
-    wait = wants_wait(request)
+    wait = flag(request, "wait")
     timeout = wait_timeout(request)
     payload = decode(decoder, await read_body(request))
     spec = await run_in_threadpool(make_spec(service), payload)
@@ -209,7 +210,7 @@ async def push_model(request: Request) -> Response:
 
 
 async def delete_model(request: Request) -> Response:
-    force = request.query_params.get("force", "false").lower() in ("true", "1")
+    force = flag(request, "force")
     service = request.app.state.service
     model_id = request.path_params["model_id"]
     await run_in_threadpool(service.delete_model, model_id, force)

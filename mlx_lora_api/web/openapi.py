@@ -10,6 +10,7 @@ import msgspec
 from starlette.requests import Request
 
 from .. import __version__
+from ..types import SAMPLE_FORMS
 from .bodies import ErrorBody, OpenAIError
 
 JSON = "application/json"
@@ -54,6 +55,8 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
     )
     refs, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     ref = dict(zip(types, refs))
+    if "Sample" in components:
+        components["Sample"] |= SAMPLE_FORMS
     paths: dict[str, dict] = {}
     for method, path, handler, summary, body, answers, parameters in described:
         operation: dict[str, Any] = {

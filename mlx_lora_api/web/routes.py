@@ -153,7 +153,7 @@ ENDPOINTS = [
         "Delete a model or adapter",
         None,
         {"200": b.Deleted},
-        [MODEL_ID, query("force", {"type": "string", "enum": ["true", "false"]})],
+        [MODEL_ID, query("force", {"type": "string", "enum": ["true", "false", "1", "0"]})],
     ),
     Endpoint(
         "POST",
