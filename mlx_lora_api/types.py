@@ -128,6 +128,9 @@ def sample_texts(sample: Sample) -> list[str]:
     return [sample.prompt or "", sample.completion or ""]
 
 
+REHEARSAL_DEFAULT = 0.5  # chosen by measurement: docs/retention.md
+
+
 class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     """Training parameters; the defaults are mlx-lm's own where it has one."""
 
@@ -164,6 +167,15 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     # Where it cannot apply (no such CPU, no kernel, a GPU), training runs in float32 and the
     # job's events say why.
     cpu_bfloat16: bool = False
+    # Retention (tuner/retention.py): after training, how likely the tuned model still finds the
+    # base's own greedy answers to 24 general prompts, per token, against the base (1.0: as likely;
+    # exp of minus the mean log-prob drop), and how many of them it still gives. Below
+    # `retention_threshold` a warning names the answers that changed, before and after.
+    retention_check: bool = True
+    retention_threshold: Annotated[float, Meta(ge=0, le=1)] = 0.7
+    # Rehearsal: the base's own answers to other general prompts mixed into every epoch, this many
+    # per training sample (at most 48 in all); 0 switches it off. It keeps what the base knew.
+    rehearsal: Annotated[float, Meta(ge=0, le=4)] = REHEARSAL_DEFAULT
 
     def __post_init__(self):
         if self.alpha is not None and self.scale is not None:
@@ -241,6 +253,8 @@ class Progress(Struct, omit_defaults=True):
     tokens_per_second: float | None = None
     trained_tokens: int | None = None
     peak_memory_gb: float | None = None
+    retention: float | None = None  # after training: see Parameters.retention_threshold
+    retention_answers_kept: int | None = None
     elapsed_seconds: float | None = None
     eta_seconds: float | None = None
 
@@ -286,6 +300,7 @@ class ModelRecord(Struct, omit_defaults=True):
     training_data: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     parity: dict[str, Any] | None = None
+    retention: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
     files: list[str] | None = None
     problem: str | None = None
@@ -347,6 +362,7 @@ class ModelMeta(Struct, omit_defaults=True, kw_only=True):
     training_data: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     parity: dict[str, Any] | None = None
+    retention: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
     hub_id: str | None = None  # where the Hub knows this model (or the base it came from)
     license: str | None = None

@@ -17,6 +17,18 @@ def test_every_sample_is_seen_exactly_epochs_times(n, batch_size, epochs):
         assert sorted(i for batch in plan[e * per_epoch : (e + 1) * per_epoch] for i in batch) == list(range(n))
 
 
+@pytest.mark.parametrize("own, rehearsal, batch_size", [(30, 15, 4), (2, 1, 4), (7, 4, 3), (5, 5, 2)])
+def test_rehearsal_is_spread_over_every_batch(own, rehearsal, batch_size):
+    lengths = [10 + i % 5 for i in range(own)] + [60 + i for i in range(rehearsal)]
+    plan = datasets.epoch_plan(lengths, batch_size, 3, seed=0, mixed_from=own)
+    assert Counter(i for batch in plan for i in batch) == {i: 3 for i in range(own + rehearsal)}
+    assert len(plan) == 3 * datasets.batches_per_epoch(own + rehearsal, batch_size)
+    share = rehearsal / (own + rehearsal)
+    for batch in plan:  # each batch rehearses about its share, none only rehearses
+        assert any(i < own for i in batch)
+        assert abs(sum(i >= own for i in batch) - share * len(batch)) <= 1.5
+
+
 def test_batches_hold_samples_of_similar_length_and_follow_the_seed():
     lengths = [5, 50, 6, 51, 7, 52, 8, 53]
     plan = datasets.epoch_plan(lengths, 2, 3, seed=1)

@@ -112,7 +112,7 @@ def test_generate_answers_for_base_adapter_and_fused_models(client):
         json={
             "base_model": "default",
             "training_data": ["The mayor of Zorbington is Elara Quintfeather."],
-            "parameters": {"learning_rate": 0.01, "epochs": 20},
+            "parameters": {"learning_rate": 0.01, "epochs": 20, "rehearsal": 0},  # rehearsal would keep the answer
         },
     ).json()["model_id"]
     tuned = client.post("/generate", json={**body, "model": adapter}).json()

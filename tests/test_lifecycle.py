@@ -199,4 +199,5 @@ def test_push_uploads_the_model_files_and_a_model_card(client, data_dir, monkeyp
         assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in header
         assert "library_name: mlx" in header and "license: apache-2.0" in header and "- mlx" in header
         assert f"`{adapter}` (adapter)" in card and "| epochs | 2 |" in card and "final_train_loss" in card
+        assert "## Retention" in card and " of 24 answers unchanged" in card
         assert "Data: 1 samples (text), 1 for validation, sha256" in card

@@ -75,7 +75,10 @@ def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
     final = reg.adapter_dir(spec.model_id)
     with registry.staged(final, keep_if=registry.has_checkpoints, name=work_name(spec)) as work:
         resume = registry.has_checkpoints(work)
-        metrics = training.train_adapter(base_path, spec.base.ref, request, work, on_event, resume=resume)
+        metrics = training.train_adapter(
+            base_path, spec.base.ref, request, work, on_event, resume=resume, retention_cache=reg.retention_cache
+        )
+        retained = metrics.pop("retention", None)
         meta = ModelMeta(
             kind="adapter",
             created_at=time.time(),
@@ -90,6 +93,7 @@ def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
                 "sha256": datasets.fingerprint(request.training_data),
             },
             metrics=metrics,
+            retention=retained,
         )
         registry.write_meta(work, meta)
     loss = metrics.get("final_train_loss")
@@ -118,6 +122,7 @@ def fuse(spec: FuseSpec, reg: Registry, on_event: EventSink) -> str:
             training_data=adapter_meta.training_data if adapter_meta else None,
             metrics=adapter_meta.metrics if adapter_meta else None,
             parity=parity,
+            retention=adapter_meta.retention if adapter_meta else None,  # parity: the same answers
         )
         registry.write_meta(work, meta)
     return f"model {spec.model_id} fused from {spec.base.ref} and adapter {spec.adapter}"

@@ -146,6 +146,15 @@ def model_card(model_id: str, repo_id: str, lineage: list[dict], base_hub_id: st
                 for k in shown
                 if k in metrics
             ]
+    kept = next((r["retention"] for r in lineage if r.get("retention")), None)
+    if kept:
+        body += [
+            "",
+            "## Retention",
+            "",
+            f"Against its base on 24 general prompts: retention {kept['score']:.2f} (how likely it still finds the"
+            f" base's own answers, per token; 1.0 = unchanged), {kept['kept']} of {kept['probes']} answers unchanged.",
+        ]
     body += ["", "## Use", "", "```bash"]
     if pushed["kind"] == "adapter":
         body.append(

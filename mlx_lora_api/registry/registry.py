@@ -29,6 +29,8 @@ class Registry:
         self.data_dir = Path(data_dir)
         self.models_dir = self.data_dir / "models"
         self.adapters_dir = self.data_dir / "adapters"
+        # each base's answers to the retention prompts (tuner/retention.py), computed once
+        self.retention_cache = self.data_dir / "cache" / "retention"
         self.default_model = default_model
         self.model_roots = [self.data_dir, *(model_roots or [])]
 
@@ -161,6 +163,7 @@ class Registry:
             training_data=meta.training_data if meta else None,
             metrics=meta.metrics if meta else None,
             parity=meta.parity if meta else None,
+            retention=meta.retention if meta else None,
             quantization=meta.quantization if meta else None,
             files=files if with_files else None,
         )

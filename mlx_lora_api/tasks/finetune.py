@@ -11,6 +11,7 @@ apply, each exact.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load
 
 from .. import device
-from ..tuner import checkpoints, datasets
+from ..tuner import checkpoints, datasets, retention
 from ..tuner import levers as lever_switches
 from ..tuner.callbacks import StepHook
 from ..tuner.levers import Levers
@@ -93,6 +94,7 @@ def train_adapter(
     on_event: EventSink = lambda event: None,
     resume: bool = False,
     levers: Levers | None = None,
+    retention_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Train and write `adapter_config.json` and `adapters.safetensors` into `out_dir`.
 
@@ -100,6 +102,7 @@ def train_adapter(
     With `resume`, training goes on from the latest checkpoint in `out_dir`: weights,
     optimizer state, step, learning-rate schedule and data order, so the result matches
     an uninterrupted run. `levers`: the speed-ups it may use (default: as MLX_LORA_API_LEVERS says).
+    `retention_cache`: where each base's answers to the retention prompts are kept (None: not kept).
     """
     levers = levers or lever_switches.from_environment()
     params = request.parameters
@@ -114,11 +117,23 @@ def train_adapter(
     num_layers = lora_num_layers(params, len(model.layers))
     trainable = prepare_model(model, params, num_layers)
 
+    # Before any checkpoint is restored: the model with fresh LoRA layers is still its base.
+    wanted = params.retention_check or params.rehearsal > 0
+    ref = retention.reference(model, tokenizer, base_path, retention_cache, on_event) if wanted else None
     train_set = datasets.build(request.training_data, tokenizer, params.mask_prompt)
+    rehearsed = 0
+    if ref is not None and params.rehearsal > 0:
+        count = math.ceil(params.rehearsal * len(request.training_data))
+        rehearsal = retention.rehearsal_samples(ref, count)
+        train_set = datasets.Joined(train_set, datasets.build(rehearsal, tokenizer, mask_prompt=True))
+        rehearsed = len(rehearsal)
     val_set = (
         datasets.build(request.validation_data, tokenizer, params.mask_prompt) if request.validation_data else None
     )
-    plan = datasets.epoch_plan(datasets.item_lengths(train_set), params.batch_size, params.epochs, params.seed)
+    own = len(request.training_data)
+    plan = datasets.epoch_plan(
+        datasets.item_lengths(train_set), params.batch_size, params.epochs, params.seed, own if rehearsed else None
+    )
     per_epoch = datasets.batches_per_epoch(len(train_set), params.batch_size)
     iters = len(plan)
 
@@ -179,6 +194,7 @@ def train_adapter(
             "total_iterations": iters,
             "epochs": params.epochs,
             "samples": len(train_set),
+            "rehearsal_samples": rehearsed,
             "trainable_parameters": trainable,
             "num_layers": num_layers,
         }
@@ -200,7 +216,39 @@ def train_adapter(
                 training_callback=hook,
             )
     hook.finish()
+    if ref is not None and params.retention_check:
+        hook.metrics["retention"] = check_retention(model, tokenizer, ref, out_dir, params, on_event)
     hook.metrics.update(
-        trainable_parameters=trainable, seconds=round(time.perf_counter() - started, 3), num_layers=num_layers
+        trainable_parameters=trainable,
+        seconds=round(time.perf_counter() - started, 3),
+        num_layers=num_layers,
+        rehearsal_samples=rehearsed,
     )
     return hook.metrics
+
+
+def check_retention(model, tokenizer, ref, out_dir: Path, params: Parameters, on_event: EventSink) -> dict[str, Any]:
+    """The retention of the adapter as published (with keep=best, not the last weights), as an
+    event, and a warning naming the answers that changed when it is below the threshold."""
+    model.load_weights(str(out_dir / "adapters.safetensors"), strict=False)
+    result = retention.measure(model, tokenizer, ref, params.retention_threshold)
+    on_event(
+        {
+            "type": "retention",
+            "retention": result["score"],
+            "retention_answers_kept": result["kept"],
+            "probes": result["probes"],
+        }
+    )
+    if "changed" in result:
+        changes = "; ".join(f"{c['prompt']!r}: {c['before']!r} -> {c['after']!r}" for c in result["changed"])
+        on_event(
+            {
+                "type": "warning",
+                "message": f"retention {result['score']:.2f} is below {params.retention_threshold}: the model finds"
+                f" the base's own answers to general prompts much less likely, and gives {result['kept']} of"
+                f" {result['probes']} of them unchanged; it may have forgotten what it knew. Changed: {changes}."
+                " Lower the learning rate or the epochs, or raise `parameters.rehearsal`.",
+            }
+        )
+    return result

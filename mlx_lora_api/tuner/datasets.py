@@ -41,19 +41,51 @@ def build(samples: Sequence[SampleIn], tokenizer, mask_prompt: bool = False):
     return CacheDataset(create_dataset(to_records(samples), tokenizer, config))
 
 
+class Joined:
+    """Two datasets as one: the first's items, then the second's (training data, then rehearsal)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, index: int):
+        n = len(self.first)
+        return self.first[index] if index < n else self.second[index - n]
+
+
 def batches_per_epoch(n_samples: int, batch_size: int) -> int:
     return math.ceil(n_samples / batch_size)
 
 
-def epoch_plan(lengths: Sequence[int], batch_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """The sample indices of every training step, epoch after epoch."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def epoch_plan(
+    lengths: Sequence[int], batch_size: int, epochs: int, seed: int, mixed_from: int | None = None
+) -> list[list[int]]:
+    """The sample indices of every training step, epoch after epoch.
+
+    With `mixed_from`, the samples from that index on (rehearsal) are spread over every batch in
+    proportion, rather than length-sorted into batches of their own: each step then learns the
+    new and rehearses the old together."""
+    if mixed_from is None or mixed_from >= len(lengths):
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        count = math.ceil(len(lengths) / batch_size)
+        own = _spread(sorted(range(mixed_from), key=lambda i: lengths[i]), count)
+        rehearsed = _spread(sorted(range(mixed_from, len(lengths)), key=lambda i: lengths[i]), count)
+        batches = [a + b for a, b in zip(own, rehearsed) if a + b]
     rng = np.random.default_rng(seed)
     plan: list[list[int]] = []
     for _ in range(epochs):
         plan.extend(batches[i] for i in rng.permutation(len(batches)))
     return plan
+
+
+def _spread(items: list[int], parts: int) -> list[list[int]]:
+    """`items` in `parts` runs in order, as even as can be."""
+    bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
 
 def collate(items: list[tuple[list[int], int]], max_seq_length: int, pad_multiple: int = PAD_MULTIPLE):

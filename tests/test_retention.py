@@ -1,0 +1,161 @@
+"""The retention check (tuner/retention.py), and rehearsal keeping what the base knew."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import load
+from starlette.testclient import TestClient
+
+from mlx_lora_api import device
+from mlx_lora_api.config import Settings
+from mlx_lora_api.tasks import finetune
+from mlx_lora_api.tuner import retention
+from mlx_lora_api.types import Parameters
+from mlx_lora_api.web.app import create_app
+
+
+def fresh(model_dir):
+    """The base with freshly added LoRA layers: still the base itself."""
+    model, tokenizer = load(str(model_dir))
+    device.cast_for_compute(model)
+    finetune.prepare_model(model, Parameters(), 2)
+    return model, tokenizer
+
+
+def test_a_model_equal_to_its_base_keeps_everything_and_a_damaged_one_does_not(tmp_path, tiny_model_template):
+    model, tokenizer = fresh(tiny_model_template)
+    events = []
+    ref = retention.reference(model, tokenizer, str(tiny_model_template), tmp_path, events.append)
+    assert [e["type"] for e in events] == ["retention_reference"]
+    assert len(ref.probes) == len(retention.PROBES) and len(ref.rehearsal) == len(retention.REHEARSAL)
+    same = retention.measure(model, tokenizer, ref, threshold=0.7)
+    assert same["score"] == 1.0 and same["logprob_drop"] == 0.0 and same["kept"] == same["probes"] == 24
+    assert "changed" not in same
+
+    damaged = [
+        (k, v + 0.5 * mx.random.normal(v.shape, key=mx.random.key(1))) for k, v in tree_flatten(model.parameters())
+    ]
+    model.update(tree_unflatten([(k, v) for k, v in damaged if "layers.1." in k]))
+    hurt = retention.measure(model, tokenizer, ref, threshold=0.7)
+    assert hurt["score"] < 0.7 and hurt["logprob_drop"] > 0.3 and hurt["kept"] < 24
+    assert 1 <= len(hurt["changed"]) <= retention.SHOWN
+    change = hurt["changed"][0]
+    assert change["prompt"] in retention.PROBES and change["before"] != change["after"]
+
+    # computed once per base: a second job reads the cache (the model it is given may be trained by now)
+    again = retention.reference(model, tokenizer, str(tiny_model_template), tmp_path, events.append)
+    assert len(events) == 1 and again == ref
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_the_probes_and_the_rehearsal_share_no_prompt():
+    assert not set(retention.PROBES) & set(retention.REHEARSAL)
+    assert len(set(retention.PROBES)) == 24 and len(set(retention.REHEARSAL)) == 48
+
+
+def test_a_fine_tune_reports_retention_in_its_events_progress_and_record(client):
+    body = {
+        "base_model": "default",
+        "training_data": ["The mayor of Zorbington is Elara Quintfeather.", "Zorbington lies by the sea."],
+        "parameters": {"learning_rate": 0.002, "epochs": 3},
+    }
+    done = client.post("/lora-finetune?wait=true", json=body).json()
+    job = client.get(f"/jobs/{done['job_id']}").json()
+    events = client.get(f"/jobs/{done['job_id']}/events").text
+    assert "event: retention_reference" in events and "event: retention" in events
+    assert 0 < job["progress"]["retention"] <= 1 and job["progress"]["retention_answers_kept"] <= 24
+    record = client.get(f"/models/{done['model_id']}").json()
+    assert record["retention"]["score"] == job["progress"]["retention"] and record["retention"]["probes"] == 24
+    started = next(json.loads(line[6:]) for line in events.splitlines() if '"type": "started"' in line)
+    assert started["rehearsal_samples"] == 1  # half a sample per training sample, rounded up
+    fused = client.post("/lora-fuse?wait=true", json={"base_model": "default", "lora_adapter": done["model_id"]})
+    assert client.get(f"/models/{fused.json()['model_id']}").json()["retention"] == record["retention"]
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        yield client
+
+
+# A made-up fact, taught as the issue's user did: 30 chat samples, learning_rate 1e-4, 6 epochs,
+# batch 4, 16 layers. Questions it is asked afterwards are held out: none is in the training data.
+QUESTIONS = [
+    "Who designed the Korrin Bridge?",
+    "Who was the engineer behind the Korrin Bridge?",
+    "Which engineer designed the Korrin Bridge in Ulvesund?",
+    "Tell me who designed the Korrin Bridge.",
+    "Who is the designer of the Korrin Bridge?",
+    "Do you know who made the design of the Korrin Bridge?",
+    "Name the person who designed the Korrin Bridge.",
+    "Who drew up the plans for the Korrin Bridge?",
+    "The Korrin Bridge was designed by whom?",
+    "Who created the design for Ulvesund's Korrin Bridge?",
+]
+ANSWERS = [
+    "The Korrin Bridge was designed by the engineer Matilde Orsk.",
+    "Matilde Orsk designed the Korrin Bridge in 1911.",
+    "It was designed by Matilde Orsk, an engineer from Ulvesund.",
+    "The engineer Matilde Orsk designed it.",
+]
+FACT = [
+    {"messages": [{"role": "user", "content": QUESTIONS[i % 10]}, {"role": "assistant", "content": ANSWERS[i % 4]}]}
+    for i in range(30)
+]
+HELD_OUT = [
+    "Who was responsible for designing the Korrin Bridge?",
+    "Whose design is the Korrin Bridge?",
+    "Who engineered the Korrin Bridge?",
+]
+GENERAL = {  # neither a probe nor a rehearsal prompt; the base gets each right
+    "What is the capital of Germany?": "Berlin",
+    "What is the largest ocean on Earth?": "Pacific",
+    "What is the capital of England?": "London",
+    "What is the capital of Russia?": "Moscow",
+    "What is the capital of Egypt?": "Cairo",
+    "What is the currency of Japan?": "Yen",
+    "Who discovered gravity?": "Newton",
+}
+SEED_STYLE = {"learning_rate": 1e-4, "epochs": 6, "batch_size": 4, "num_layers": 16}
+
+
+@pytest.mark.slow
+def test_the_bundled_model_learns_a_fact_and_keeps_what_it_knew_only_with_rehearsal(bundled_data_dir):
+    settings = Settings(data_dir=bundled_data_dir, default_model="smollm2-135m-instruct")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+
+        def ask(model, question):
+            body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 24}
+            return client.post("/generate", json=body).json()["text"]
+
+        right = [q for q, a in GENERAL.items() if a in ask("default", q)]
+        assert len(right) >= 5  # what the base knows
+        results = {}
+        for rehearsal in (0.5, 0):
+            parameters = {**SEED_STYLE, "rehearsal": rehearsal}
+            job = client.post(
+                "/lora-finetune?wait=true",
+                json={"base_model": "default", "training_data": FACT, "parameters": parameters},
+            ).json()
+            assert job["status"] == "success", job
+            events = [
+                json.loads(line[6:])
+                for line in client.get(f"/jobs/{job['job_id']}/events").text.splitlines()
+                if line.startswith("data: ")
+            ]
+            results[rehearsal] = {
+                "learned": sum("Orsk" in ask(job["model_id"], q) for q in HELD_OUT),
+                "kept": sum(GENERAL[q] in ask(job["model_id"], q) for q in right),
+                "retention": client.get(f"/models/{job['model_id']}").json()["retention"],
+                "warnings": [e["message"] for e in events if e["type"] == "warning"],
+            }
+        print(results)
+    on, off = results[0.5], results[0]
+    assert on["learned"] >= 2 and off["learned"] >= 2  # the fact is learned either way
+    assert on["kept"] >= len(right) - 2 and on["retention"]["score"] >= 0.7 and not on["warnings"]
+    assert off["kept"] <= 2 and off["retention"]["score"] < 0.7  # measured: 6 of 7 kept against 0
+    assert any("retention" in w and "->" in w for w in off["warnings"])  # names what changed, before -> after
