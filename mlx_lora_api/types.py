@@ -173,6 +173,9 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     # `retention_threshold` a warning names the answers that changed, before and after.
     retention_check: bool = True
     retention_threshold: Annotated[float, Meta(ge=0, le=1)] = 0.7
+    # Also measure retention at each evaluation (`steps_per_eval`), and stop training when it falls
+    # below the threshold: the adapter of the last evaluation above it is published.
+    retention_stop: bool = False
     # Rehearsal: the base's own answers to other general prompts mixed into every epoch, this many
     # per training sample (at most 48 in all); 0 switches it off. It keeps what the base knew.
     rehearsal: Annotated[float, Meta(ge=0, le=4)] = REHEARSAL_DEFAULT
@@ -186,6 +189,8 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`parameters.weight_decay` applies to the adamw and sgd optimizers")
         if self.val_batches == 0:
             raise ValueError("`parameters.val_batches` must be -1 (all) or at least 1")
+        if self.retention_stop and not self.retention_check:
+            raise ValueError("`parameters.retention_stop` needs `parameters.retention_check`")
         if self.min_learning_rate > self.learning_rate:
             raise ValueError("`parameters.min_learning_rate` is larger than `parameters.learning_rate`")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import mlx.core as mx
+import msgspec
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load
@@ -14,7 +15,7 @@ from mlx_lora_api import device
 from mlx_lora_api.config import Settings
 from mlx_lora_api.tasks import finetune
 from mlx_lora_api.tuner import retention
-from mlx_lora_api.types import Parameters
+from mlx_lora_api.types import FinetuneRequest, Parameters
 from mlx_lora_api.web.app import create_app
 
 
@@ -159,3 +160,35 @@ def test_the_bundled_model_learns_a_fact_and_keeps_what_it_knew_only_with_rehear
     assert on["kept"] >= len(right) - 2 and on["retention"]["score"] >= 0.7 and not on["warnings"]
     assert off["kept"] <= 2 and off["retention"]["score"] < 0.7  # measured: 6 of 7 kept against 0
     assert any("retention" in w and "->" in w for w in off["warnings"])  # names what changed, before -> after
+
+
+def test_retention_stop_ends_training_and_publishes_the_last_adapter_that_kept_it(tmp_path, tiny_model_template):
+    events = []
+    out = tmp_path / "adapter"
+    out.mkdir()
+    request = msgspec.convert(
+        {
+            "base_model": "tiny-base",
+            "training_data": ["The mayor of Zorbington is Elara Quintfeather.", "Zorbington lies by the sea."],
+            "parameters": {
+                "learning_rate": 2e-4,  # measured: 0.96, 0.95, 0.89, 0.78, then 0.64 at step 5
+                "epochs": 40,
+                "rehearsal": 0,
+                "steps_per_eval": 1,
+                "retention_stop": True,
+                "retention_threshold": 0.7,
+            },
+        },
+        FinetuneRequest,
+    )
+    metrics = finetune.train_adapter(str(tiny_model_template), "tiny-base", request, out, events.append)
+    measured = [e for e in events if e["type"] == "retention" and "iteration" in e]
+    stop = measured[-1]["iteration"]
+    assert 1 < stop < 40 and measured[-1]["retention"] < 0.7  # it fell, and training stopped there
+    assert all(e["retention"] >= 0.7 for e in measured[:-1]) and len(measured) == stop
+    assert metrics["stopped_early"].startswith(f"stopped early at iteration {stop}: retention")
+    assert metrics["kept"] == f"retained (iteration {stop - 1})"
+    assert metrics["retention"]["score"] >= 0.7  # the published adapter, measured again after training
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["adapters.safetensors"]
+    with pytest.raises(msgspec.ValidationError, match="retention_stop"):
+        msgspec.convert({"retention_stop": True, "retention_check": False}, Parameters)

@@ -97,7 +97,10 @@ def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
         )
         registry.write_meta(work, meta)
     loss = metrics.get("final_train_loss")
-    return f"adapter {spec.model_id} trained" + (f" (final train loss {loss:.4f})" if loss is not None else "")
+    message = f"adapter {spec.model_id} trained" + (f" (final train loss {loss:.4f})" if loss is not None else "")
+    if metrics.get("stopped_early"):
+        message += f"; {metrics['stopped_early']}, and the adapter kept is the {metrics['kept']} one"
+    return message
 
 
 def fuse(spec: FuseSpec, reg: Registry, on_event: EventSink) -> str:

@@ -28,7 +28,7 @@ from mlx_lm.utils import load
 from .. import device
 from ..tuner import checkpoints, datasets, retention
 from ..tuner import levers as lever_switches
-from ..tuner.callbacks import StepHook
+from ..tuner.callbacks import StepHook, StopTraining
 from ..tuner.levers import Levers
 from ..tuner.optimizers import build_optimizer
 from ..types import FinetuneRequest, Parameters
@@ -185,8 +185,22 @@ def train_adapter(
         on_event({"type": "resumed", "iteration": start.iteration})
     done = start.iteration if start else 0
     args.iters = iters - done
+
+    def retain() -> dict[str, Any]:
+        assert ref is not None
+        return retention.measure(model, tokenizer, ref, params.retention_threshold, name_changes=False)
+
     hook = StepHook(
-        model, optimizer, params, out_dir, on_event, iters, per_epoch, validate if val_set is not None else None, start
+        model,
+        optimizer,
+        params,
+        out_dir,
+        on_event,
+        iters,
+        per_epoch,
+        validate if val_set is not None else None,
+        start,
+        retain if ref is not None and params.retention_stop else None,
     )
     on_event(
         {
@@ -203,18 +217,21 @@ def train_adapter(
         if start is None:
             hook.evaluate(0)
         if args.iters > 0:
-            train(
-                model=model,
-                optimizer=optimizer,
-                train_dataset=train_set,
-                val_dataset=None,
-                args=args,
-                loss=chosen.loss,
-                iterate_batches=datasets.make_iterate_batches(
-                    plan[done:], on_truncate, prefix_cache=chosen.cache, pad_multiple=chosen.pad_multiple
-                ),
-                training_callback=hook,
-            )
+            try:
+                train(
+                    model=model,
+                    optimizer=optimizer,
+                    train_dataset=train_set,
+                    val_dataset=None,
+                    args=args,
+                    loss=chosen.loss,
+                    iterate_batches=datasets.make_iterate_batches(
+                        plan[done:], on_truncate, prefix_cache=chosen.cache, pad_multiple=chosen.pad_multiple
+                    ),
+                    training_callback=hook,
+                )
+            except StopTraining as stop:
+                on_event({"type": "info", "message": str(stop)})
     hook.finish()
     if ref is not None and params.retention_check:
         hook.metrics["retention"] = check_retention(model, tokenizer, ref, out_dir, params, on_event)

@@ -17,6 +17,11 @@ from . import checkpoints
 
 EventSink = Callable[[dict[str, Any]], None]
 BEST_FILE = "best_adapters.safetensors"
+RETAINED_FILE = "retained_adapters.safetensors"  # the last evaluated adapter whose retention passed
+
+
+class StopTraining(Exception):
+    """Raised from a step to end training early; `message` says why."""
 
 
 class StepHook:
@@ -38,6 +43,7 @@ class StepHook:
         per_epoch: int,
         validate: Callable[[], float] | None,
         start: checkpoints.Saved | None = None,
+        retain: Callable[[], dict[str, Any]] | None = None,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -50,6 +56,8 @@ class StepHook:
         self.total = total
         self.per_epoch = per_epoch
         self.validate = validate
+        self.retain = retain  # with retention_stop: measures retention (tuner/retention.py)
+        self.stopped: str | None = None
         self.metrics: dict[str, Any] = {"iterations": total, **(start.metrics if start else {})}
         self.best: tuple[float, int] | None = (
             (self.metrics["best_val_loss"], self.metrics["best_iteration"]) if "best_val_loss" in self.metrics else None
@@ -73,6 +81,30 @@ class StepHook:
         self.on_event({"type": "val", "iteration": iteration, "val_loss": loss})
         return loss
 
+    def check_retention(self, iteration: int) -> None:
+        """With retention_stop: measure, keep the adapter while it passes, stop when it does not."""
+        if self.retain is None or iteration == 0:
+            return
+        result = self.retain()
+        self.on_event(
+            {
+                "type": "retention",
+                "iteration": iteration,
+                "retention": result["score"],
+                "retention_answers_kept": result["kept"],
+                "probes": result["probes"],
+            }
+        )
+        if result["score"] >= self.params.retention_threshold:
+            self._save(self.out_dir / RETAINED_FILE)
+            self.metrics["retained_iteration"] = iteration
+            return
+        self.stopped = (
+            f"stopped early at iteration {iteration}: retention {result['score']:.2f} fell below"
+            f" {self.params.retention_threshold}"
+        )
+        raise StopTraining(self.stopped)
+
     def on_val_loss_report(self, info: dict[str, Any]) -> None:
         pass  # mlx-lm's own validation is off; see evaluate()
 
@@ -91,6 +123,7 @@ class StepHook:
         val_loss = None
         if it % self.params.steps_per_eval == 0 or it == self.total:
             val_loss = self.evaluate(it)
+            self.check_retention(it)
         if it % self.params.save_every == 0 and it != self.total:
             checkpoints.reseed(self.params.seed, it)
             path = checkpoints.save(self.out_dir, it, self.model, self.optimizer, self._tokens, self.metrics)
@@ -117,8 +150,21 @@ class StepHook:
         )
 
     def finish(self) -> None:
-        """With keep=best, the published adapter is the one of the lowest validation loss."""
+        """With keep=best, the published adapter is the one of the lowest validation loss. After an
+        early stop for retention, the last one whose retention passed (or, with none, the last)."""
         best_file = self.out_dir / BEST_FILE
+        retained = self.out_dir / RETAINED_FILE
+        if self.stopped is not None:
+            self.metrics["stopped_early"] = self.stopped
+            if retained.exists():
+                retained.replace(self.out_dir / "adapters.safetensors")
+                self.metrics["kept"] = f"retained (iteration {self.metrics['retained_iteration']})"
+            else:
+                self._save(self.out_dir / "adapters.safetensors")
+                self.metrics["kept"] = "last"
+            best_file.unlink(missing_ok=True)
+            return
+        retained.unlink(missing_ok=True)
         if self.params.keep == "best" and best_file.exists():
             best_file.replace(self.out_dir / "adapters.safetensors")
             assert self.best is not None  # the best file is written with it

@@ -108,7 +108,7 @@ def rehearsal_samples(ref: Reference, count: int) -> list[Sample]:
     ]
 
 
-def measure(model: nn.Module, tokenizer, ref: Reference, threshold: float) -> dict[str, Any]:
+def measure(model: nn.Module, tokenizer, ref: Reference, threshold: float, name_changes: bool = True) -> dict[str, Any]:
     """How much of the base's behaviour the model kept:
     - `score`: how likely it still finds the base's answers, per token, against the base itself
       (exp of minus the mean log-prob drop: 1.0 for a model equal to its base, 0.5 when each
@@ -135,7 +135,7 @@ def measure(model: nn.Module, tokenizer, ref: Reference, threshold: float) -> di
         "probes": len(ref.probes),
         "threshold": threshold,
     }
-    if score < threshold and changed:
+    if name_changes and score < threshold and changed:
         shown = changed[:SHOWN]
         after = _answer(model, tokenizer, [p.prompt for p in shown], PROBE_TOKENS)
         result["changed"] = [{"prompt": p.prompt, "before": p.text, "after": a.text} for p, a in zip(shown, after)]
