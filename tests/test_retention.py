@@ -192,3 +192,22 @@ def test_retention_stop_ends_training_and_publishes_the_last_adapter_that_kept_i
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["adapters.safetensors"]
     with pytest.raises(msgspec.ValidationError, match="retention_stop"):
         msgspec.convert({"retention_stop": True, "retention_check": False}, Parameters)
+
+
+def test_a_base_without_a_chat_template_trains_without_retention_and_says_so(tmp_path, tiny_model_template):
+    import shutil
+
+    base = tmp_path / "plain-base"
+    shutil.copytree(tiny_model_template, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "adapter"
+    out.mkdir()
+    events = []
+    request = msgspec.convert({"base_model": "plain-base", "training_data": ["A plain text sample."]}, FinetuneRequest)
+    metrics = finetune.train_adapter(str(base), "plain-base", request, out, events.append)
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert warnings == ["no retention check and no rehearsal: the base model has no chat template"]
+    assert "retention" not in metrics and metrics["rehearsal_samples"] == 0
+    assert (out / "adapters.safetensors").exists()

@@ -73,7 +73,9 @@ def reference(
     """The base's answers, from the cache or computed now (the model must still equal its base:
     LoRA layers freshly added leave it so). None when the model has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
-        on_event({"type": "warning", "message": "no retention check: the base model has no chat template"})
+        on_event(
+            {"type": "warning", "message": "no retention check and no rehearsal: the base model has no chat template"}
+        )
         return None
     key = cache_key(base_path, tokenizer)
     path = cache_dir / f"{key}.json" if cache_dir else None
