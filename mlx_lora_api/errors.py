@@ -8,10 +8,11 @@ classes; only the web layer reads `status_code`.
 class ServiceError(Exception):
     status_code = 500
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, param: str | None = None):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.param = param  # the request field at fault, where one is (OpenAI's error objects carry it)
 
 
 class BadRequest(ServiceError):

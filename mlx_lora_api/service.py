@@ -6,6 +6,10 @@ The web layer decodes and encodes; the CLI calls the same checks before training
 from __future__ import annotations
 
 import functools
+import os
+import re
+import secrets
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from . import errors, registry
+from . import errors, openai_jobs, registry
 from .accel import blas
 from .config import Settings
 from .jobs.generation import Generator
@@ -22,12 +26,14 @@ from .jobs.runner import Runner
 from .jobs.store import JobStore, new_job_id
 from .jobs.worker import work_name
 from .registry import Registry, hub, lock
+from .registry.uploads import FileStore, Limits
 from .tasks.checks import GGUF_ARCHITECTURES
 from .types import (
     FINISHED,
     BaseModel,
     ExportRequest,
     ExportSpec,
+    FileRecord,
     FinetuneRequest,
     FinetuneSpec,
     FuseRequest,
@@ -45,8 +51,11 @@ from .types import (
     QuantizeSpec,
     TrainPoint,
     ValPoint,
+    checkpoint_file,
     sample_texts,
 )
+
+CHECKPOINT_REF = re.compile(r"(?P<model>[a-z0-9][a-z0-9._-]*):step-(?P<step>[0-9]{1,9})")
 
 
 class Service:
@@ -57,6 +66,8 @@ class Service:
         self._runner: Runner | None = None
         self.generator = Generator(settings.generation_budget_bytes, settings.max_concurrent_generations)
         self.probe = Probe()
+        self.files = FileStore(settings.data_dir / "files")
+        self.upload_limits = Limits(settings.max_body_bytes, settings.max_samples, settings.max_sample_chars)
 
     # -- life ----------------------------------------------------------------------------
 
@@ -250,6 +261,8 @@ class Service:
 
     def generation_target(self, model: str) -> dict[str, str | None]:
         """The base folder and adapter folder a `model` reference stands for."""
+        if match := CHECKPOINT_REF.fullmatch(model):
+            return self._checkpoint_target(match["model"], int(match["step"]))
         self._refuse_if_in_the_making(model)
         if self.registry.is_adapter(model):
             base = self.resolve_base(self.adapter_base(model))
@@ -262,6 +275,39 @@ class Service:
                 f"{model!r} is not downloaded yet: fine-tune it once, or fetch it with huggingface-cli"
             )
         return {"base_path": base.path, "adapter_path": None}
+
+    def _checkpoint_target(self, model_id: str, step: int) -> dict[str, str | None]:
+        """`ADAPTER:step-N`, the adapter's checkpoint at step N, while it trains too. Generation
+        reads an adapter folder, so the checkpoint is shown as one: a folder in the cache with
+        the adapter's config and a link to the checkpoint's weights (no copy)."""
+        folder = self.registry.adapter_dir(model_id)
+        job_id = self._store.maker(model_id) if self._store else None
+        spec = self.store.spec(job_id) if job_id else None
+        if not isinstance(spec, FinetuneSpec) and not self.registry.is_adapter(model_id):
+            raise errors.NotFound(f"no adapter {model_id!r} to take a checkpoint of", param="model")
+        if not self.registry.is_adapter(model_id):
+            assert isinstance(spec, FinetuneSpec)
+            folder = registry.staging_dir(folder, work_name(spec))  # still training, paused or stopped
+        weights = folder / "checkpoints" / checkpoint_file(step)
+        if not weights.is_file():
+            steps = sorted(int(p.name.split("_")[0]) for p in folder.glob("checkpoints/[0-9]*_adapters.safetensors"))
+            raise errors.NotFound(
+                f"{model_id!r} has no checkpoint at step {step}; it has {', '.join(map(str, steps)) or 'none'}",
+                param="model",
+            )
+        base = spec.base if isinstance(spec, FinetuneSpec) else self.resolve_base(self.adapter_base(model_id))
+        if base.path is None:
+            raise errors.Unavailable(f"the base of {model_id!r}, {base.ref!r}, is not downloaded yet")
+        view = self.settings.data_dir / "cache" / "checkpoints" / f"{model_id}-step-{step}"
+        view.mkdir(parents=True, exist_ok=True)
+        for name, make in (
+            ("adapter_config.json", lambda tmp: shutil.copyfile(folder / "adapter_config.json", tmp)),
+            ("adapters.safetensors", lambda tmp: os.symlink(weights, tmp)),
+        ):
+            tmp = view / f".{name}.{secrets.token_hex(4)}"
+            make(tmp)
+            os.replace(tmp, view / name)
+        return {"base_path": base.path, "adapter_path": str(view)}
 
     def generate(self, request: GenerateRequest) -> Iterator[dict[str, Any]]:
         """Check the request now (errors before any streaming), then return the event stream."""
@@ -332,6 +378,8 @@ class Service:
                 "delete with ?force=true to remove it anyway"
             )
         self.registry.delete(model_id)
+        for view in (self.settings.data_dir / "cache" / "checkpoints").glob(f"{model_id}-step-*"):
+            shutil.rmtree(view, ignore_errors=True)  # its checkpoints shown as models
 
     def metrics(self, job_id: str) -> Metrics:
         events = self.events(job_id)
@@ -378,8 +426,10 @@ class Service:
     def jobs(self, limit: int, before: int | None, status: str | None) -> JobList:
         return self.store.page(limit=limit, before=before, status=status)
 
-    def cancel(self, job_id: str) -> Job:
-        had = self.store.request_cancel(job_id)
+    def cancel(self, job_id: str, pause: bool = False) -> Job:
+        """Stop a job; with `pause`, it is `paused` rather than `cancelled` (either can be resumed,
+        a fine-tune from its last checkpoint)."""
+        had = self.store.request_cancel(job_id, pause)
         if had is None:
             raise errors.NotFound(f"no job with id {job_id!r}")
         if had in FINISHED:
@@ -389,10 +439,10 @@ class Service:
         return self.job(job_id)
 
     def resume(self, job_id: str) -> Job:
-        """Queue a failed or cancelled job again; a fine-tune goes on from its last checkpoint."""
+        """Queue a failed, cancelled or paused job again; a fine-tune goes on from its last checkpoint."""
         job = self.job(job_id)
-        if job.status not in ("failed", "cancelled"):
-            raise errors.Conflict(f"job {job_id} is {job.status}; only failed or cancelled jobs can be resumed")
+        if job.status not in ("failed", "cancelled", "paused"):
+            raise errors.Conflict(f"job {job_id} is {job.status}; only failed, cancelled or paused jobs can be resumed")
         if self.registry.taken(job.model_id) and job.kind in ("finetune", "fuse", "quantize"):
             raise errors.Conflict(f"{job.model_id!r} exists now; delete it before resuming job {job_id}")
         spec = self.store.spec(job_id)
@@ -408,3 +458,51 @@ class Service:
     def events(self, job_id: str, after: int = 0) -> list[dict]:
         self.job(job_id)
         return self.store.events(job_id, after)
+
+    # -- OpenAI's fine-tuning API: files, and jobs created from them -----------------------
+
+    def add_file(self, data: bytes, filename: str, purpose: str) -> FileRecord:
+        return self.files.add(data, filename, purpose, self.upload_limits)
+
+    def openai_finetune(self, create: openai_jobs.JobCreate) -> Job:
+        """Queue the fine-tune that an OpenAI-style request asks for (openai_jobs.build)."""
+        request, origin = openai_jobs.build(create, self.files, self.upload_limits)
+        try:
+            spec = self.finetune_spec(request)
+        except errors.ServiceError as e:
+            e.param = e.param or ("model" if "base_model" in e.message else None)
+            raise
+        return self.submit(msgspec.structs.replace(spec, openai=origin))
+
+    def finetune_jobs(
+        self, limit: int, after: str | None = None, metadata: dict[str, str] | None = None
+    ) -> tuple[list[tuple[Job, FinetuneSpec]], bool]:
+        """Fine-tune jobs, newest first, those after the job `after` in that order, whose OpenAI
+        metadata has every pair in `metadata`; and whether there are more."""
+        before = None
+        if after is not None:
+            before = self.store.seq(after)
+            if before is None:
+                raise errors.NotFound(f"no job with id {after!r}", param="after")
+        found: list[tuple[Job, FinetuneSpec]] = []
+        while True:
+            page = self.store.page(limit=max(limit, 20), before=before, kind="finetune")
+            for job in page.jobs:
+                spec = self.store.spec(job.job_id)
+                if not isinstance(spec, FinetuneSpec):
+                    continue
+                have = spec.openai.metadata if spec.openai else {}
+                if all(have.get(k) == v for k, v in (metadata or {}).items()):
+                    if len(found) == limit:
+                        return found, True
+                    found.append((job, spec))
+            if page.next_before is None:
+                return found, False
+            before = page.next_before
+
+    def finetune_job(self, job_id: str) -> tuple[Job, FinetuneSpec]:
+        job = self.job(job_id)
+        spec = self.store.spec(job_id)
+        if not isinstance(spec, FinetuneSpec):
+            raise errors.NotFound(f"job {job_id!r} is a {job.kind} job, not a fine-tune")
+        return job, spec

@@ -56,9 +56,10 @@ def _only(*fields: str) -> dict[str, Any]:
 
 SAMPLE_FORMS = {"oneOf": [_only("text"), _only("prompt", "completion"), _only("messages")]}
 
-JobStatus = Literal["queued", "running", "success", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", "success", "failed", "cancelled", "paused"]
 JobKind = Literal["finetune", "fuse", "quantize", "export", "push"]
-FINISHED: tuple[str, ...] = ("success", "failed", "cancelled")
+# No longer running or waiting to (a paused job is, until it is resumed).
+FINISHED: tuple[str, ...] = ("success", "failed", "cancelled", "paused")
 
 
 class Message(Struct, forbid_unknown_fields=True):
@@ -128,6 +129,69 @@ def sample_texts(sample: Sample) -> list[str]:
     return [sample.prompt or "", sample.completion or ""]
 
 
+class PreferenceInput(Struct, forbid_unknown_fields=True):
+    messages: Annotated[list[Message], Meta(min_length=1)]
+
+
+class OpenAIPreference(Struct, forbid_unknown_fields=True):
+    """A preference row in OpenAI's format: the conversation so far, then the better and the
+    worse assistant answer."""
+
+    input: PreferenceInput
+    preferred_output: Annotated[list[Message], Meta(min_length=1)]
+    non_preferred_output: Annotated[list[Message], Meta(min_length=1)]
+
+    def __post_init__(self):
+        for name in ("preferred_output", "non_preferred_output"):
+            for i, message in enumerate(getattr(self, name)):
+                if message.role != "assistant":
+                    raise ValueError(f"`{name}[{i}].role` must be assistant, not {message.role}")
+                if not message.content.strip():
+                    raise ValueError(f"`{name}[{i}].content` is empty or blank")
+
+
+class PreferencePair(Struct, forbid_unknown_fields=True):
+    """A preference row as TRL and mlx-lm-lora write it: a prompt, the better and the worse answer."""
+
+    prompt: SampleText
+    chosen: SampleText
+    rejected: SampleText
+    system: str | None = None
+
+    def __post_init__(self):
+        for name in ("prompt", "chosen", "rejected"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"`{name}` is empty or blank")
+
+
+PreferenceIn = OpenAIPreference | PreferencePair
+PREFERENCE_FIELDS = frozenset({"input", "preferred_output", "non_preferred_output", "chosen", "rejected"})
+
+
+class FileRecord(Struct, kw_only=True):
+    """An uploaded data file (OpenAI's Files API): where it is kept, what it holds."""
+
+    file_id: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: float
+    samples: int
+    form: Literal["text", "completions", "chat", "preference"]
+
+
+class OpenAIOrigin(Struct, kw_only=True, omit_defaults=True):
+    """What a fine-tune created through `/v1/fine_tuning/jobs` was asked with, in OpenAI's terms,
+    kept with its job so that the job reads back as it was created."""
+
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    metadata: dict[str, str] = {}
+    hyperparameters: dict[str, Any] = {}  # as asked ("auto" or a value)
+    method: str = "supervised"
+
+
 REHEARSAL_DEFAULT = 0.5  # chosen by measurement: docs/retention.md
 
 
@@ -179,6 +243,10 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     # Rehearsal: the base's own answers to other general prompts mixed into every epoch, this many
     # per training sample (at most 48 in all); 0 switches it off. It keeps what the base knew.
     rehearsal: Annotated[float, Meta(ge=0, le=4)] = REHEARSAL_DEFAULT
+    # What rehearsal trains towards: "answers", the base's greedy answers (cross-entropy), or "kl",
+    # the base's whole next-token distributions on those answers (KL divergence from the base, the
+    # adapter switched off: one more forward pass per batch, no second copy of the weights).
+    rehearsal_loss: Literal["answers", "kl"] = "answers"
 
     def __post_init__(self):
         if self.alpha is not None and self.scale is not None:
@@ -191,6 +259,13 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`parameters.val_batches` must be -1 (all) or at least 1")
         if self.retention_stop and not self.retention_check:
             raise ValueError("`parameters.retention_stop` needs `parameters.retention_check`")
+        if self.rehearsal_loss == "kl" and self.fine_tune_type != "lora":
+            raise ValueError(
+                '`parameters.rehearsal_loss` "kl" needs `fine_tune_type` "lora": the base is the model with'
+                " its LoRA layers switched off"
+            )
+        if self.rehearsal_loss == "kl" and self.rehearsal == 0:
+            raise ValueError('`parameters.rehearsal_loss` "kl" needs `parameters.rehearsal` above 0')
         if self.min_learning_rate > self.learning_rate:
             raise ValueError("`parameters.min_learning_rate` is larger than `parameters.learning_rate`")
 
@@ -389,6 +464,7 @@ class FinetuneSpec(Struct, tag="finetune", kw_only=True):
     model_id: str
     base: BaseModel
     request: FinetuneRequest
+    openai: OpenAIOrigin | None = None  # created through /v1/fine_tuning/jobs
 
 
 class FuseSpec(Struct, tag="fuse", kw_only=True):
@@ -422,6 +498,11 @@ class PushSpec(Struct, tag="push", kw_only=True):
 
 
 JobSpec = FinetuneSpec | FuseSpec | QuantizeSpec | ExportSpec | PushSpec
+
+
+def checkpoint_file(iteration: int) -> str:
+    """A checkpoint's adapter weights in an adapter's `checkpoints/` folder (tuner/checkpoints.py)."""
+    return f"{iteration:07d}_adapters.safetensors"
 
 
 def job_kind(spec: JobSpec) -> str:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """What retention costs, side by side: the same fine-tune with neither the check nor rehearsal,
-with the check only, and with both (the default), each in a fresh process, rounds alternating.
+with the check only, with both (the default), and with both and `rehearsal_loss: "kl"`, each in a
+fresh process, rounds alternating.
 
     .venv/bin/python scripts/bench_retention.py [--rounds 2] [--rehearsal 0.5]
 
@@ -100,6 +101,10 @@ def main() -> None:
         "neither (retention_check false, rehearsal 0)": {"retention_check": False, "rehearsal": 0},
         "the check only (rehearsal 0)": {"rehearsal": 0},
         f"the check and rehearsal {args.rehearsal} (the default)": {"rehearsal": args.rehearsal},
+        f"the check and rehearsal {args.rehearsal}, rehearsal_loss kl": {
+            "rehearsal": args.rehearsal,
+            "rehearsal_loss": "kl",
+        },
     }
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.rounds):

@@ -332,7 +332,7 @@ def test_resume_a_cancelled_fine_tune_from_its_checkpoint(client, data_dir):
     assert client.post("/jobs/job-000000000000/resume").status_code == 404
     finished = client.post("/lora-finetune?wait=true", json=SEED).json()
     r = client.post(f"/jobs/{finished['job_id']}/resume")
-    assert r.status_code == 409 and "only failed or cancelled" in r.json()["message"]
+    assert r.status_code == 409 and "only failed, cancelled or paused" in r.json()["message"]
 
 
 def sse_events(lines):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import mlx.core as mx
 import msgspec
@@ -14,8 +15,8 @@ from starlette.testclient import TestClient
 from mlx_lora_api import device
 from mlx_lora_api.config import Settings
 from mlx_lora_api.tasks import finetune
-from mlx_lora_api.tuner import retention
-from mlx_lora_api.types import FinetuneRequest, Parameters
+from mlx_lora_api.tuner import losses, retention
+from mlx_lora_api.types import FinetuneRequest, Message, Parameters, Sample
 from mlx_lora_api.web.app import create_app
 
 
@@ -211,3 +212,98 @@ def test_a_base_without_a_chat_template_trains_without_retention_and_says_so(tmp
     assert warnings == ["no retention check and no rehearsal: the base model has no chat template"]
     assert "retention" not in metrics and metrics["rehearsal_samples"] == 0
     assert (out / "adapters.safetensors").exists()
+
+
+def kl_batch(model, tokenizer):
+    """Two rows: a training row (mark 0) and a rehearsal row (mark 1), the prompt masked."""
+    from mlx_lora_api.tuner import datasets
+
+    first = datasets.build(["The mayor of Zorbington is Elara Quintfeather."], tokenizer)
+    second = datasets.build(
+        [Sample(messages=[Message("user", "What is the capital of France?"), Message("assistant", "Paris.")])],
+        tokenizer,
+        mask_prompt=True,
+    )
+    joined = datasets.Joined(first, second, mark_second=True)
+    tokens, lengths = datasets.collate([joined[0], joined[1]], 2048)
+    assert lengths[:, 2].tolist() == [0, 1]
+    return tokens, lengths
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_the_kl_penalty_is_zero_at_the_base_and_matches_a_direct_computation(tiny_model_template, eager):
+    model, tokenizer = fresh(tiny_model_template)
+    tokens, lengths = kl_batch(model, tokenizer)
+    loss = losses.make_kl_loss(eager=eager)
+
+    # At the base (LoRA's B is zero) the rehearsal row's KL is zero: its loss is the training row's
+    # cross-entropy alone, and the rehearsal row gives no gradient.
+    value, ntoks = loss(model, tokens, lengths)
+    mask = losses.target_mask(tokens, lengths)
+    ce = losses.token_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+    assert value.item() == pytest.approx((ce[0] * mask[0]).sum().item() / ntoks.item(), rel=1e-5)
+
+    # Moved away from the base, the rehearsal row counts KL(base || tuned), by the definition.
+    moved = [(k, 0.3 * mx.random.normal(v.shape, key=mx.random.key(2))) for k, v in tree_flatten(model.parameters())]
+    model.update(tree_unflatten([(k, v) for k, v in moved if "lora_b" in k]))
+    logits = model(tokens[:, :-1])
+    with losses.adapter_off(model):
+        base = model(tokens[:, :-1])
+    assert not mx.allclose(logits, base).item()
+    p, q = mx.softmax(base[1], axis=-1), mx.softmax(logits[1], axis=-1)
+    kl = (p * (mx.log(p) - mx.log(q))).sum(-1)
+    ce = losses.token_cross_entropy(logits, tokens[:, 1:])
+    expected = ((ce[0] * mask[0]).sum() + (kl * mask[1]).sum()) / ntoks
+    # compiled as mlx-lm's trainer compiles its step: the base's pass is traced with the scale at 0
+    step = mx.compile(lambda t, n: loss(model, t, n), inputs=model.state) if not eager else partial(loss, model)
+    assert step(tokens, lengths)[0].item() == pytest.approx(expected.item(), rel=1e-4)
+    # the adapter is back on after the base's pass
+    assert mx.allclose(model(tokens[:, :-1]), logits).item()
+
+
+def test_rehearsal_loss_kl_is_refused_where_there_is_no_adapter_to_switch_off():
+    with pytest.raises(msgspec.ValidationError, match='"kl" needs `fine_tune_type` "lora"'):
+        msgspec.convert({"rehearsal_loss": "kl", "fine_tune_type": "full"}, Parameters)
+    with pytest.raises(msgspec.ValidationError, match=r"needs `parameters\.rehearsal` above 0"):
+        msgspec.convert({"rehearsal_loss": "kl", "rehearsal": 0}, Parameters)
+
+
+def test_the_kl_penalty_trains_the_same_adapter_with_the_levers_as_on_mlx_lms_plain_path(tmp_path, tiny_model_template):
+    """Eager steps with the base's pass over the rehearsal rows only, from the frozen blocks'
+    cached states, against a compiled step over every row from the tokens: the same adapter."""
+    from mlx_lora_api.tuner import levers
+
+    results = {}
+    for name, switches in (("on", levers.Levers()), ("off", levers.PLAIN)):
+        out = tmp_path / name
+        out.mkdir()
+        events = []
+        request = msgspec.convert(
+            {
+                "base_model": "tiny-base",
+                "training_data": ["The mayor of Zorbington is Elara Quintfeather.", "The quick brown fox.", "a dog"],
+                "parameters": {
+                    "learning_rate": 0.01,
+                    "optimizer": "sgd",  # compares the gradients themselves (see test_training's lever test)
+                    "epochs": 3,
+                    "batch_size": 2,
+                    "num_layers": 1,
+                    "steps_per_report": 1,
+                    "rehearsal": 1,
+                    "rehearsal_loss": "kl",
+                },
+            },
+            FinetuneRequest,
+        )
+        metrics = finetune.train_adapter(
+            str(tiny_model_template), "tiny-base", request, out, events.append, levers=switches
+        )
+        assert metrics["rehearsal_samples"] >= 1
+        results[name] = (mx.load(str(out / "adapters.safetensors")), events)
+    (on, on_events), (off, off_events) = results["on"], results["off"]
+    infos = [e["message"] for e in on_events if e["type"] == "info"]
+    assert any('"kl" needs whole logits' in m for m in infos) and any("frozen" in m for m in infos)
+    curves = [[e["train_loss"] for e in events if e["type"] == "train"] for events in (on_events, off_events)]
+    assert len(curves[0]) == 9 and curves[0] == pytest.approx(curves[1], rel=1e-5)
+    assert all(mx.abs(off[k]).max().item() > 1e-4 for k in off if k.endswith("lora_b"))  # it trained
+    assert all(mx.allclose(on[k], off[k], atol=1e-6, rtol=0).item() for k in off)

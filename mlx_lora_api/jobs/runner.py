@@ -113,9 +113,9 @@ class Runner:
     def _settle(self, job_id: str, spec: JobSpec, exitcode: int | None, outcome: dict | None) -> None:
         if outcome and outcome["type"] == "done" and exitcode == 0:
             self.store.finish(job_id, "success", message=outcome.get("message"))
-        elif self.store.cancel_requested(job_id):
+        elif stopped := self.store.cancel_requested(job_id):
             kept = outcome["message"].partition("; ")[2] if outcome else ""
-            self.store.finish(job_id, "cancelled", message="cancelled while running" + (f"; {kept}" if kept else ""))
+            self.store.finish(job_id, stopped, message=f"{stopped} while running" + (f"; {kept}" if kept else ""))
         elif self._stopping.is_set():
             self.store.requeue(job_id, "the server was stopped while this job ran; it resumes when the server starts")
         elif outcome and outcome["type"] == "error":

@@ -175,27 +175,31 @@ class JobStore:
         )
         self.add_event(job_id, {"type": status, "message": message, "error": error})
 
-    def request_cancel(self, job_id: str) -> str | None:
-        """Cancel a queued job at once; flag a running one. Returns the status it had."""
+    def request_cancel(self, job_id: str, pause: bool = False) -> str | None:
+        """Cancel (or pause) a queued job at once; flag a running one. Returns the status it had.
+
+        A paused job is a cancelled one that means to come back: `cancelled` and `paused` end a
+        run alike (its checkpoints kept), and either can be resumed."""
+        status = "paused" if pause else "cancelled"
         with self._lock:
             row = self._db.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
             if row[0] == "queued":
                 self._db.execute(
-                    "UPDATE jobs SET status = 'cancelled', finished_at = ?, message = 'cancelled before it started'"
-                    " WHERE job_id = ?",
-                    (time.time(), job_id),
+                    "UPDATE jobs SET status = ?, finished_at = ?, message = ? WHERE job_id = ?",
+                    (status, time.time(), f"{status} before it started", job_id),
                 )
             elif row[0] == "running":
-                self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job_id,))
+                self._db.execute("UPDATE jobs SET cancel_requested = ? WHERE job_id = ?", (2 if pause else 1, job_id))
         if row[0] == "queued":
-            self.add_event(job_id, {"type": "cancelled"})
+            self.add_event(job_id, {"type": status})
         return row[0]
 
-    def cancel_requested(self, job_id: str) -> bool:
+    def cancel_requested(self, job_id: str) -> str | None:
+        """`cancelled` or `paused` where a running job was asked to stop so, else None."""
         rows = self._read("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,))
-        return bool(rows and rows[0][0])
+        return {1: "cancelled", 2: "paused"}.get(rows[0][0]) if rows else None
 
     def requeue(self, job_id: str, reason: str, interrupted: bool = False) -> None:
         """Back to the queue; a fine-tune then resumes from its last checkpoint."""
@@ -227,7 +231,9 @@ class JobStore:
         rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
         return _job(rows[0]) if rows else None
 
-    def page(self, limit: int = 20, before: int | None = None, status: str | None = None) -> JobList:
+    def page(
+        self, limit: int = 20, before: int | None = None, status: str | None = None, kind: str | None = None
+    ) -> JobList:
         """Newest first, `limit` at most, before the job of sequence number `before`."""
         where: list[str] = []
         args: list[int | str] = []
@@ -237,11 +243,24 @@ class JobStore:
         if status:
             where.append("status = ?")
             args.append(status)
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self._read(f"SELECT seq, {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
         return JobList(jobs=[_job(r[1:]) for r in rows], next_before=rows[-1][0] if more else None)
+
+    def seq(self, job_id: str) -> int | None:
+        """The job's place in the order of submission (what `page(before=...)` takes)."""
+        rows = self._read("SELECT seq FROM jobs WHERE job_id = ?", (job_id,))
+        return rows[0][0] if rows else None
+
+    def maker(self, model_id: str) -> str | None:
+        """The latest job that makes (or made) `model_id`."""
+        rows = self._read("SELECT job_id FROM jobs WHERE model_id = ? ORDER BY seq DESC LIMIT 1", (model_id,))
+        return rows[0][0] if rows else None
 
     def pending_for_model(self, model_id: str) -> list[Job]:
         rows = self._read(

@@ -125,7 +125,8 @@ def train_adapter(
     if ref is not None and params.rehearsal > 0:
         count = math.ceil(params.rehearsal * len(request.training_data))
         rehearsal = retention.rehearsal_samples(ref, count)
-        train_set = datasets.Joined(train_set, datasets.build(rehearsal, tokenizer, mask_prompt=True))
+        rehearsal_set = datasets.build(rehearsal, tokenizer, mask_prompt=True)
+        train_set = datasets.Joined(train_set, rehearsal_set, mark_second=params.rehearsal_loss == "kl")
         rehearsed = len(rehearsal)
     val_set = (
         datasets.build(request.validation_data, tokenizer, params.mask_prompt) if request.validation_data else None

@@ -14,6 +14,8 @@ import mlx.optimizers as optim
 import msgspec
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..types import checkpoint_file
+
 
 class Saved(msgspec.Struct):
     """A checkpoint on disk, as `latest` finds it."""
@@ -49,7 +51,7 @@ def save(
     counts once both are there."""
     folder = out_dir / "checkpoints"
     folder.mkdir(exist_ok=True)
-    adapters = folder / f"{iteration:07d}_adapters.safetensors"
+    adapters = folder / checkpoint_file(iteration)
     save_atomically(adapters, dict(tree_flatten(model.trainable_parameters())))
     metadata = {"iteration": str(iteration), "trained_tokens": str(trained_tokens), "metrics": json.dumps(metrics)}
     save_atomically(folder / f"{iteration:07d}_state.safetensors", dict(tree_flatten(optimizer.state)), metadata)

@@ -42,17 +42,23 @@ def build(samples: Sequence[SampleIn], tokenizer, mask_prompt: bool = False):
 
 
 class Joined:
-    """Two datasets as one: the first's items, then the second's (training data, then rehearsal)."""
+    """Two datasets as one: the first's items, then the second's (training data, then rehearsal).
 
-    def __init__(self, first, second):
-        self.first, self.second = first, second
+    With `mark_second`, the second's items carry a third element, 1, that `collate` passes on as
+    a third column of the lengths: the loss then knows the rehearsal rows (losses.make_kl_loss)."""
+
+    def __init__(self, first, second, mark_second: bool = False):
+        self.first, self.second, self.mark_second = first, second, mark_second
 
     def __len__(self) -> int:
         return len(self.first) + len(self.second)
 
     def __getitem__(self, index: int):
         n = len(self.first)
-        return self.first[index] if index < n else self.second[index - n]
+        if index < n:
+            return self.first[index]
+        item = self.second[index - n]
+        return (*item, 1) if self.mark_second else item
 
 
 def batches_per_epoch(n_samples: int, batch_size: int) -> int:
@@ -88,15 +94,20 @@ def _spread(items: list[int], parts: int) -> list[list[int]]:
     return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
 
-def collate(items: list[tuple[list[int], int]], max_seq_length: int, pad_multiple: int = PAD_MULTIPLE):
-    """Pad one batch; returns (tokens, [[offset, length], ...]) as mx arrays."""
-    lengths = [min(len(tokens), max_seq_length) for tokens, _ in items]
+def collate(items: Sequence[tuple], max_seq_length: int, pad_multiple: int = PAD_MULTIPLE):
+    """Pad one batch; returns (tokens, [[offset, length], ...]) as mx arrays.
+
+    Items are (tokens, offset), or (tokens, offset, mark) from a `Joined` set with marks: then
+    every row gets a third column, its mark (0 for unmarked items)."""
+    lengths = [min(len(item[0]), max_seq_length) for item in items]
     width = min(1 + pad_multiple * math.ceil(max(lengths) / pad_multiple), max_seq_length)
     array = np.zeros((len(items), width), np.int32)
-    for row, ((tokens, _), length) in enumerate(zip(items, lengths)):
-        array[row, :length] = tokens[:length]
-    offsets = [offset for _, offset in items]
-    return mx.array(array), mx.array(list(zip(offsets, lengths)))
+    for row, (item, length) in enumerate(zip(items, lengths)):
+        array[row, :length] = item[0][:length]
+    rows = [[item[1], length] for item, length in zip(items, lengths)]
+    if any(len(item) > 2 for item in items):
+        rows = [row + [item[2] if len(item) > 2 else 0] for row, item in zip(rows, items)]
+    return mx.array(array), mx.array(rows)
 
 
 def in_order(n_samples: int, batch_size: int) -> list[list[int]]:
@@ -133,7 +144,7 @@ def make_iterate_batches(
         warned = False
         for indices in steps:
             items = [dataset[j] for j in indices]
-            longest = max(len(tokens) for tokens, _ in items)
+            longest = max(len(item[0]) for item in items)
             if longest > max_seq_length and on_truncate and not warned:
                 on_truncate(longest)
                 warned = True

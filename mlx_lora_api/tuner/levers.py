@@ -68,12 +68,23 @@ class LossPlan(msgspec.Struct):
     cross_entropy: TokenLoss | None = None
     head: Head | None = None
     running: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+    kl: bool = False  # the KL penalty on rehearsal rows (Parameters.rehearsal_loss)
 
     def with_head(self, head: Head) -> LossPlan:
+        if self.kl:
+            return self
         return msgspec.structs.replace(self, head=head, loss=_loss(self.start, self.cross_entropy, head))
 
 
-def _loss(start: int, cross_entropy: TokenLoss | None, head: Head | None) -> Loss:
+def _loss(
+    start: int, cross_entropy: TokenLoss | None, head: Head | None, kl: bool = False, eager: bool = False
+) -> Loss:
+    if kl:  # the KL penalty on rehearsal rows (losses.kl_mean): whole logits, never `head`
+        return (
+            prefix_cache.make_kl_loss(start, cross_entropy, eager)
+            if start
+            else losses.make_kl_loss(cross_entropy, eager)
+        )
     if start:
         return prefix_cache.make_loss(start, cross_entropy, head)
     return losses.make_loss(cross_entropy, head)
@@ -114,8 +125,22 @@ def plan_loss(
     else:
         eager = False
     pad = levers.pad_multiple or (1 if eager else datasets.PAD_MULTIPLE)
+    kl = params.rehearsal_loss == "kl"
+    if kl and head is not None:
+        on_event(
+            {
+                "type": "info",
+                "message": 'rehearsal_loss "kl" needs whole logits: the output-layer kernel does not apply',
+            }
+        )
+        head = None
     plain = LossPlan(
-        _loss(0, cross_entropy, None), eager=eager, pad_multiple=pad, cross_entropy=cross_entropy, running=running
+        _loss(0, cross_entropy, None, kl, eager),
+        eager=eager,
+        pad_multiple=pad,
+        cross_entropy=cross_entropy,
+        running=running,
+        kl=kl,
     )
     start = prefix_cache.frozen_blocks(model, params) if levers.prefix_cache and params.prefix_cache else 0
     keep = params.epochs >= 2  # one epoch: the frozen blocks still run outside the step, nothing kept
@@ -136,8 +161,8 @@ def plan_loss(
         return plain
     # One sample is enough to catch a model these shortcuts do not fit, at a quarter of a batch's cost.
     tokens, lengths = datasets.collate([train_set[plan[0][0]]], params.max_seq_length, pad)
-    expected = losses.masked_loss(model, tokens, lengths)[0]
-    chosen = msgspec.structs.replace(plain, start=start, head=head, loss=_loss(start, cross_entropy, head))
+    expected = plain.loss(model, tokens, lengths)[0]
+    chosen = msgspec.structs.replace(plain, start=start, head=head, loss=_loss(start, cross_entropy, head, kl, eager))
     if start:
         cache = prefix_cache.Cache(model, start, keep)
         chosen = msgspec.structs.replace(chosen, cache=cache)

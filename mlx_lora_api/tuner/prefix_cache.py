@@ -19,7 +19,7 @@ from mlx_lm.models.base import create_attention_mask
 
 from ..types import Parameters
 from . import anatomy
-from .losses import Head, Loss, TokenLoss, head_mean, masked_mean
+from .losses import Head, Loss, TokenLoss, head_mean, kl_mean, masked_mean
 
 DEFAULT_BUDGET_BYTES = 2 << 30
 
@@ -86,6 +86,19 @@ def make_loss(start: int, cross_entropy: TokenLoss | None = None, head: Head | N
         return head_mean(head, suffix(model, hidden, start, logits=False), batch, lengths)
 
     return through_head if head is not None else loss
+
+
+def make_kl_loss(start: int, cross_entropy: TokenLoss | None = None, eager: bool = False) -> Loss:
+    """`losses.make_kl_loss` on (hidden states, tokens, lengths) batches: the frozen blocks are the
+    same with the adapter on or off, so the base's pass starts from the cached states too."""
+
+    def forward(model: nn.Module, hidden: mx.array) -> mx.array:
+        return suffix(model, hidden, start)
+
+    def loss(model: nn.Module, hidden: mx.array, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        return kl_mean(model, forward, hidden, batch, lengths, cross_entropy, eager)
+
+    return loss
 
 
 class Cache:

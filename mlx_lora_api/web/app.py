@@ -24,16 +24,21 @@ log = logging.getLogger("mlx_lora_api")
 
 
 def error_response(
-    request: Request, status_code: int, message: str, headers: Mapping[str, str] | None = None
+    request: Request,
+    status_code: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    param: str | None = None,
 ) -> Response:
     # OpenAI's clients read their own error shape on the /v1 routes.
-    body = openai.error_body(status_code, message) if request.url.path.startswith("/v1/") else ErrorBody(message)
-    return respond(body, status_code, headers)
+    if request.url.path.startswith("/v1/"):
+        return respond(openai.error_body(status_code, message, param), status_code, headers)
+    return respond(ErrorBody(message), status_code, headers)
 
 
 async def service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.ServiceError)
-    return error_response(request, exc.status_code, exc.message, exc.headers)
+    return error_response(request, exc.status_code, exc.message, exc.headers, exc.param)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

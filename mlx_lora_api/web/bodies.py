@@ -5,7 +5,7 @@ Lenient where OpenAI's clients send fields this service has no use for (n=1, use
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from msgspec import Meta, Struct
 
@@ -80,6 +80,7 @@ class OpenAIErrorDetail(Struct):
     message: str
     type: str
     code: int
+    param: str | None = None
 
 
 class OpenAIError(Struct):
@@ -116,3 +117,101 @@ class Health(Struct, omit_defaults=True):
 class Deleted(Struct):
     status: str
     model_id: str
+
+
+# -- OpenAI's fine-tuning API (web/fine_tuning.py) -----------------------------------------
+
+
+class FileObject(Struct):
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    object: str = "file"
+    status: str = "processed"  # validated line by line before it was kept
+    expires_at: int | None = None
+    status_details: str | None = None
+
+
+class FileList(Struct):
+    data: list[FileObject]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+    object: str = "list"
+
+
+class FileDeleted(Struct):
+    id: str
+    deleted: bool = True
+    object: str = "file"
+
+
+class FineTuningError(Struct):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(Struct):
+    id: str
+    created_at: int
+    model: str
+    status: str
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    seed: int
+    training_file: str | None
+    validation_file: str | None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    trained_tokens: int | None = None
+    estimated_finish: int | None = None
+    error: FineTuningError | None = None
+    metadata: dict[str, str] | None = None
+    user_provided_suffix: str | None = None
+    result_files: list[str] = []
+    integrations: list[dict[str, Any]] = []
+    organization_id: str = "org-local"
+    object: str = "fine_tuning.job"
+
+
+class FineTuningJobList(Struct):
+    data: list[FineTuningJob]
+    has_more: bool
+    object: str = "list"
+
+
+class FineTuningEvent(Struct):
+    id: str
+    created_at: int
+    level: str
+    message: str
+    type: str = "message"
+    data: dict[str, Any] | None = None
+    object: str = "fine_tuning.job.event"
+
+
+class FineTuningEventList(Struct):
+    data: list[FineTuningEvent]
+    has_more: bool
+    object: str = "list"
+
+
+class FineTuningCheckpoint(Struct):
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, float]
+    object: str = "fine_tuning.job.checkpoint"
+
+
+class FineTuningCheckpointList(Struct):
+    data: list[FineTuningCheckpoint]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+    object: str = "list"

@@ -91,7 +91,7 @@ async def _submit(request: Request, decoder, make_spec, noun: str) -> Response:
         return respond(Accepted(job.status, job.model_id, message, job.job_id), 202)
     if job.status == "success":
         return respond(Accepted("success", job.model_id, job.message or f"{noun} finished", job.job_id))
-    code = 409 if job.status == "cancelled" else 500
+    code = 409 if job.status in ("cancelled", "paused") else 500
     return respond(Accepted(job.status, job.model_id, job.error or job.message or job.status, job.job_id), code)
 
 
@@ -130,6 +130,11 @@ async def get_job(request: Request) -> Response:
 async def cancel_job(request: Request) -> Response:
     service = request.app.state.service
     return respond(await run_in_threadpool(service.cancel, request.path_params["job_id"]))
+
+
+async def pause_job(request: Request) -> Response:
+    service = request.app.state.service
+    return respond(await run_in_threadpool(service.cancel, request.path_params["job_id"], True))
 
 
 async def resume_job(request: Request) -> Response:

@@ -27,9 +27,9 @@ from .codec import decode, read_body, respond, sse
 decoder = msgspec.json.Decoder(ChatCompletionRequest)
 
 
-def error_body(status_code: int, message: str) -> OpenAIError:
+def error_body(status_code: int, message: str, param: str | None = None) -> OpenAIError:
     kind = "invalid_request_error" if status_code < 500 else "server_error"
-    return OpenAIError(OpenAIErrorDetail(message, kind, status_code))
+    return OpenAIError(OpenAIErrorDetail(message, kind, status_code, param))
 
 
 async def list_models(request: Request) -> Response:

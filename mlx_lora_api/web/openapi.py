@@ -21,14 +21,14 @@ class Endpoint(NamedTuple):
     path: str
     handler: Callable[[Request], Any]
     summary: str | None  # None: served, not described (the description itself)
-    body: type | None = None
+    body: type | dict[str, Any] | None = None  # a type: JSON; a dict: a multipart/form-data schema
     answers: dict[str, Any] = {}  # noqa: RUF012 (never mutated) status: a type, or a media type
     parameters: list[dict[str, Any]] = []  # noqa: RUF012 (never mutated)
 
 
 def operation_id(endpoint: Endpoint) -> str:
     name = getattr(endpoint.handler, "__name__", "handler")
-    return f"openai_{name}" if endpoint.handler.__module__.endswith(".openai") else name
+    return f"openai_{name}" if endpoint.handler.__module__.endswith((".openai", ".fine_tuning")) else name
 
 
 def _links(answer: type) -> dict[str, Any]:
@@ -65,7 +65,9 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
             "parameters": parameters,
             "responses": {},
         }
-        if body is not None:
+        if isinstance(body, dict):
+            operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": body}}}
+        elif body is not None:
             operation["requestBody"] = {"required": True, "content": {JSON: {"schema": ref[body]}}}
         for status, answer in answers.items():
             if answer == "text/event-stream":  # each event: `id`, `event` (its type) and `data` (JSON)

@@ -8,9 +8,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .. import openai_jobs
 from .. import types as t
 from . import bodies as b
-from . import handlers, openai, openapi
+from . import fine_tuning, handlers, openai, openapi
 from .codec import encoder
 from .openapi import Endpoint
 
@@ -33,6 +34,30 @@ TIMEOUT = {
     "description": "with wait: give up waiting after this many seconds and answer 202 with the job's status",
     "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
 }
+
+
+FT_JOB_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": r"^ftjob-[0-9a-f]{12}$"},
+}
+FILE_ID = {
+    "name": "file_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": r"^file-[0-9a-f]{24}$"},
+}
+UPLOAD = {
+    "type": "object",
+    "required": ["file", "purpose"],
+    "properties": {
+        "file": {"type": "string", "contentMediaType": "application/octet-stream", "description": "JSONL samples"},
+        "purpose": {"type": "string", "enum": ["fine-tune"]},
+    },
+}
+LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}}
+AFTER = {"name": "after", "in": "query", "schema": {"type": "string"}}
 
 
 def query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
@@ -74,7 +99,10 @@ ENDPOINTS = [
         [
             query("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
             query("before", {"type": "integer", "minimum": 0}, "the `next_before` of the previous page"),
-            query("status", {"type": "string", "enum": ["queued", "running", "success", "failed", "cancelled"]}),
+            query(
+                "status",
+                {"type": "string", "enum": ["queued", "running", "success", "failed", "cancelled", "paused"]},
+            ),
         ],
     ),
     Endpoint(
@@ -97,9 +125,18 @@ ENDPOINTS = [
     ),
     Endpoint(
         "POST",
+        "/jobs/{job_id}/pause",
+        handlers.pause_job,
+        "Pause a queued or running job (as cancel, but `paused`; resume goes on from its last checkpoint)",
+        None,
+        {"200": t.Job},
+        [JOB_ID],
+    ),
+    Endpoint(
+        "POST",
         "/jobs/{job_id}/resume",
         handlers.resume_job,
-        "Resume a failed or cancelled fine-tune from its last checkpoint",
+        "Resume a failed, cancelled or paused fine-tune from its last checkpoint",
         None,
         {"202": t.Job},
         [JOB_ID],
@@ -198,6 +235,126 @@ ENDPOINTS = [
         "OpenAI-compatible chat completions",
         b.ChatCompletionRequest,
         {"200": b.ChatCompletion},
+    ),
+    Endpoint(
+        "POST",
+        "/v1/files",
+        fine_tuning.upload_file,
+        "OpenAI-compatible upload of a JSONL data file",
+        UPLOAD,
+        {"200": b.FileObject},
+    ),
+    Endpoint(
+        "GET",
+        "/v1/files",
+        fine_tuning.list_files,
+        "OpenAI-compatible list of data files",
+        None,
+        {"200": b.FileList},
+        [
+            AFTER,
+            query("limit", {"type": "integer", "minimum": 1, "maximum": 10000}),
+            query("purpose", {"type": "string"}),
+            query("order", {"type": "string", "enum": ["asc", "desc"]}),
+        ],
+    ),
+    Endpoint(
+        "GET",
+        "/v1/files/{file_id}",
+        fine_tuning.get_file,
+        "OpenAI-compatible data file record",
+        None,
+        {"200": b.FileObject},
+        [FILE_ID],
+    ),
+    Endpoint(
+        "GET",
+        "/v1/files/{file_id}/content",
+        fine_tuning.file_content,
+        "A data file's content",
+        None,
+        {"200": "application/jsonl"},
+        [FILE_ID],
+    ),
+    Endpoint(
+        "DELETE",
+        "/v1/files/{file_id}",
+        fine_tuning.delete_file,
+        "Delete a data file",
+        None,
+        {"200": b.FileDeleted},
+        [FILE_ID],
+    ),
+    Endpoint(
+        "POST",
+        "/v1/fine_tuning/jobs",
+        fine_tuning.create_job,
+        "OpenAI-compatible fine-tuning job",
+        openai_jobs.JobCreate,
+        {"200": b.FineTuningJob},
+    ),
+    Endpoint(
+        "GET",
+        "/v1/fine_tuning/jobs",
+        fine_tuning.list_jobs,
+        "OpenAI-compatible list of fine-tuning jobs",
+        None,
+        {"200": b.FineTuningJobList},
+        [AFTER, LIMIT],
+    ),
+    Endpoint(
+        "GET",
+        "/v1/fine_tuning/jobs/{job_id}",
+        fine_tuning.get_job,
+        "One fine-tuning job",
+        None,
+        {"200": b.FineTuningJob},
+        [FT_JOB_ID],
+    ),
+    Endpoint(
+        "POST",
+        "/v1/fine_tuning/jobs/{job_id}/cancel",
+        fine_tuning.cancel_job,
+        "Cancel a fine-tuning job",
+        None,
+        {"200": b.FineTuningJob},
+        [FT_JOB_ID],
+    ),
+    Endpoint(
+        "POST",
+        "/v1/fine_tuning/jobs/{job_id}/pause",
+        fine_tuning.pause_job,
+        "Pause a fine-tuning job",
+        None,
+        {"200": b.FineTuningJob},
+        [FT_JOB_ID],
+    ),
+    Endpoint(
+        "POST",
+        "/v1/fine_tuning/jobs/{job_id}/resume",
+        fine_tuning.resume_job,
+        "Resume a paused, cancelled or failed fine-tuning job from its last checkpoint",
+        None,
+        {"200": b.FineTuningJob},
+        [FT_JOB_ID],
+    ),
+    Endpoint(
+        "GET",
+        "/v1/fine_tuning/jobs/{job_id}/events",
+        fine_tuning.list_events,
+        "A fine-tuning job's events, newest first",
+        None,
+        {"200": b.FineTuningEventList},
+        [FT_JOB_ID, AFTER, LIMIT],
+    ),
+    Endpoint(
+        "GET",
+        "/v1/fine_tuning/jobs/{job_id}/checkpoints",
+        fine_tuning.list_checkpoints,
+        "A fine-tuning job's checkpoints, newest first",
+        None,
+        {"200": b.FineTuningCheckpointList},
+        [FT_JOB_ID, AFTER, LIMIT],
     ),
     Endpoint("GET", "/health", handlers.health, "Liveness and queue length", None, {"200": b.Health}),
     Endpoint("GET", "/openapi.json", openapi_json, None),

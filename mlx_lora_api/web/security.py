@@ -7,7 +7,10 @@ needs more than a loopback bind:
   of other origins' requests from their pages.
 - `Host`: against DNS rebinding, a loopback-bound service answers only to loopback names.
 - `Content-Type`: a state-changing request must say `application/json` when it has a body;
-  browsers can send form and text bodies cross-site without a CORS preflight, not JSON.
+  browsers can send form and text bodies cross-site without a CORS preflight, not JSON. The one
+  exception is OpenAI's upload, `POST /v1/files`, which is `multipart/form-data` by its
+  definition: there a browser's request must come from the service's own page (`Origin`, as
+  above, and `Sec-Fetch-Site`, which browsers set on every request and pages cannot).
 - `Authorization: Bearer KEY` where a key is configured, compared in constant time.
 """
 
@@ -23,6 +26,7 @@ from .bodies import ErrorBody
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 OPEN_PATHS = {"/health"}
+FORM_PATHS = {"/v1/files"}  # multipart/form-data by OpenAI's definition
 _encode = msgspec.json.Encoder().encode
 
 
@@ -75,7 +79,10 @@ class Guard:
         if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             declares_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
-            if declares_body and content_type != "application/json":
+            form = content_type == "multipart/form-data" and scope["path"] in FORM_PATHS
+            if form and headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+                return 403, "uploads from other web sites are not allowed"
+            if declares_body and content_type != "application/json" and not form:
                 return 415, "send the request body as JSON, with `Content-Type: application/json`"
         if self.api_key and scope["path"] not in OPEN_PATHS:
             scheme, _, key = headers.get("authorization", "").partition(" ")
