@@ -64,3 +64,20 @@ def bundled_data_dir(tmp_path_factory) -> Path:
         path, registry.Registry(folder, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME, gguf_import.BUNDLED_HUB_ID
     )
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory, tiny_model_template):
+    """A real `mlx-lora-api serve` on a free loopback port, with `tiny-base` as its default model."""
+    from servers import running_server
+
+    from mlx_lora_api import registry
+    from mlx_lora_api.types import ModelMeta
+
+    folder = tmp_path_factory.mktemp("server")
+    shutil.copytree(tiny_model_template, folder / "models" / TINY_ID)
+    registry.write_meta(folder / "models" / TINY_ID, ModelMeta(kind="base", created_at=time.time(), source="test"))
+    env = {**os.environ, "MLX_LORA_API_DEFAULT_MODEL": TINY_ID}
+    with running_server(folder, folder / "server.log", env=env) as running:
+        running.data_dir = folder
+        yield running

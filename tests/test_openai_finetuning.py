@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import time
 
 import msgspec
 import openai
 import pytest
-from servers import running_server
 
 from mlx_lora_api import errors
 from mlx_lora_api.openai_jobs import JobCreate, auto_epochs, build
@@ -35,24 +33,9 @@ def jsonl(rows) -> bytes:
     return "\n".join(json.dumps(r) for r in rows).encode() + b"\n"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_template):
-    import shutil
-
-    from mlx_lora_api import registry
-    from mlx_lora_api.types import ModelMeta
-
-    folder = tmp_path_factory.mktemp("openai-ft")
-    shutil.copytree(tiny_model_template, folder / "models" / "tiny-base")
-    registry.write_meta(folder / "models" / "tiny-base", ModelMeta(kind="base", created_at=time.time(), source="test"))
-    env = {**os.environ, "MLX_LORA_API_DEFAULT_MODEL": "tiny-base"}
-    with running_server(folder, folder / "server.log", env=env) as running:
-        yield running
-
-
 @pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+def client(tiny_server):
+    return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0)
 
 
 def wait_for(check, timeout=120):

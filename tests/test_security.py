@@ -44,6 +44,24 @@ def test_bodies_a_browser_could_send_cross_site_are_refused(client, content_type
     assert client.get("/jobs").json()["jobs"] == []
 
 
+def test_the_one_form_upload_is_refused_from_other_sites(client):
+    """POST /v1/files is multipart by OpenAI's definition: allowed from a script or the service's
+    own page, refused when a browser says another site sent it."""
+    files = {"file": ("t.jsonl", b'{"text": "a"}\n')}
+    own = client.post(
+        "/v1/files", files=files, data={"purpose": "fine-tune"}, headers={"Sec-Fetch-Site": "same-origin"}
+    )
+    assert own.status_code == 200 and own.json()["object"] == "file"
+    for headers in (
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "https://evil.example"},
+    ):
+        r = client.post("/v1/files", files=files, data={"purpose": "fine-tune"}, headers=headers)
+        assert r.status_code == 403, headers
+    assert [f["id"] for f in client.get("/v1/files").json()["data"]] == [own.json()["id"]]
+
+
 def test_dns_rebinding_host_names_are_refused(client):
     r = client.get("/models", headers={"Host": "attacker.example:8000"})
     assert r.status_code == 403 and "not a loopback name" in r.json()["message"]
