@@ -1,10 +1,12 @@
-"""`mlx-lora-api serve | train | fuse | import-gguf`: parse, call the plain functions, print."""
+"""`mlx-lora-api serve | train | fuse | import-gguf | finetune | jobs | models | logs`: parse, call
+the plain functions (or, against a running server, the client: remote.py), print."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from . import errors, registry
+from . import errors, registry, remote
 from .accel import blas
 from .config import Settings, load_settings
 from .jobs.process import describe_error
@@ -28,6 +30,37 @@ def _data_dir_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="folder holding adapters/, models/ and jobs.sqlite3 (default: .)")
 
 
+def _url_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", help="the server (default: MLX_LORA_API_URL, else the one holding the data folder, else :8000)"
+    )
+    _data_dir_flag(parser)
+
+
+def _follow_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--follow", action="store_true", help="draw the job's progress until it ends")
+    parser.add_argument("--cancel-on-exit", action="store_true", help="with --follow: Ctrl-C cancels the job too")
+
+
+def _finetune_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-model", default="default", help="default, a model id, a model folder or a Hub repo")
+    parser.add_argument("--data", type=Path, required=True, help=".jsonl (one sample a line) or .json (a list)")
+    parser.add_argument("--validation-data", type=Path)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--num-layers", type=int)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other training parameter, VALUE in JSON (e.g. --set mask_prompt=true)",
+    )
+    parser.add_argument("--suffix")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-lora-api", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,31 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     _data_dir_flag(serve)
 
-    train = commands.add_parser("train", help="train a LoRA adapter in this process (no server needed)")
-    train.add_argument("--base-model", default="default", help="default, a model id, a model folder or a Hub repo")
-    train.add_argument("--data", type=Path, required=True, help=".jsonl (one sample a line) or .json (a list)")
-    train.add_argument("--validation-data", type=Path)
-    train.add_argument("--learning-rate", type=float)
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--rank", type=int)
-    train.add_argument("--num-layers", type=int)
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other training parameter, VALUE in JSON (e.g. --set mask_prompt=true)",
+    train = commands.add_parser(
+        "train", help="train a LoRA adapter in this process (through the server where one holds the data folder)"
     )
-    train.add_argument("--suffix")
+    _finetune_flags(train)
     _data_dir_flag(train)
 
-    fuse = commands.add_parser("fuse", help="fuse an adapter into its base model (no server needed)")
+    fuse = commands.add_parser(
+        "fuse", help="fuse an adapter into its base model (in this process, or through --url or the folder's server)"
+    )
     fuse.add_argument("--base-model", default="default")
     fuse.add_argument("--adapter", required=True, help="the adapter's model id")
     fuse.add_argument("--suffix")
     fuse.add_argument("--dequantize", action="store_true")
-    _data_dir_flag(fuse)
+    _url_flag(fuse)
+    _follow_flags(fuse)
+
+    finetune = commands.add_parser("finetune", help="queue a fine-tune on a running server")
+    _finetune_flags(finetune)
+    _url_flag(finetune)
+    _follow_flags(finetune)
+
+    jobs = commands.add_parser("jobs", help="a running server's jobs, newest first")
+    jobs.add_argument("--status", choices=["queued", "running", "success", "failed", "cancelled", "paused"])
+    jobs.add_argument("--limit", type=int, default=20)
+    _url_flag(jobs)
+
+    models = commands.add_parser("models", help="a running server's models and adapters")
+    models.add_argument("--kind", choices=["base", "adapter", "fused"])
+    _url_flag(models)
+
+    logs = commands.add_parser("logs", help="a job's events, past then live until it ends")
+    logs.add_argument("job", help="the job id (job-...)")
+    logs.add_argument("--follow", action="store_true", help="a progress bar instead of lines, while it runs")
+    _url_flag(logs)
 
     gguf = commands.add_parser("import-gguf", help="import a llama-family GGUF file as an MLX model")
     gguf.add_argument("file", nargs="?", type=Path, help="the .gguf file")
@@ -132,7 +174,7 @@ def _run_job(settings: Settings, command: str, make_spec: Callable[[Service], Jo
     return 0
 
 
-def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+def finetune_body(args: argparse.Namespace) -> dict:
     params = {
         k: v
         for k, v in {
@@ -157,6 +199,27 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         body["validation_data"] = read_samples(args.validation_data)
     if args.suffix:
         body["suffix"] = args.suffix
+    return body
+
+
+def _through_server(settings: Settings, command: str) -> dict | None:
+    """The server holding the data folder, if one does; says so on stderr."""
+    held = remote.held_by_server(settings.data_dir)
+    if held:
+        print(
+            f"a server holds {settings.data_dir} (pid {held.get('pid')}, port {held['port']}): {command} goes"
+            " through it",
+            file=sys.stderr,
+        )
+    return held
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    body = finetune_body(args)
+    if held := _through_server(settings, "train"):
+        args.follow = True
+        url = f"http://127.0.0.1:{held['port']}"
+        return remote.run(lambda c: remote.finetune(c, body, args), url, settings.api_key)
     return _run_job(settings, "train", lambda s: s.finetune_spec(msgspec.convert(body, FinetuneRequest)))
 
 
@@ -164,7 +227,25 @@ def cmd_fuse(args: argparse.Namespace, settings: Settings) -> int:
     body = {"base_model": args.base_model, "lora_adapter": args.adapter, "dequantize": args.dequantize}
     if args.suffix:
         body["suffix"] = args.suffix
+    if args.url or _through_server(settings, "fuse"):
+        args.follow = True
+        url = remote.server_url(args, settings.data_dir)
+        return remote.run(lambda c: remote.fuse(c, body, args), url, settings.api_key)
     return _run_job(settings, "fuse", lambda s: s.fuse_spec(msgspec.convert(body, FuseRequest)))
+
+
+def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
+    body = finetune_body(args)
+    url = remote.server_url(args, settings.data_dir)
+    return remote.run(lambda c: remote.finetune(c, body, args), url, settings.api_key)
+
+
+def _remote(command: Callable[..., int]) -> Callable[[argparse.Namespace, Settings], int]:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        url = remote.server_url(args, settings.data_dir)
+        return remote.run(lambda c: command(c, args), url, settings.api_key)
+
+    return run
 
 
 def cmd_import_gguf(args: argparse.Namespace, settings: Settings) -> int:
@@ -247,12 +328,22 @@ def _ensure_default_model(settings: Settings) -> None:
     gguf.register(path, reg, settings.default_model, import_gguf.BUNDLED_HUB_ID)
 
 
-COMMANDS = {"serve": cmd_serve, "train": cmd_train, "fuse": cmd_fuse, "import-gguf": cmd_import_gguf}
+COMMANDS = {
+    "serve": cmd_serve,
+    "train": cmd_train,
+    "fuse": cmd_fuse,
+    "import-gguf": cmd_import_gguf,
+    "finetune": cmd_finetune,
+    "jobs": _remote(remote.jobs),
+    "models": _remote(remote.models),
+    "logs": _remote(remote.logs),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the client's every request, otherwise
     overrides = {"data_dir": args.data_dir}
     if args.command == "serve":
         overrides.update(host=args.host, port=args.port)
@@ -260,4 +351,9 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings(overrides)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    sys.exit(COMMANDS[args.command](args, settings))
+    try:
+        code = COMMANDS[args.command](args, settings)
+    except BrokenPipeError:  # `... | head`: the reader has gone, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)

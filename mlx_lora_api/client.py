@@ -168,11 +168,17 @@ class Client:
         evaluation, `on_event` every event. Returns the job as it ended; with `check`, a job that
         did not succeed raises `JobFailed`."""
         ident = _job_id(job_id)
+        last = None
         for event in self.events(ident):
             if on_event:
                 on_event(event)
             if on_progress and event["type"] in ("train", "val", "retention"):
-                on_progress(self.job(ident).progress)
+                progress = self.job(ident).progress
+                # Events read late can find the progress already past them: each state once.
+                state = msgspec.structs.replace(progress, elapsed_seconds=None, eta_seconds=None)
+                if state != last:
+                    on_progress(progress)
+                    last = state
         job = self.job(ident)
         if check and job.status != "success":
             raise JobFailed(job)

@@ -46,6 +46,25 @@ def acquire(data_dir: Path, holder: str, port: int | None = None) -> None:
     _held[folder] = fd
 
 
+def holder(data_dir: Path) -> dict | None:
+    """Who holds the data folder's lock (pid, holder, port), or None when no process does."""
+    path = Path(data_dir).resolve() / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            return json.loads(path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+    finally:
+        os.close(fd)  # a shared lock taken here goes with it
+    return None
+
+
 def release(data_dir: Path) -> None:
     fd = _held.pop(Path(data_dir).resolve(), None)
     if fd is not None:
