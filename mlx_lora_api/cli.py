@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--kind", choices=["base", "adapter", "fused"])
     _url_flag(models)
 
+    batch = commands.add_parser("batch", help="run the fine-tunes a manifest lists (YAML or JSON) on a running server")
+    batch.add_argument("manifest", type=Path, help="runs.yaml: runs, a grid over parameters, steps (see README)")
+    batch.add_argument("--check", action="store_true", help="check the manifest and list its runs; queue nothing")
+    _url_flag(batch)
+
     logs = commands.add_parser("logs", help="a job's events, past then live until it ends")
     logs.add_argument("job", help="the job id (job-...)")
     logs.add_argument("--follow", action="store_true", help="a progress bar instead of lines, while it runs")
@@ -337,6 +342,7 @@ COMMANDS = {
     "jobs": _remote(remote.jobs),
     "models": _remote(remote.models),
     "logs": _remote(remote.logs),
+    "batch": _remote(remote.batch),
 }
 
 

@@ -7,9 +7,10 @@ the result (a model id) on stdout, so that `ADAPTER=$(mlx-lora-api finetune ...)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def models(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], ids: tuple[int, ...]) -> None:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], ids: tuple[int, ...]) -> None:
     """Rows under a header; id columns are never cut (they are what gets copied)."""
     table = Table(*header, box=None)
     for i in ids:
@@ -148,6 +149,30 @@ def logs(client: Client, args: argparse.Namespace) -> int:
         if (line := describe(event)) is not None:
             print(line)
     return 0
+
+
+def batch(client: Client, args: argparse.Namespace) -> int:
+    """A manifest's runs, one at a time (batch.py), then the table, the CSV and the plot."""
+    from . import batch as manifests
+
+    known = {m.model_id for m in client.models()} | {"default"}
+    try:
+        runs = manifests.load(args.manifest, known)
+    except manifests.ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        for run in runs:
+            steps = ", ".join(name for name, _ in run.steps) or "-"
+            print(f"{run.name}  {run.key}  {json.dumps(run.body['parameters'], sort_keys=True)}  then: {steps}")
+        return 0
+    console = Console(stderr=True)
+    stem = args.manifest.with_suffix("")
+    state = manifests.run_all(client, runs, stem.with_name(f"{stem.name}.state.json"), say=console.print)
+    rows, curves = manifests.results(client, runs, state)
+    csv_path, svg_path = manifests.write_results(rows, curves, stem, Console(width=240))
+    print(f"{csv_path}\n{svg_path}", file=sys.stderr)
+    return 0 if all(r.status == "success" for r in rows) else 1
 
 
 def _when(timestamp: float) -> str:

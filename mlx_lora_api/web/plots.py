@@ -7,6 +7,7 @@ from html import escape
 WIDTH, HEIGHT = 640, 360
 MARGIN = {"left": 56, "right": 16, "top": 32, "bottom": 40}
 COLORS = {"train": "#2563eb", "validation": "#dc2626"}
+PALETTE = ["#2563eb", "#16a34a", "#f59e0b", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d"]
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -17,7 +18,7 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def loss_svg(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
-    """`series` maps a name (train, validation) to (iteration, loss) points."""
+    """`series` maps a name (train, validation, or a run's) to (iteration, loss) points."""
     points = [p for values in series.values() for p in values]
     x0, x1 = MARGIN["left"], WIDTH - MARGIN["right"]
     y0, y1 = HEIGHT - MARGIN["bottom"], MARGIN["top"]
@@ -56,14 +57,15 @@ def loss_svg(title: str, series: dict[str, list[tuple[float, float]]]) -> str:
     for row, (name, values) in enumerate(series.items()):
         if not values:
             continue
-        color = COLORS.get(name, "#333")
+        color = COLORS.get(name, PALETTE[row % len(PALETTE)])
         path = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in values)
         parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
         if len(values) == 1:
             parts.append(f'<circle cx="{x(values[0][0]):.1f}" cy="{y(values[0][1]):.1f}" r="3" fill="{color}"/>')
         ly = MARGIN["top"] + 14 * row + 8
-        parts.append(f'<line x1="{x1 - 110}" x2="{x1 - 92}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"/>')
-        parts.append(f'<text x="{x1 - 86}" y="{ly + 4}" class="legend">{escape(name)}</text>')
+        lx = x1 - 110 if name in COLORS else x1 - 300  # runs' names are longer
+        parts.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"/>')
+        parts.append(f'<text x="{lx + 24}" y="{ly + 4}" class="legend">{escape(name)}</text>')
     return "\n".join(parts + ["</svg>"])
 
 
