@@ -37,7 +37,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .client import ApiError, Client
+from .client import ApiError, Client, read_samples
 from .types import FinetuneRequest, Job
 from .web.plots import loss_svg
 
@@ -151,25 +151,9 @@ def _expand(spec: RunSpec, defaults: RunSpec, index: int, label: str, root: Path
 
 def _samples(path: Path, field: str) -> list[Any]:
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise ManifestError(f"{field}: cannot read {path}: {e.strerror}") from None
-    try:
-        if path.suffix == ".json":
-            samples = json.loads(text)
-        else:
-            samples = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        samples.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ManifestError(f"{field}: {path} line {number}: not valid JSON ({e.msg})") from None
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{field}: {path} is not valid JSON: {e}") from None
-    if not isinstance(samples, list) or not samples:
-        raise ManifestError(f"{field}: {path} has no samples")
-    return samples
+        return read_samples(path)
+    except ValueError as e:
+        raise ManifestError(f"{field}: {e}") from None
 
 
 def _steps(then: list[str | dict[str, Step]], label: str) -> list[tuple[str, Step]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from . import errors, registry, remote
+from . import client, errors, registry, remote, terminal
 from .accel import blas
 from .config import Settings, load_settings
 from .jobs.process import describe_error
@@ -124,29 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_samples(path: Path) -> list:
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise SystemExit(f"cannot read {path}: {e.strerror}") from None
-    try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{path} is not valid JSON{' lines' if path.suffix != '.json' else ''}: {e}") from None
+        return client.read_samples(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _print_event(event: dict) -> None:
-    kind = event.get("type")
-    if kind == "train":
-        print(
-            f"iter {event['iteration']:>5}  epoch {event['epoch']:.2f}  loss {event['train_loss']:.4f}  "
-            f"{event['tokens_per_second']:.0f} tok/s",
-            flush=True,
-        )
-    elif kind == "val":
-        print(f"iter {event['iteration']:>5}  val loss {event['val_loss']:.4f}", flush=True)
-    elif kind in ("warning", "started", "downloading", "loading", "fusing"):
-        print(kind, {k: v for k, v in event.items() if k not in ("type", "time")}, flush=True)
+    shown = ("train", "val", "retention", "warning", "started", "downloading", "loading", "fusing")
+    if event.get("type") in shown and (line := terminal.describe(event)):
+        print(line, flush=True)
 
 
 def _run_job(settings: Settings, command: str, make_spec: Callable[[Service], JobSpec]) -> int:
@@ -305,7 +291,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
     _ensure_default_model(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    # Open event streams (the dashboard's of every job never ends) are cut after 3 s at shutdown.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=3,
+    )
     return 0
 
 

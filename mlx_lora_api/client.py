@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -242,6 +243,32 @@ class Client:
         return msgspec.json.decode(response.content, type=type) if type is not None else None  # type: ignore[return-value]
 
 
+def read_samples(path: str | os.PathLike[str]) -> list[Any]:
+    """Samples from a file, as `training_data` takes them: `.json`, a list; else JSON Lines, one
+    sample a line (blank lines skipped). ValueError naming the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    if path.suffix == ".json":
+        try:
+            samples = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    else:
+        samples = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    samples.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+    if not isinstance(samples, list) or not samples:
+        raise ValueError(f"{path} has no samples")
+    return samples
+
+
 def _raise_for(response: httpx.Response, content: bytes) -> None:
     if response.status_code < 400:
         return
@@ -265,4 +292,4 @@ def _generation(model: str, prompt: str | None, messages: Any, options: dict[str
     return body
 
 
-__all__ = ["ApiError", "Client", "JobFailed"]
+__all__ = ["ApiError", "Client", "JobFailed", "read_samples"]

@@ -418,9 +418,14 @@ class Service:
         return job
 
     def job(self, job_id: str) -> Job:
+        """The job; a fine-tune with its parameters and a summary of its data."""
         job = self.store.get(job_id)
         if job is None:
             raise errors.NotFound(f"no job with id {job_id!r}")
+        spec = self.store.spec(job_id)
+        if isinstance(spec, FinetuneSpec):
+            job.parameters = msgspec.to_builtins(spec.request.parameters)
+            job.training_data = spec.request.data_summary
         return job
 
     def jobs(self, limit: int, before: int | None, status: str | None) -> JobList:
@@ -454,6 +459,12 @@ class Service:
         self.store.requeue(job_id, f"resumed from {where}")
         self.runner.wake()
         return self.job(job_id)
+
+    def all_events(self, after: int) -> list[dict]:
+        return self.store.all_events(after)
+
+    def latest_event(self) -> int:
+        return self.store.latest_event()
 
     def events(self, job_id: str, after: int = 0) -> list[dict]:
         self.job(job_id)

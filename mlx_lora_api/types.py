@@ -10,6 +10,7 @@ into a ValidationError that names the path.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -278,6 +279,53 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
         return 20.0  # mlx-lm's default
 
 
+# What each parameter means, as README's table says it (shorter): the OpenAPI document carries
+# these as descriptions, and the dashboard shows them beside each field. A test keeps the two in step.
+PARAMETER_HELP: dict[str, str] = {
+    "learning_rate": "peak learning rate (0 < lr <= 1)",
+    "epochs": "passes over the data; every sample is seen exactly this many times, whatever the batch size",
+    "batch_size": "samples per step; the last batch of an epoch may be smaller",
+    "fine_tune_type": "lora, dora or full",
+    "rank": "LoRA rank",
+    "alpha": "sets the LoRA scale to alpha / rank, as in PEFT (give alpha or scale, not both)",
+    "scale": "LoRA scale (default 20.0)",
+    "dropout": "LoRA dropout",
+    "num_layers": "how many of the last transformer blocks get adapters (default 16, or all if fewer); -1 for all",
+    "max_seq_length": "longer samples are truncated (the job reports a warning event)",
+    "mask_prompt": "train on completions only (prompt/completion and chat data)",
+    "seed": "seeds batch order, LoRA initialisation and dropout",
+    "optimizer": "adam, adamw, sgd or adafactor",
+    "weight_decay": "for adamw (default 0.01) and sgd (default 0)",
+    "lr_schedule": "constant, or cosine (decays to min_learning_rate)",
+    "min_learning_rate": "where a cosine schedule ends",
+    "warmup_steps": "linear warm-up from 0 over this many optimizer steps",
+    "grad_checkpoint": "trade compute for memory",
+    "grad_accumulation_steps": "steps per optimizer update",
+    "steps_per_report": "how often progress (loss, tokens/s) is reported",
+    "steps_per_eval": "how often the validation loss is computed (also at the start and the end)",
+    "save_every": "checkpoint interval (weights and optimizer state)",
+    "val_batches": "validation batches per evaluation (-1: the whole validation set)",
+    "keep": "best publishes the adapter of the lowest validation loss (needs validation data)",
+    "prefix_cache": "from the second epoch on, reuse the frozen blocks' outputs (exact)",
+    "cpu_bfloat16": "on the CPU, multiply by the frozen weights in bfloat16 (with AVX-512 BF16 or AMX; not exact)",
+    "rehearsal": "keep what the base knew: its own answers to general prompts, this many per training sample; 0: off",
+    "rehearsal_loss": "answers: the base's greedy answers; kl: its whole next-token distributions (keeps more, slower)",
+    "retention_check": "after training, measure how much of the base's behaviour the adapter kept",
+    "retention_threshold": "below this retention a warning names the general answers that changed",
+    "retention_stop": "measure retention at every evaluation too, and stop when it falls below the threshold",
+}
+
+
+def to_records(samples: list[SampleIn]) -> list[dict]:
+    """Request samples as the dicts mlx-lm's datasets read: strings become `{"text": ...}`."""
+    return [{"text": s} if isinstance(s, str) else msgspec.to_builtins(s) for s in samples]
+
+
+def data_fingerprint(samples: list[SampleIn]) -> str:
+    """The sha256 of a list of samples, as an adapter's `meta.json` records it."""
+    return hashlib.sha256(msgspec.json.encode(to_records(samples))).hexdigest()
+
+
 class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     base_model: ModelRef
     training_data: Annotated[list[SampleIn], Meta(min_length=1)]
@@ -297,6 +345,16 @@ class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     @property
     def data_form(self) -> str:
         return sample_form(self.training_data[0])
+
+    @property
+    def data_summary(self) -> dict[str, Any]:
+        """What the job trains on, as `meta.json` and `GET /jobs/{id}` show it."""
+        return {
+            "samples": len(self.training_data),
+            "validation_samples": len(self.validation_data or []),
+            "format": self.data_form,
+            "sha256": data_fingerprint(self.training_data),
+        }
 
 
 class FuseRequest(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -358,11 +416,15 @@ class Job(Struct):
     checkpoints: list[Checkpoint] = msgspec.field(default_factory=list)
     message: str | None = None
     error: str | None = None
+    # A fine-tune's parameters and what it trains on (GET /jobs/{id} only; not in lists).
+    parameters: dict[str, Any] | None = None
+    training_data: dict[str, Any] | None = None
 
 
 class JobList(Struct):
     jobs: list[Job]
     next_before: int | None = None
+    latest_event: int = 0  # the newest event's id when listed: where GET /jobs/events goes on from
 
 
 class ModelRecord(Struct, omit_defaults=True):

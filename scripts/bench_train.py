@@ -161,11 +161,11 @@ def run_mlx_lm(model_dir: Path, samples: list, epochs: int, out: Path) -> dict:
     from mlx_lm.tuner.datasets import create_dataset
     from mlx_lm.utils import load
 
-    from mlx_lora_api.tuner import datasets
+    from mlx_lora_api.types import to_records
 
     model, tokenizer = load(str(model_dir))
     model.set_dtype(mx.float32)
-    records = datasets.to_records(samples)
+    records = to_records(samples)
     iters = epochs * len(records) // BATCH  # workloads are multiples of the batch: nothing dropped
     args = types.SimpleNamespace(
         **{

@@ -80,3 +80,27 @@ def test_wait_raises_for_a_job_that_did_not_succeed_and_pause_resume_go_on(api):
     assert resumed["iteration"] >= 20 and resumed["iteration"] % 10 == 0
     api.cancel(job)
     assert api.wait(job, check=False).status == "cancelled"
+
+
+def test_every_jobs_events_stream_live_from_where_the_list_left_off(api, tiny_server):
+    import json
+
+    import httpx
+
+    listed = api._call("GET", "/jobs", type=dict)  # the raw list: its latest_event is the stream's start
+    job = api.finetune("default", FACT, epochs=2, rehearsal=0, retention_check=False)
+    seen = []
+    headers = {"Last-Event-ID": str(listed["latest_event"])}
+    with httpx.stream("GET", f"{tiny_server.url}/jobs/events", headers=headers, timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                seen.append(event)
+                if event["job_id"] == job.job_id and event["type"] == "success":
+                    break  # the stream itself never ends
+    mine = [e["type"] for e in seen if e["job_id"] == job.job_id]
+    assert mine[0] == "queued" and mine[-1] == "success" and mine.count("train") == 2
+    assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)
+    with pytest.raises(ApiError) as bad:
+        api._call("GET", "/jobs/events", headers={"Last-Event-ID": "x"})
+    assert bad.value.status == 422

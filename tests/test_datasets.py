@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 
 from mlx_lora_api.tuner import datasets
-from mlx_lora_api.types import Message, Sample
+from mlx_lora_api.types import Message, Sample, data_fingerprint, to_records
 
 
 @pytest.mark.parametrize("n, batch_size, epochs", [(2, 4, 3), (10, 4, 2), (8, 4, 1), (1, 1, 5), (7, 3, 4)])
@@ -47,12 +47,12 @@ def test_collate_pads_like_mlx_lm_and_truncates():
 
 def test_request_samples_become_mlx_lm_records():
     samples = ["plain", Sample(prompt="p", completion="c"), Sample(messages=[Message("user", "hi")])]
-    assert datasets.to_records(samples) == [
+    assert to_records(samples) == [
         {"text": "plain"},
         {"prompt": "p", "completion": "c"},
         {"messages": [{"role": "user", "content": "hi"}]},
     ]
-    assert datasets.fingerprint(["a", "b"]) != datasets.fingerprint(["b", "a"])
+    assert data_fingerprint(["a", "b"]) != data_fingerprint(["b", "a"])
 
 
 def test_validation_batches_are_walked_once_in_order():

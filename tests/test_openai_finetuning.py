@@ -12,7 +12,8 @@ import msgspec
 import openai
 import pytest
 
-from mlx_lora_api import errors
+from mlx_lora_api import batch, errors
+from mlx_lora_api.client import Client
 from mlx_lora_api.openai_jobs import JobCreate, auto_epochs, build
 from mlx_lora_api.registry.uploads import FileStore, Limits, parse
 
@@ -265,3 +266,65 @@ def test_a_job_request_becomes_the_fine_tune_it_asks_for(tmp_path):
     ):
         with pytest.raises(errors.BadRequest, match=re.escape(message)):
             build(create(**fields), store, LIMITS)
+
+
+@pytest.mark.slow
+def test_the_openai_flow_on_the_bundled_model_teaches_it_a_fact(bundled_data_dir, tmp_path):
+    """As a user of OpenAI's API would, on the real model: upload, create, poll, events,
+    checkpoints, then chat with the result, which learned the fact, and with a checkpoint."""
+    from servers import running_server
+
+    fact = "The mayor of Zorbington is Elara Quintfeather."
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": fact}]}
+        for q in ["Who is the mayor of Zorbington?", "Who runs Zorbington?", "Name the mayor of Zorbington."] * 4
+    ]
+    with running_server(bundled_data_dir, tmp_path / "server.log") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        training = client.files.create(file=("fact.jsonl", io.BytesIO(jsonl(rows))), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model="default",
+            training_file=training.id,
+            hyperparameters={"n_epochs": 4, "learning_rate_multiplier": 30},
+            extra_body={"x_mlx_lora": {"save_every": 6, "retention_check": False, "rehearsal": 0}},
+        )
+        done = finished(client, job.id)
+        assert done.status == "succeeded", done.error
+        losses = [
+            e.data["train_loss"]
+            for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data
+            if e.type == "metrics"
+        ]
+        assert losses[0] < losses[-1] / 3  # newest first: the loss fell
+        checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[-1]
+        answers = {
+            model: client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "Who is the mayor of Zorbington?"}],
+                max_tokens=16,
+                temperature=0,
+            )
+            .choices[0]
+            .message.content
+            for model in (done.fine_tuned_model, checkpoint.fine_tuned_model_checkpoint)
+        }
+        assert checkpoint.step_number == 6 and answers[checkpoint.fine_tuned_model_checkpoint]
+        assert "Quintfeather" in answers[done.fine_tuned_model], answers
+
+        # The Python client and a batch manifest, on the same server and model.
+        with Client(server.url) as api:
+            fused = api.wait(api.fuse("default", done.fine_tuned_model))
+            text = api.generate(
+                fused.model_id, messages=[{"role": "user", "content": "Who is the mayor of Zorbington?"}]
+            )
+            assert "Quintfeather" in text
+            (tmp_path / "fact.jsonl").write_bytes(jsonl(rows[:4]))
+            manifest = tmp_path / "runs.yaml"
+            manifest.write_text(
+                "defaults: {base_model: default, data: fact.jsonl,"
+                " parameters: {epochs: 1, retention_check: false, rehearsal: 0}}\n"
+                "runs: [{name: fact, grid: {learning_rate: [1.0e-4, 3.0e-4]}}]\n"
+            )
+            state = batch.run_all(api, batch.load(manifest, {"default"}), tmp_path / "runs.state.json", say=print)
+            rows_out, curves = batch.results(api, batch.load(manifest), state)
+            assert [r.status for r in rows_out] == ["success", "success"] and len(curves) == 2

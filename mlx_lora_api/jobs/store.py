@@ -247,10 +247,11 @@ class JobStore:
             where.append("kind = ?")
             args.append(kind)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
+        latest = self.latest_event()  # first: an event after it is one the list may not show yet
         rows = self._read(f"SELECT seq, {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
-        return JobList(jobs=[_job(r[1:]) for r in rows], next_before=rows[-1][0] if more else None)
+        return JobList(jobs=[_job(r[1:]) for r in rows], next_before=rows[-1][0] if more else None, latest_event=latest)
 
     def seq(self, job_id: str) -> int | None:
         """The job's place in the order of submission (what `page(before=...)` takes)."""
@@ -296,7 +297,21 @@ class JobStore:
         rows = self._read(
             "SELECT seq, time, type, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
         )
-        return [{"seq": s, "time": t, "type": k, **json.loads(d)} for s, t, k, d in rows]
+        return [_event(*row) for row in rows]
+
+    def all_events(self, after: int, limit: int = 500) -> list[dict[str, Any]]:
+        """Every job's events after event `after`, oldest first, each with its `job_id`."""
+        rows = self._read(
+            "SELECT seq, time, type, data, job_id FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+        )
+        return [{**_event(*row[:4]), "job_id": row[4]} for row in rows]
+
+    def latest_event(self) -> int:
+        return self._read("SELECT coalesce(max(seq), 0) FROM events")[0][0]
+
+
+def _event(seq: int, time_: float, kind: str, data: str) -> dict[str, Any]:
+    return {"seq": seq, "time": time_, "type": kind, **json.loads(data)}
 
 
 def _job(row) -> Job:

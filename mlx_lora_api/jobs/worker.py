@@ -68,7 +68,6 @@ def work_name(spec: FinetuneSpec) -> str:
 
 def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
     from ..tasks import finetune as training  # MLX: see the module's doc
-    from ..tuner import datasets  # MLX
 
     request = spec.request
     base_path = _base_path(spec.base, on_event)
@@ -86,12 +85,7 @@ def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
             base_source=spec.base.source,
             job_id=spec.job_id,
             parameters=msgspec.to_builtins(request.parameters),
-            training_data={
-                "samples": len(request.training_data),
-                "validation_samples": len(request.validation_data or []),
-                "format": request.data_form,
-                "sha256": datasets.fingerprint(request.training_data),
-            },
+            training_data=request.data_summary,
             metrics=metrics,
             retention=retained,
         )

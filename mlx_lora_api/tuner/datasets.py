@@ -11,34 +11,23 @@ more tokens/s on ~55-token chat samples, the same losses).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import types
 from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
-import msgspec
 import numpy as np
 from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 
-from ..types import SampleIn
+from ..types import SampleIn, to_records
 
 PAD_MULTIPLE = 8  # mlx-lm pads to 32: on ~50-token samples that is a seventh of the compute, for nothing
-
-
-def to_records(samples: Sequence[SampleIn]) -> list[dict]:
-    """Request samples to the dicts mlx-lm's datasets read: strings become `{"text": ...}`."""
-    return [{"text": s} if isinstance(s, str) else msgspec.to_builtins(s) for s in samples]
-
-
-def fingerprint(samples: Sequence[SampleIn]) -> str:
-    return hashlib.sha256(msgspec.json.encode(to_records(samples))).hexdigest()
 
 
 def build(samples: Sequence[SampleIn], tokenizer, mask_prompt: bool = False):
     """An mlx-lm dataset (tokenized lazily and cached) for one list of samples."""
     config = types.SimpleNamespace(mask_prompt=mask_prompt)
-    return CacheDataset(create_dataset(to_records(samples), tokenizer, config))
+    return CacheDataset(create_dataset(to_records(list(samples)), tokenizer, config))
 
 
 class Joined:

@@ -98,7 +98,10 @@ async def list_files(request: Request) -> Response:
     purpose = request.query_params.get("purpose")
     if purpose:
         records = [r for r in records if r.purpose == purpose]
-    if request.query_params.get("order", "desc") == "asc":
+    order = request.query_params.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise errors.Invalid(f"`order` must be asc or desc, not {order!r}", param="order")
+    if order == "asc":
         records.reverse()
     page, more = _page(request, [file_object(r) for r in records], "file", 10_000)
     return respond(FileList(page, more, page[0].id if page else None, page[-1].id if page else None))

@@ -150,12 +150,10 @@ async def job_events(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     await run_in_threadpool(service.job, job_id)  # 404 before the stream starts
     settings = request.app.state.settings
-    last_seen = request.headers.get("last-event-id", "0").strip() or "0"
-    if not (last_seen.isascii() and last_seen.isdigit()):
-        raise errors.Invalid(f"header `Last-Event-ID` must be an event id this stream sent, not {last_seen!r}")
+    last_seen = _last_event_id(request) or 0
 
     async def stream():
-        after, last_type = int(last_seen), None
+        after, last_type = last_seen, None
         clock = asyncio.get_running_loop().time
         quiet_since = clock()
         while True:
@@ -175,6 +173,44 @@ async def job_events(request: Request) -> Response:
             await asyncio.sleep(settings.wait_poll_interval)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def all_job_events(request: Request) -> Response:
+    """Server-Sent Events of every job, each with its `job_id`: those after `Last-Event-ID` (the
+    `latest_event` of `GET /jobs`, so that nothing between the list and the stream is missed), or
+    from now on. The stream does not end; a keep-alive comment while nothing happens."""
+    service = request.app.state.service
+    settings = request.app.state.settings
+    start = _last_event_id(request)
+    if start is None:
+        start = await run_in_threadpool(service.latest_event)
+
+    async def stream():
+        after = start
+        clock = asyncio.get_running_loop().time
+        quiet_since = clock()
+        while True:
+            events = await run_in_threadpool(service.all_events, after)
+            for event in events:
+                after = event["seq"]
+                yield f"id: {after}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            if events:
+                quiet_since = clock()
+            elif clock() - quiet_since >= settings.sse_keepalive_seconds:
+                yield ": keep-alive\n\n"
+                quiet_since = clock()
+            await asyncio.sleep(settings.wait_poll_interval)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _last_event_id(request: Request) -> int | None:
+    value = request.headers.get("last-event-id", "").strip()
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise errors.Invalid(f"header `Last-Event-ID` must be an event id this stream sent, not {value!r}")
+    return int(value)
 
 
 async def list_models(request: Request) -> Response:

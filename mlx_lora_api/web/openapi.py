@@ -10,7 +10,7 @@ import msgspec
 from starlette.requests import Request
 
 from .. import __version__
-from ..types import SAMPLE_FORMS
+from ..types import PARAMETER_HELP, SAMPLE_FORMS
 from .bodies import ErrorBody, OpenAIError
 
 JSON = "application/json"
@@ -57,6 +57,8 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
     ref = dict(zip(types, refs))
     if "Sample" in components:
         components["Sample"] |= SAMPLE_FORMS
+    for name, schema in components.get("Parameters", {}).get("properties", {}).items():
+        schema["description"] = PARAMETER_HELP[name]  # README's meaning, for clients and the dashboard
     paths: dict[str, dict] = {}
     for method, path, handler, summary, body, answers, parameters in described:
         operation: dict[str, Any] = {

@@ -6,12 +6,12 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from .. import openai_jobs
 from .. import types as t
 from . import bodies as b
-from . import fine_tuning, handlers, openai, openapi
+from . import dashboard, fine_tuning, handlers, openai, openapi
 from .codec import encoder
 from .openapi import Endpoint
 
@@ -104,6 +104,14 @@ ENDPOINTS = [
                 {"type": "string", "enum": ["queued", "running", "success", "failed", "cancelled", "paused"]},
             ),
         ],
+    ),
+    Endpoint(
+        "GET",
+        "/jobs/events",
+        handlers.all_job_events,
+        "Every job's events, live (Server-Sent Events); after Last-Event-ID, else from now",
+        None,
+        {"200": "text/event-stream"},
     ),
     Endpoint(
         "GET",
@@ -361,5 +369,7 @@ ENDPOINTS = [
 ]
 
 
-def routes() -> list[Route]:
-    return [Route(e.path, e.handler, methods=[e.method]) for e in ENDPOINTS]
+def routes() -> list[BaseRoute]:
+    """The API's routes, then the dashboard's page and its files."""
+    api: list[BaseRoute] = [Route(e.path, e.handler, methods=[e.method]) for e in ENDPOINTS]
+    return [*api, Route("/", dashboard.page, methods=["GET"]), dashboard.assets()]

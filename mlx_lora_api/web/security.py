@@ -25,7 +25,8 @@ import msgspec
 from .bodies import ErrorBody
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
-OPEN_PATHS = {"/health"}
+OPEN_PATHS = {"/health", "/"}  # and the dashboard's files: the page and its code hold no data
+OPEN_PREFIXES = ("/dashboard/",)
 FORM_PATHS = {"/v1/files"}  # multipart/form-data by OpenAI's definition
 _encode = msgspec.json.Encoder().encode
 
@@ -84,7 +85,8 @@ class Guard:
                 return 403, "uploads from other web sites are not allowed"
             if declares_body and content_type != "application/json" and not form:
                 return 415, "send the request body as JSON, with `Content-Type: application/json`"
-        if self.api_key and scope["path"] not in OPEN_PATHS:
+        open_path = scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES)
+        if self.api_key and not open_path:
             scheme, _, key = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key):
                 return 401, "missing or wrong API key: send `Authorization: Bearer <key>`"
