@@ -10,15 +10,15 @@ import shutil
 
 import httpx
 import pytest
+from playwright import sync_api  # the test extra (./scripts/setup --for-tests)
 
-sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (./scripts/setup --for-tests)")
 WAIT = 120_000  # ms: the longest a job here may take to end
 
 
 @pytest.fixture(scope="module")
 def browser():
+    assert CHROMIUM, "Chromium is not installed: ./scripts/setup --for-tests installs it (apt-get install chromium)"
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield chromium
