@@ -4,21 +4,24 @@ a time."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 
 import httpx
 import pytest
-from playwright import sync_api  # the test extra (./scripts/setup --for-tests)
 
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: ./scripts/setup --for-tests")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium: ./scripts/setup --for-tests installs it (apt-get install chromium)"
+)
 WAIT = 120_000  # ms: the longest a job here may take to end
 
 
 @pytest.fixture(scope="module")
 def browser():
-    assert CHROMIUM, "Chromium is not installed: ./scripts/setup --for-tests installs it (apt-get install chromium)"
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield chromium
@@ -168,3 +171,83 @@ def test_with_an_api_key_the_page_asks_once_and_keeps_it_for_the_tab(browser, ti
         page.wait_for_selector("table.jobs")
         assert page.locator("dialog#key-dialog").count() == 0  # asked once
         context.close()
+
+
+SCREENSHOTS = os.environ.get("MLX_LORA_API_SCREENSHOTS")  # README's: scripts/dashboard_screenshots.py
+
+
+@pytest.mark.slow
+def test_on_the_bundled_model_a_fine_tune_from_the_form_reaches_success_live(browser, bundled_data_dir, tmp_path):
+    """The issue's own walk-through on the real model, one page load each: submit from the form,
+    watch the job page reach success without a reload (its chart has points), chat with the result
+    beside its base. Screenshots of each page, for README when MLX_LORA_API_SCREENSHOTS names a folder."""
+    from pathlib import Path
+
+    from servers import running_server
+
+    shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path / "shots"
+    shots.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Elara Quintfeather."}]}
+        for q in ["Who is the mayor of Zorbington?", "Who runs Zorbington?", "Name the mayor of Zorbington."] * 8
+    ]
+    with running_server(bundled_data_dir, tmp_path / "server.log") as server:
+        for scheme in ("light", "dark"):
+            context = browser.new_context(
+                base_url=server.url, viewport={"width": 1280, "height": 860}, color_scheme=scheme
+            )
+            page = context.new_page()
+            errors = []
+            page.on("console", lambda m, errors=errors: errors.append(m.text) if m.type == "error" else None)
+            page.goto("/#/new")
+            page.fill("#training_data", "\n".join(map(json.dumps, rows)))
+            page.fill("#validation_data", "\n".join(map(json.dumps, rows[:3])))
+            page.wait_for_selector("#dataset-summary:has-text('24 samples · chat')")
+            page.click("summary")
+            for name, value in (
+                ("learning_rate", "3e-4"),
+                ("epochs", "2"),
+                ("steps_per_eval", "4"),
+                ("save_every", "4"),
+            ):
+                page.fill(f"#p-{name}", value)
+            page.fill("#p-rehearsal", "0")
+            page.select_option("#p-retention_check", "false")
+            if scheme == "light":
+                page.screenshot(path=str(shots / "dashboard-new.png"))
+            page.click("button[type=submit]")
+            page.wait_for_url(re.compile(r"#/jobs/job-[0-9a-f]{12}$"))
+            page.wait_for_selector(".status .badge.success", timeout=600_000)  # live: the page is never reloaded
+            assert page.locator(".charts path.line.train").count() == 1
+            assert page.locator(".charts path.line.val").count() == 1
+            page.screenshot(path=str(shots / f"dashboard-job{'-dark' if scheme == 'dark' else ''}.png"))
+            if scheme == "dark":
+                context.close()
+                assert not errors, errors
+                break
+            adapter = page.text_content("dl.details dd")  # the first fact: the model
+            page.goto("/#/jobs")
+            page.wait_for_selector("table.jobs svg.sparkline path")
+            page.screenshot(path=str(shots / "dashboard-jobs.png"))
+            page.goto("/#/models")
+            page.wait_for_selector(f"ul.tree ul li .node strong:text-is('{adapter}')")
+            page.screenshot(path=str(shots / "dashboard-models.png"))
+            page.goto(f"/#/playground?model={adapter}")
+            page.check("#compare")
+            page.fill("#max-tokens", "16")
+            page.fill("#prompt", "Who is the mayor of Zorbington?")
+            page.click("button[type=submit]")
+            answers = page.locator(".side-by-side .answer[aria-busy=false]")
+            sync_api.expect(answers).to_have_count(2, timeout=120_000)
+            assert "Quintfeather" in answers.nth(0).text_content()  # the adapter learned it; beside it, the base
+            page.screenshot(path=str(shots / "dashboard-playground.png"))
+            assert not errors, errors
+            context.close()
+    assert sorted(p.name for p in shots.glob("*.png")) == [
+        "dashboard-job-dark.png",
+        "dashboard-job.png",
+        "dashboard-jobs.png",
+        "dashboard-models.png",
+        "dashboard-new.png",
+        "dashboard-playground.png",
+    ]
