@@ -55,7 +55,8 @@ from .types import (
     sample_texts,
 )
 
-CHECKPOINT_REF = re.compile(r"(?P<model>[a-z0-9][a-z0-9._-]*):step-(?P<step>[0-9]{1,9})")
+# An adapter's checkpoint: `ADAPTER:step-N` (OpenAI's `fine_tuned_model_checkpoint`) or `ADAPTER@N`.
+CHECKPOINT_REF = re.compile(r"(?P<model>[a-z0-9][a-z0-9._-]*)(?::step-|@)(?P<step>[0-9]{1,9})")
 
 
 class Service:

@@ -225,6 +225,10 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     val_batches: Annotated[int, Meta(ge=-1)] = -1
     # Which adapter is published: the last one, or the one of the lowest validation loss.
     keep: Literal["last", "best"] = "last"
+    # Early stopping: end training once this many evaluations in a row (`steps_per_eval`) have not
+    # lowered the validation loss by more than `early_stopping_min_delta`. Needs validation data.
+    early_stopping_patience: Annotated[int, Meta(ge=1)] | None = None
+    early_stopping_min_delta: Annotated[float, Meta(ge=0)] = 0.0
     # Reuse the frozen blocks' outputs from the second epoch on (exact; see tuner/prefix_cache.py).
     prefix_cache: bool = True
     # On the CPU, multiply by the frozen weights in bfloat16 (AVX-512 BF16 or Intel AMX; float32
@@ -306,6 +310,8 @@ PARAMETER_HELP: dict[str, str] = {
     "save_every": "checkpoint interval (weights and optimizer state)",
     "val_batches": "validation batches per evaluation (-1: the whole validation set)",
     "keep": "best publishes the adapter of the lowest validation loss (needs validation data)",
+    "early_stopping_patience": "stop after this many evaluations in a row without a lower validation loss",
+    "early_stopping_min_delta": "how much lower the validation loss must be to count as lower",
     "prefix_cache": "from the second epoch on, reuse the frozen blocks' outputs (exact)",
     "cpu_bfloat16": "on the CPU, multiply by the frozen weights in bfloat16 (with AVX-512 BF16 or AMX; not exact)",
     "rehearsal": "keep what the base knew: its own answers to general prompts, this many per training sample; 0: off",
@@ -339,6 +345,8 @@ class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`validation_data` must use the same format as `training_data`")
         if self.parameters.keep == "best" and not self.validation_data:
             raise ValueError("`parameters.keep` = best needs `validation_data` to tell which adapter is best")
+        if self.parameters.early_stopping_patience and not self.validation_data:
+            raise ValueError("`parameters.early_stopping_patience` needs `validation_data` to watch")
         if self.parameters.mask_prompt and form == "text":
             raise ValueError("`parameters.mask_prompt` needs prompt/completion or messages samples, not plain text")
 

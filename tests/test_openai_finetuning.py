@@ -91,7 +91,7 @@ def test_upload_train_follow_and_chat_with_the_model_and_a_checkpoint(client):
     assert [c.step_number for c in checkpoints] == [6, 4, 2]
     assert checkpoints[1].metrics.valid_loss is not None and checkpoints[0].metrics.train_loss is not None
 
-    for model in (done.fine_tuned_model, checkpoints[-1].fine_tuned_model_checkpoint):
+    for model in (done.fine_tuned_model, checkpoints[-1].fine_tuned_model_checkpoint, f"{done.fine_tuned_model}@4"):
         answer = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "Who is the mayor?"}], max_tokens=8, temperature=0
         )

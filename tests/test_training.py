@@ -420,3 +420,44 @@ def test_a_sample_past_max_seq_length_is_truncated_with_a_warning(tmp_path, tiny
     _, events, _ = run(tiny_model_template, tmp_path / "long", [long_sample], epochs=1, max_seq_length=16)
     warnings = [e["message"] for e in events if e["type"] == "warning"]
     assert len(warnings) == 1 and "longer than max_seq_length=16 and was truncated" in warnings[0]
+
+
+@pytest.mark.parametrize("keep", ["last", "best"])
+def test_early_stopping_ends_training_after_the_patience_and_keeps_the_chosen_adapter(
+    tmp_path, tiny_model_template, keep
+):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    events = []
+    request = msgspec.convert(
+        {
+            "base_model": "tiny-base",
+            "training_data": ["The mayor of Zorbington is Elara Quintfeather.", "Zorbington lies by the sea."],
+            "validation_data": ["The mayor of Zorbington is Elara Quintfeather."],
+            "parameters": {
+                "epochs": 10,
+                "batch_size": 1,
+                "learning_rate": 1e-3,
+                "steps_per_eval": 1,
+                "keep": keep,
+                "rehearsal": 0,
+                "early_stopping_patience": 2,
+                # No fall counts: the loss at iteration 0 is the low, and the 2nd evaluation after it ends training.
+                "early_stopping_min_delta": 100.0,
+            },
+        },
+        FinetuneRequest,
+    )
+    metrics = finetune.train_adapter(str(tiny_model_template), "tiny-base", request, out, events.append)
+    trained = [e["iteration"] for e in events if e["type"] == "train"]
+    assert trained[-1] == 2 and [e["iteration"] for e in events if e["type"] == "val"] == [0, 1, 2]
+    assert metrics["stopped_early"].startswith("stopped early at iteration 2: the validation loss has not fallen")
+    assert metrics["kept"] == ("last" if keep == "last" else f"best (iteration {metrics['best_iteration']})")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["adapters.safetensors"]
+    weights = mx.load(str(out / "adapters.safetensors"))
+    moved = any(mx.abs(v).max().item() > 0 for k, v in weights.items() if k.endswith("lora_b"))
+    assert moved == (keep == "last" or metrics["best_iteration"] > 0)  # at iteration 0, B is still zero
+    with pytest.raises(msgspec.ValidationError, match="needs `validation_data`"):
+        msgspec.convert(
+            {"base_model": "b", "training_data": ["x"], "parameters": {"early_stopping_patience": 1}}, FinetuneRequest
+        )

@@ -58,6 +58,7 @@ class StepHook:
         self.validate = validate
         self.retain = retain  # with retention_stop: measures retention (tuner/retention.py)
         self.stopped: str | None = None
+        self.stopped_by: str | None = None  # "retention" or "patience"
         self.metrics: dict[str, Any] = {"iterations": total, **(start.metrics if start else {})}
         self.best: tuple[float, int] | None = (
             (self.metrics["best_val_loss"], self.metrics["best_iteration"]) if "best_val_loss" in self.metrics else None
@@ -79,7 +80,27 @@ class StepHook:
             if self.params.keep == "best":
                 self._save(self.out_dir / BEST_FILE)
         self.on_event({"type": "val", "iteration": iteration, "val_loss": loss})
+        self._patience(iteration, loss)
         return loss
+
+    def _patience(self, iteration: int, loss: float) -> None:
+        """Early stopping: count the evaluations since the validation loss last fell by more than
+        min_delta (kept in the metrics, so a resumed run counts on), and stop at the patience."""
+        patience = self.params.early_stopping_patience
+        if patience is None:
+            return
+        low = self.metrics.get("early_stopping_low")
+        if low is None or loss < low - self.params.early_stopping_min_delta:
+            self.metrics.update(early_stopping_low=loss, early_stopping_waited=0)
+            return
+        self.metrics["early_stopping_waited"] += 1
+        if self.metrics["early_stopping_waited"] >= patience and iteration < self.total:
+            self.stopped = (
+                f"stopped early at iteration {iteration}: the validation loss has not fallen by more than"
+                f" {self.params.early_stopping_min_delta} in {patience} evaluations"
+            )
+            self.stopped_by = "patience"
+            raise StopTraining(self.stopped)
 
     def check_retention(self, iteration: int) -> None:
         """With retention_stop: measure, keep the adapter while it passes, stop when it does not."""
@@ -103,6 +124,7 @@ class StepHook:
             f"stopped early at iteration {iteration}: retention {result['score']:.2f} fell below"
             f" {self.params.retention_threshold}"
         )
+        self.stopped_by = "retention"
         raise StopTraining(self.stopped)
 
     def on_val_loss_report(self, info: dict[str, Any]) -> None:
@@ -151,11 +173,15 @@ class StepHook:
 
     def finish(self) -> None:
         """With keep=best, the published adapter is the one of the lowest validation loss. After an
-        early stop for retention, the last one whose retention passed (or, with none, the last)."""
+        early stop for retention, the last one whose retention passed (or, with none, the last);
+        after one for patience, the best (keep=best) or the weights it stopped with."""
         best_file = self.out_dir / BEST_FILE
         retained = self.out_dir / RETAINED_FILE
         if self.stopped is not None:
             self.metrics["stopped_early"] = self.stopped
+        if self.stopped_by == "patience":  # the best (with keep=best) or the weights it stopped with
+            self._save(self.out_dir / "adapters.safetensors")
+        if self.stopped_by == "retention":
             if retained.exists():
                 retained.replace(self.out_dir / "adapters.safetensors")
                 self.metrics["kept"] = f"retained (iteration {self.metrics['retained_iteration']})"
