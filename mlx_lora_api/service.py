@@ -6,6 +6,7 @@ The web layer decodes and encodes; the CLI calls the same checks before training
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import secrets
@@ -139,7 +140,52 @@ class Service:
         if layers is not None and wanted is not None and wanted > layers:
             raise errors.Invalid(f"`parameters.num_layers` is {wanted} but {base.ref} has {layers} layers")
         label = f"{request.suffix}" if request.suffix else "lora"
-        return FinetuneSpec(job_id=new_job_id(), model_id=self._fresh_id(base.ref, label), base=base, request=request)
+        spec = FinetuneSpec(job_id=new_job_id(), model_id=self._fresh_id(base.ref, label), base=base, request=request)
+        if request.resume_from:
+            adapter, weights = self._resume_source(request, base, layers)
+            spec = msgspec.structs.replace(spec, adapter=adapter, initial_weights=weights)
+        return spec
+
+    def _resume_source(self, request: FinetuneRequest, base: BaseModel, layers: int | None) -> tuple[str, str]:
+        """The adapter `resume_from` names and its weights file (or its checkpoint's); it must be
+        of this base and have the LoRA shape the request asks for."""
+        ref = request.resume_from or ""
+        match = CHECKPOINT_REF.fullmatch(ref)
+        adapter = match["model"] if match else ref
+        if not self.registry.is_adapter(adapter):
+            raise errors.NotFound(f"`resume_from`: no adapter {adapter!r}", param="resume_from")
+        folder = self.registry.adapter_dir(adapter)
+        weights = folder / (f"checkpoints/{checkpoint_file(int(match['step']))}" if match else "adapters.safetensors")
+        if not weights.is_file():
+            raise errors.NotFound(f"`resume_from`: {ref!r} has no such checkpoint", param="resume_from")
+        trained_on = self.adapter_base(adapter)
+        if trained_on != base.ref:
+            raise errors.Invalid(
+                f"`resume_from`: {adapter!r} was trained on {trained_on!r}, not on {base.ref!r}", param="resume_from"
+            )
+        config = registry.read_json(folder / "adapter_config.json")
+        params = request.parameters
+        lora = config.get("lora_parameters", {})
+        wanted = {
+            "fine_tune_type": params.fine_tune_type,
+            "rank": params.rank if params.fine_tune_type != "full" else None,
+            "num_layers": min(16, layers or 16) if params.num_layers is None else params.num_layers,
+        }
+        if wanted["num_layers"] == -1 and layers:
+            wanted["num_layers"] = layers
+        has = {
+            "fine_tune_type": config.get("fine_tune_type", "lora"),
+            "rank": lora.get("rank") if config.get("fine_tune_type", "lora") != "full" else None,
+            "num_layers": config.get("num_layers"),
+        }
+        if differs := [k for k in wanted if wanted[k] != has[k]]:
+            asked = ", ".join(f"{k} {wanted[k]}" for k in differs)
+            theirs = ", ".join(f"parameters.{k}={json.dumps(has[k])}" for k in differs)
+            raise errors.Invalid(
+                f"`resume_from`: {adapter!r} has another shape than this request asks ({asked}); set {theirs}",
+                param="resume_from",
+            )
+        return adapter, str(weights)
 
     def fuse_spec(self, request: FuseRequest) -> FuseSpec:
         base = self.resolve_base(request.base_model)

@@ -338,6 +338,9 @@ class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     parameters: Parameters = msgspec.field(default_factory=Parameters)
     validation_data: list[SampleIn] | None = None
     suffix: Suffix | None = None
+    # Start from an existing adapter's weights (`ADAPTER_ID`, or a checkpoint `ADAPTER_ID@N`), of the
+    # same base and LoRA shape; a new adapter, whose lineage records it.
+    resume_from: Annotated[str, Meta(min_length=1, max_length=140)] | None = None
 
     def __post_init__(self):
         form = _check_samples(self.training_data, "training_data")
@@ -452,6 +455,7 @@ class ModelRecord(Struct, omit_defaults=True):
     parity: dict[str, Any] | None = None
     retention: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
+    resumed_from: str | None = None
     files: list[str] | None = None
     problem: str | None = None
 
@@ -514,6 +518,7 @@ class ModelMeta(Struct, omit_defaults=True, kw_only=True):
     parity: dict[str, Any] | None = None
     retention: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
+    resumed_from: str | None = None  # the adapter (or checkpoint) whose weights training started from
     hub_id: str | None = None  # where the Hub knows this model (or the base it came from)
     license: str | None = None
 
@@ -535,6 +540,10 @@ class FinetuneSpec(Struct, tag="finetune", kw_only=True):
     base: BaseModel
     request: FinetuneRequest
     openai: OpenAIOrigin | None = None  # created through /v1/fine_tuning/jobs
+    # With `request.resume_from`: the adapter it starts from (kept from deletion while queued) and
+    # the weights file, resolved at submission.
+    adapter: str | None = None
+    initial_weights: str | None = None
 
 
 class FuseSpec(Struct, tag="fuse", kw_only=True):

@@ -470,3 +470,27 @@ def test_a_damaged_hub_cache_entry_is_reported_not_taken_for_missing(client):
     r = client.post("/lora-finetune", json=body)
     assert r.status_code == 409 and "is not readable JSON" in r.json()["message"]
     shutil.rmtree(entry)
+
+
+def test_resume_from_an_adapter_or_its_checkpoint_starts_from_its_weights(client):
+    parameters = {"learning_rate": 0.01, "epochs": 4, "batch_size": 1, "save_every": 2, "rehearsal": 0}
+    first = client.post("/lora-finetune?wait=true", json={**SEED, "parameters": parameters}).json()
+    assert first["status"] == "success", first
+    metrics = client.get(f"/jobs/{first['job_id']}/metrics").json()["train"]
+    for source in (first["model_id"], f"{first['model_id']}@4"):
+        body = {**SEED, "parameters": {**parameters, "epochs": 1}, "resume_from": source}
+        second = client.post("/lora-finetune?wait=true", json=body).json()
+        assert second["status"] == "success", second
+        record = client.get(f"/models/{second['model_id']}").json()
+        assert record["resumed_from"] == source and second["model_id"] != first["model_id"]
+        went_on = client.get(f"/jobs/{second['job_id']}/metrics").json()["train"]
+        assert went_on[0]["train_loss"] < metrics[0]["train_loss"] - 1  # not from scratch (7.2 there, 4.7 here)
+        events = client.get(f"/jobs/{second['job_id']}/events").text
+        assert f"starting from the weights of {source}" in events
+    for body, status, words in (
+        ({"resume_from": "no-such-adapter"}, 404, "`resume_from`: no adapter 'no-such-adapter'"),
+        ({"resume_from": f"{first['model_id']}@3"}, 404, "has no such checkpoint"),
+        ({"resume_from": first["model_id"], "parameters": {"rank": 4}}, 422, "set parameters.rank=8"),
+    ):
+        r = client.post("/lora-finetune", json={**SEED, **body})
+        assert r.status_code == status and words in r.json()["message"], r.json()

@@ -75,7 +75,14 @@ def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
     with registry.staged(final, keep_if=registry.has_checkpoints, name=work_name(spec)) as work:
         resume = registry.has_checkpoints(work)
         metrics = training.train_adapter(
-            base_path, spec.base.ref, request, work, on_event, resume=resume, retention_cache=reg.retention_cache
+            base_path,
+            spec.base.ref,
+            request,
+            work,
+            on_event,
+            resume=resume,
+            retention_cache=reg.retention_cache,
+            initial_weights=Path(spec.initial_weights) if spec.initial_weights else None,
         )
         retained = metrics.pop("retention", None)
         meta = ModelMeta(
@@ -86,6 +93,7 @@ def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
             job_id=spec.job_id,
             parameters=msgspec.to_builtins(request.parameters),
             training_data=request.data_summary,
+            resumed_from=request.resume_from,
             metrics=metrics,
             retention=retained,
         )

@@ -165,6 +165,7 @@ class Registry:
             parity=meta.parity if meta else None,
             retention=meta.retention if meta else None,
             quantization=meta.quantization if meta else None,
+            resumed_from=meta.resumed_from if meta else None,
             files=files if with_files else None,
         )
 

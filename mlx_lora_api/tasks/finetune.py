@@ -86,6 +86,17 @@ def prepare_model(model: nn.Module, params: Parameters, num_layers: int) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
+def load_initial_weights(model: nn.Module, path: Path) -> None:
+    """An existing adapter's weights into the fresh LoRA layers; every trainable tensor must be there."""
+    weights: dict[str, mx.array] = dict(mx.load(str(path)))  # a .safetensors file: a dict
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    missing = sorted(set(trainable) - set(weights))
+    if missing or any(weights[k].shape != v.shape for k, v in trainable.items()):
+        raise ValueError(f"the adapter in {path} does not fit these LoRA layers (missing: {missing[:3]})")
+    model.load_weights([(k, weights[k]) for k in trainable], strict=False)
+    device.cast_for_compute(model)
+
+
 def train_adapter(
     base_path: str,
     base_ref: str,
@@ -95,6 +106,7 @@ def train_adapter(
     resume: bool = False,
     levers: Levers | None = None,
     retention_cache: Path | None = None,
+    initial_weights: Path | None = None,
 ) -> dict[str, Any]:
     """Train and write `adapter_config.json` and `adapters.safetensors` into `out_dir`.
 
@@ -103,6 +115,7 @@ def train_adapter(
     optimizer state, step, learning-rate schedule and data order, so the result matches
     an uninterrupted run. `levers`: the speed-ups it may use (default: as MLX_LORA_API_LEVERS says).
     `retention_cache`: where each base's answers to the retention prompts are kept (None: not kept).
+    `initial_weights`: an adapter's weights to start from (`resume_from`) rather than fresh LoRA layers.
     """
     levers = levers or lever_switches.from_environment()
     params = request.parameters
@@ -180,6 +193,9 @@ def train_adapter(
 
     optimizer = build_optimizer(params, max(iters // params.grad_accumulation_steps, 1))
     start = checkpoints.latest(out_dir) if resume else None
+    if initial_weights is not None and start is None:  # after the base's answers: they need the base
+        load_initial_weights(model, initial_weights)
+        on_event({"type": "info", "message": f"starting from the weights of {request.resume_from}"})
     if start is not None:
         checkpoints.restore(start, model, optimizer)
         checkpoints.reseed(params.seed, start.iteration)
