@@ -189,19 +189,33 @@ class Service:
 
     def fuse_spec(self, request: FuseRequest) -> FuseSpec:
         base = self.resolve_base(request.base_model)
-        trained_on = self.adapter_base(request.lora_adapter)
+        adapter, _, step = request.lora_adapter.partition("@")
+        trained_on = self.adapter_base(adapter)
         if trained_on != base.ref:
             raise errors.Conflict(
-                f"adapter {request.lora_adapter!r} was trained on {trained_on!r}, not on {base.ref!r}"
+                f"adapter {adapter!r} was trained on {trained_on!r}, not on {base.ref!r}"
                 f" (`base_model` {request.base_model!r})"
             )
+        if step:  # a checkpoint of a finished adapter
+            if not self.registry.is_adapter(adapter):
+                raise errors.Conflict(f"`lora_adapter`: {adapter!r} is still being made; fuse its checkpoints after")
+            folder = self.registry.adapter_dir(adapter)
+            if not (folder / "checkpoints" / checkpoint_file(int(step))).is_file():
+                steps = sorted(
+                    int(p.name.split("_")[0]) for p in folder.glob("checkpoints/[0-9]*_adapters.safetensors")
+                )
+                raise errors.NotFound(
+                    f"`lora_adapter`: {adapter!r} has no checkpoint at iteration {step};"
+                    f" it has {', '.join(map(str, steps)) or 'none'}"
+                )
         label = f"{request.suffix}" if request.suffix else "fused"
         return FuseSpec(
             job_id=new_job_id(),
             model_id=self._fresh_id(base.ref, label),
             base=base,
-            adapter=request.lora_adapter,
+            adapter=adapter,
             request=request,
+            checkpoint=int(step) if step else None,
         )
 
     def _existing_model(self, model_id: str) -> BaseModel:

@@ -368,9 +368,20 @@ class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
         }
 
 
+AdapterRef = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=106,
+        pattern=r"^[a-z0-9][a-z0-9._-]*(@[0-9]{1,9})?(?![\s\S])",
+        description="an adapter id, or one of its checkpoints: ADAPTER_ID@ITERATION",
+    ),
+]
+
+
 class FuseRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     base_model: ModelRef
-    lora_adapter: ModelId
+    lora_adapter: AdapterRef
     suffix: Suffix | None = None
     dequantize: bool = False
 
@@ -456,6 +467,7 @@ class ModelRecord(Struct, omit_defaults=True):
     retention: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
     resumed_from: str | None = None
+    adapter_checkpoint: int | None = None
     files: list[str] | None = None
     problem: str | None = None
 
@@ -519,6 +531,7 @@ class ModelMeta(Struct, omit_defaults=True, kw_only=True):
     retention: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
     resumed_from: str | None = None  # the adapter (or checkpoint) whose weights training started from
+    adapter_checkpoint: int | None = None  # a fused model made from this checkpoint of `adapter`
     hub_id: str | None = None  # where the Hub knows this model (or the base it came from)
     license: str | None = None
 
@@ -550,8 +563,9 @@ class FuseSpec(Struct, tag="fuse", kw_only=True):
     job_id: str
     model_id: str
     base: BaseModel
-    adapter: str
+    adapter: str  # the adapter's id
     request: FuseRequest
+    checkpoint: int | None = None  # fuse this checkpoint of the adapter rather than its final weights
 
 
 class QuantizeSpec(Struct, tag="quantize", kw_only=True):

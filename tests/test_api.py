@@ -494,3 +494,23 @@ def test_resume_from_an_adapter_or_its_checkpoint_starts_from_its_weights(client
     ):
         r = client.post("/lora-finetune", json={**SEED, **body})
         assert r.status_code == status and words in r.json()["message"], r.json()
+
+
+def test_a_checkpoint_fuses_into_a_model_that_answers_as_the_checkpoint_does(client):
+    parameters = {"learning_rate": 0.01, "epochs": 4, "batch_size": 1, "save_every": 2, "rehearsal": 0}
+    adapter = client.post("/lora-finetune?wait=true", json={**SEED, "parameters": parameters}).json()["model_id"]
+    r = client.post("/lora-fuse?wait=true", json={"base_model": "tiny-base", "lora_adapter": f"{adapter}@4"})
+    assert r.status_code == 200 and r.json()["message"].endswith(f"adapter {adapter} at iteration 4"), r.json()
+    fused = client.get(f"/models/{r.json()['model_id']}").json()
+    assert fused["adapter"] == adapter and fused["adapter_checkpoint"] == 4
+    assert fused["parity"]["max_abs_logit_diff"] <= fused["parity"]["tolerance"]  # against the checkpoint
+
+    def say(model):
+        body = {"model": model, "prompt": "The mayor of", "max_tokens": 8}
+        return client.post("/generate", json=body).json()["text"]
+
+    assert say(fused["model_id"]) == say(f"{adapter}@4") != say(adapter)  # the checkpoint's, not the last
+    r = client.post("/lora-fuse", json={"base_model": "tiny-base", "lora_adapter": f"{adapter}@3"})
+    assert r.status_code == 404 and "no checkpoint at iteration 3; it has 2, 4, 6" in r.json()["message"]
+    r = client.post("/lora-fuse", json={"base_model": "tiny-base", "lora_adapter": f"{adapter}@x"})
+    assert r.status_code == 422 and "`$.lora_adapter`" in r.json()["message"]

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from ..types import (
     ModelMeta,
     PushSpec,
     QuantizeSpec,
+    checkpoint_file,
     decode_spec,
     job_kind,
 )
@@ -114,14 +116,20 @@ def fuse(spec: FuseSpec, reg: Registry, on_event: EventSink) -> str:
     checks.check_adapter_folder(adapter_dir)
     adapter_meta = registry.read_meta(adapter_dir)
     base_path = _base_path(spec.base, on_event)
-    with registry.staged(reg.model_dir(spec.model_id)) as work:
-        parity = fusing.fuse_adapter(base_path, adapter_dir, work, spec.request.dequantize, on_event)
+    with registry.staged(reg.model_dir(spec.model_id)) as work, tempfile.TemporaryDirectory() as view:
+        source = adapter_dir
+        if spec.checkpoint is not None:  # the checkpoint, shown to the fuse as an adapter folder
+            source = Path(view)
+            shutil.copyfile(adapter_dir / "adapter_config.json", source / "adapter_config.json")
+            os.symlink(adapter_dir / "checkpoints" / checkpoint_file(spec.checkpoint), source / "adapters.safetensors")
+        parity = fusing.fuse_adapter(base_path, source, work, spec.request.dequantize, on_event)
         meta = ModelMeta(
             kind="fused",
             created_at=time.time(),
             base_model=spec.base.ref,
             base_source=spec.base.source,
             adapter=spec.adapter,
+            adapter_checkpoint=spec.checkpoint,
             job_id=spec.job_id,
             parameters=adapter_meta.parameters if adapter_meta else None,
             training_data=adapter_meta.training_data if adapter_meta else None,
@@ -130,7 +138,8 @@ def fuse(spec: FuseSpec, reg: Registry, on_event: EventSink) -> str:
             retention=adapter_meta.retention if adapter_meta else None,  # parity: the same answers
         )
         registry.write_meta(work, meta)
-    return f"model {spec.model_id} fused from {spec.base.ref} and adapter {spec.adapter}"
+    at = f" at iteration {spec.checkpoint}" if spec.checkpoint is not None else ""
+    return f"model {spec.model_id} fused from {spec.base.ref} and adapter {spec.adapter}{at}"
 
 
 def quantize(spec: QuantizeSpec, reg: Registry, on_event: EventSink) -> str:

@@ -166,6 +166,7 @@ class Registry:
             retention=meta.retention if meta else None,
             quantization=meta.quantization if meta else None,
             resumed_from=meta.resumed_from if meta else None,
+            adapter_checkpoint=meta.adapter_checkpoint if meta else None,
             files=files if with_files else None,
         )
 
