@@ -231,14 +231,7 @@ def _finetune(client: Client, run: Run, current: RunState, say: Callable[[str], 
                 return client.resume(job)
             say(f"{run.name}: {job.status}; following job {job.job_id}")
             return job
-    body = run.body
-    job = client.finetune(
-        body["base_model"],
-        body["training_data"],
-        validation_data=body.get("validation_data"),
-        suffix=body.get("suffix"),
-        **body["parameters"],
-    )
+    job = client.submit_finetune(run.body)
     current.job_id, current.done_steps = job.job_id, []
     say(f"{run.name}: queued job {job.job_id}")
     return job

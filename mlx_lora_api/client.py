@@ -90,6 +90,10 @@ class Client:
             body["validation_data"] = list(validation_data)
         if suffix is not None:
             body["suffix"] = suffix
+        return self.submit_finetune(body)
+
+    def submit_finetune(self, body: dict[str, Any]) -> Job:
+        """Queue a fine-tune from a whole request body, as `POST /lora-finetune` takes it."""
         return self._queued("/lora-finetune", body)
 
     def fuse(self, base_model: str, adapter: str, *, suffix: str | None = None, dequantize: bool = False) -> Job:

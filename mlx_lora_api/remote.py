@@ -90,13 +90,7 @@ def submitted(client: Client, job: Job, args: argparse.Namespace) -> int:
 
 
 def finetune(client: Client, body: dict[str, Any], args: argparse.Namespace) -> int:
-    job = client.finetune(
-        body["base_model"],
-        body["training_data"],
-        validation_data=body.get("validation_data"),
-        suffix=body.get("suffix"),
-        **body["parameters"],
-    )
+    job = client.submit_finetune(body)
     return submitted(client, job, args)
 
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import secrets
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -140,7 +138,13 @@ class Service:
         if layers is not None and wanted is not None and wanted > layers:
             raise errors.Invalid(f"`parameters.num_layers` is {wanted} but {base.ref} has {layers} layers")
         label = f"{request.suffix}" if request.suffix else "lora"
-        spec = FinetuneSpec(job_id=new_job_id(), model_id=self._fresh_id(base.ref, label), base=base, request=request)
+        spec = FinetuneSpec(
+            job_id=new_job_id(),
+            model_id=self._fresh_id(base.ref, label),
+            base=base,
+            request=request,
+            data=request.data_summary,  # hashed once, here
+        )
         if request.resume_from:
             adapter, weights = self._resume_source(request, base, layers)
             spec = msgspec.structs.replace(spec, adapter=adapter, initial_weights=weights)
@@ -201,9 +205,7 @@ class Service:
                 raise errors.Conflict(f"`lora_adapter`: {adapter!r} is still being made; fuse its checkpoints after")
             folder = self.registry.adapter_dir(adapter)
             if not (folder / "checkpoints" / checkpoint_file(int(step))).is_file():
-                steps = sorted(
-                    int(p.name.split("_")[0]) for p in folder.glob("checkpoints/[0-9]*_adapters.safetensors")
-                )
+                steps = registry.checkpoint_steps(folder)
                 raise errors.NotFound(
                     f"`lora_adapter`: {adapter!r} has no checkpoint at iteration {step};"
                     f" it has {', '.join(map(str, steps)) or 'none'}"
@@ -337,6 +339,10 @@ class Service:
             )
         return {"base_path": base.path, "adapter_path": None}
 
+    @property
+    def _checkpoint_views(self) -> Path:
+        return self.settings.data_dir / "cache" / "checkpoints"
+
     def _checkpoint_target(self, model_id: str, step: int) -> dict[str, str | None]:
         """`ADAPTER:step-N`, the adapter's checkpoint at step N, while it trains too. Generation
         reads an adapter folder, so the checkpoint is shown as one: a folder in the cache with
@@ -349,9 +355,8 @@ class Service:
         if not self.registry.is_adapter(model_id):
             assert isinstance(spec, FinetuneSpec)
             folder = registry.staging_dir(folder, work_name(spec))  # still training, paused or stopped
-        weights = folder / "checkpoints" / checkpoint_file(step)
-        if not weights.is_file():
-            steps = sorted(int(p.name.split("_")[0]) for p in folder.glob("checkpoints/[0-9]*_adapters.safetensors"))
+        if not (folder / "checkpoints" / checkpoint_file(step)).is_file():
+            steps = registry.checkpoint_steps(folder)
             raise errors.NotFound(
                 f"{model_id!r} has no checkpoint at step {step}; it has {', '.join(map(str, steps)) or 'none'}",
                 param="model",
@@ -359,15 +364,7 @@ class Service:
         base = spec.base if isinstance(spec, FinetuneSpec) else self.resolve_base(self.adapter_base(model_id))
         if base.path is None:
             raise errors.Unavailable(f"the base of {model_id!r}, {base.ref!r}, is not downloaded yet")
-        view = self.settings.data_dir / "cache" / "checkpoints" / f"{model_id}-step-{step}"
-        view.mkdir(parents=True, exist_ok=True)
-        for name, make in (
-            ("adapter_config.json", lambda tmp: shutil.copyfile(folder / "adapter_config.json", tmp)),
-            ("adapters.safetensors", lambda tmp: os.symlink(weights, tmp)),
-        ):
-            tmp = view / f".{name}.{secrets.token_hex(4)}"
-            make(tmp)
-            os.replace(tmp, view / name)
+        view = registry.checkpoint_view(folder, step, self._checkpoint_views / f"{model_id}-step-{step}")
         return {"base_path": base.path, "adapter_path": str(view)}
 
     def generate(self, request: GenerateRequest) -> Iterator[dict[str, Any]]:
@@ -439,7 +436,7 @@ class Service:
                 "delete with ?force=true to remove it anyway"
             )
         self.registry.delete(model_id)
-        for view in (self.settings.data_dir / "cache" / "checkpoints").glob(f"{model_id}-step-*"):
+        for view in self._checkpoint_views.glob(f"{model_id}-step-*"):
             shutil.rmtree(view, ignore_errors=True)  # its checkpoints shown as models
 
     def metrics(self, job_id: str) -> Metrics:
@@ -479,14 +476,19 @@ class Service:
         return job
 
     def job(self, job_id: str) -> Job:
-        """The job; a fine-tune with its parameters and a summary of its data."""
         job = self.store.get(job_id)
         if job is None:
             raise errors.NotFound(f"no job with id {job_id!r}")
+        return job
+
+    def job_details(self, job_id: str) -> Job:
+        """The job as `GET /jobs/{id}` shows it: a fine-tune with its parameters and a summary of its
+        data (read from its spec; the polling loops use `job`, which does not)."""
+        job = self.job(job_id)
         spec = self.store.spec(job_id)
         if isinstance(spec, FinetuneSpec):
             job.parameters = msgspec.to_builtins(spec.request.parameters)
-            job.training_data = spec.request.data_summary
+            job.training_data = spec.data or spec.request.data_summary  # jobs queued before `data` existed
         return job
 
     def jobs(self, limit: int, before: int | None, status: str | None) -> JobList:

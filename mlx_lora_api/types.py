@@ -553,6 +553,7 @@ class FinetuneSpec(Struct, tag="finetune", kw_only=True):
     base: BaseModel
     request: FinetuneRequest
     openai: OpenAIOrigin | None = None  # created through /v1/fine_tuning/jobs
+    data: dict[str, Any] | None = None  # request.data_summary, computed at submission
     # With `request.resume_from`: the adapter it starts from (kept from deletion while queued) and
     # the weights file, resolved at submission.
     adapter: str | None = None

@@ -36,7 +36,6 @@ from ..types import (
     ModelMeta,
     PushSpec,
     QuantizeSpec,
-    checkpoint_file,
     decode_spec,
     job_kind,
 )
@@ -94,7 +93,7 @@ def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
             base_source=spec.base.source,
             job_id=spec.job_id,
             parameters=msgspec.to_builtins(request.parameters),
-            training_data=request.data_summary,
+            training_data=spec.data or request.data_summary,
             resumed_from=request.resume_from,
             metrics=metrics,
             retention=retained,
@@ -119,9 +118,7 @@ def fuse(spec: FuseSpec, reg: Registry, on_event: EventSink) -> str:
     with registry.staged(reg.model_dir(spec.model_id)) as work, tempfile.TemporaryDirectory() as view:
         source = adapter_dir
         if spec.checkpoint is not None:  # the checkpoint, shown to the fuse as an adapter folder
-            source = Path(view)
-            shutil.copyfile(adapter_dir / "adapter_config.json", source / "adapter_config.json")
-            os.symlink(adapter_dir / "checkpoints" / checkpoint_file(spec.checkpoint), source / "adapters.safetensors")
+            source = registry.checkpoint_view(adapter_dir, spec.checkpoint, Path(view))
         parity = fusing.fuse_adapter(base_path, source, work, spec.request.dequantize, on_event)
         meta = ModelMeta(
             kind="fused",

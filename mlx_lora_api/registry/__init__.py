@@ -1,7 +1,16 @@
 """The registry and the Hub: model ids to folders, `meta.json`, lineage, atomic publication,
 and where base models come from and results go. Plain file work: no MLX."""
 
-from .files import has_checkpoints, read_json, read_meta, staged, staging_dir, write_meta
+from .files import (
+    checkpoint_steps,
+    checkpoint_view,
+    has_checkpoints,
+    read_json,
+    read_meta,
+    staged,
+    staging_dir,
+    write_meta,
+)
 from .ids import check_id, new_model_id
 from .registry import DEFAULT_ALIAS, Registry
 
@@ -9,6 +18,8 @@ __all__ = [
     "DEFAULT_ALIAS",
     "Registry",
     "check_id",
+    "checkpoint_steps",
+    "checkpoint_view",
     "has_checkpoints",
     "new_model_id",
     "read_json",

@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 
 from .. import errors
-from ..types import ModelMeta
+from ..types import ModelMeta, checkpoint_file
 
 META_FILE = "meta.json"
 STAGING = ".staging"
@@ -52,6 +52,27 @@ def staging_dir(final: Path, name: str) -> Path:
 
 def has_checkpoints(work: Path) -> bool:
     return any((work / "checkpoints").glob("*.safetensors"))
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    """The iterations an adapter folder (or a fine-tune's work folder) has checkpoints of."""
+    return sorted(int(p.name.split("_")[0]) for p in folder.glob("checkpoints/[0-9]*_adapters.safetensors"))
+
+
+def checkpoint_view(folder: Path, step: int, view: Path) -> Path:
+    """The adapter's checkpoint at `step` shown as an adapter folder, `view`: the adapter's config
+    and a link to the checkpoint's weights (no copy), each renamed into place. What reads adapter
+    folders (generation, the fuse) then reads a checkpoint unchanged."""
+    view.mkdir(parents=True, exist_ok=True)
+    weights = folder / "checkpoints" / checkpoint_file(step)
+    for name, make in (
+        ("adapter_config.json", lambda tmp: shutil.copyfile(folder / "adapter_config.json", tmp)),
+        ("adapters.safetensors", lambda tmp: os.symlink(weights, tmp)),
+    ):
+        tmp = view / f".{name}.{secrets.token_hex(4)}"
+        make(tmp)
+        os.replace(tmp, view / name)
+    return view
 
 
 @contextlib.contextmanager

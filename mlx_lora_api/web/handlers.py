@@ -124,7 +124,7 @@ async def list_jobs(request: Request) -> Response:
 
 async def get_job(request: Request) -> Response:
     service = request.app.state.service
-    return respond(await run_in_threadpool(service.job, request.path_params["job_id"]))
+    return respond(await run_in_threadpool(service.job_details, request.path_params["job_id"]))
 
 
 async def cancel_job(request: Request) -> Response:
