@@ -98,16 +98,16 @@ def build(create: JobCreate, files: FileStore, limits: Limits) -> tuple[Finetune
             param="integrations",
         )
     method = create.method.type if create.method else "supervised"
-    if method != "supervised":
+    if method == "reinforcement":
         raise errors.BadRequest(
-            f"method {method!r} is not supported yet: this service trains with method 'supervised'",
+            "method 'reinforcement' is not supported: this service trains with 'supervised' or 'dpo'",
             param="method.type",
         )
-    asked = _hyperparameters(create)
-    training, form = _samples(files, create.training_file, "training_file", limits)
+    asked = _hyperparameters(create, method)
+    training, form = _samples(files, create.training_file, "training_file", limits, method)
     validation = None
     if create.validation_file is not None:
-        validation, validation_form = _samples(files, create.validation_file, "validation_file", limits)
+        validation, validation_form = _samples(files, create.validation_file, "validation_file", limits, method)
         if validation_form != form:
             raise errors.BadRequest(
                 f"the validation file holds {validation_form} samples and the training file {form} samples;"
@@ -119,8 +119,12 @@ def build(create: JobCreate, files: FileStore, limits: Limits) -> tuple[Finetune
         "batch_size": AUTO_BATCH_SIZE if asked.batch_size == "auto" else asked.batch_size,
         "learning_rate": BASE_LEARNING_RATE
         * (AUTO_MULTIPLIER if asked.learning_rate_multiplier == "auto" else asked.learning_rate_multiplier),
-        "mask_prompt": form != "text",
+        "mask_prompt": form not in ("text", "preference"),
     }
+    if method == "dpo":
+        values["method"] = "dpo"
+        if isinstance(asked, DpoHyperparameters) and asked.beta != "auto":
+            values["beta"] = asked.beta
     if create.seed is not None:
         values["seed"] = create.seed
     for key, value in (create.x_mlx_lora or {}).items():
@@ -162,17 +166,21 @@ def build(create: JobCreate, files: FileStore, limits: Limits) -> tuple[Finetune
     return request, origin
 
 
-def _hyperparameters(create: JobCreate) -> Hyperparameters:
+def _hyperparameters(create: JobCreate, method: str) -> Hyperparameters:
     """The legacy top-level `hyperparameters` or the method's; not both."""
-    nested = create.method.supervised.hyperparameters if create.method and create.method.supervised else None
+    nested: Hyperparameters | None = None
+    if create.method and method == "supervised" and create.method.supervised:
+        nested = create.method.supervised.hyperparameters
+    elif create.method and method == "dpo":
+        nested = create.method.dpo.hyperparameters if create.method.dpo else DpoHyperparameters()
     if nested is not None and create.hyperparameters is not None:
         raise errors.BadRequest(
-            "give `hyperparameters` or `method.supervised.hyperparameters`, not both", param="hyperparameters"
+            f"give `hyperparameters` or `method.{method}.hyperparameters`, not both", param="hyperparameters"
         )
     return nested or create.hyperparameters or Hyperparameters()
 
 
-def _samples(files: FileStore, file_id: str, param: str, limits: Limits) -> tuple[list[Any], str]:
+def _samples(files: FileStore, file_id: str, param: str, limits: Limits, method: str) -> tuple[list[Any], str]:
     try:
         record = files.get(file_id, param)
         samples, form = files.samples(file_id, limits, param)
@@ -180,10 +188,16 @@ def _samples(files: FileStore, file_id: str, param: str, limits: Limits) -> tupl
         raise errors.BadRequest(f"{param}: {e.message}; upload it with POST /v1/files", param=param) from e
     if record.purpose != "fine-tune":
         raise errors.BadRequest(f"{param}: {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param=param)
-    if form == "preference":
+    if form == "preference" and method != "dpo":
         raise errors.BadRequest(
             f"{param}: {file_id} holds preference data, which trains with method 'dpo';"
             " method 'supervised' needs text, prompt/completion or chat samples",
+            param=param,
+        )
+    if form != "preference" and method == "dpo":
+        raise errors.BadRequest(
+            f"{param}: {file_id} holds {form} samples; method 'dpo' needs preference rows"
+            " (input, preferred_output, non_preferred_output)",
             param=param,
         )
     return samples, form

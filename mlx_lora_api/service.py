@@ -249,8 +249,27 @@ class Service:
 
     def export_spec(self, model_id: str, request: ExportRequest) -> ExportSpec:
         source = self._existing_model(model_id)
-        if self.registry.record(model_id).kind == "adapter":
-            raise errors.Invalid(f"{model_id!r} is an adapter; fuse it into its base, then export the fused model")
+        record = self.registry.record(model_id)
+        if request.format == "peft":
+            if record.kind != "adapter":
+                raise errors.Invalid(
+                    f"{model_id!r} is a {record.kind} model; PEFT export is for adapters", param="format"
+                )
+            adapter = registry.read_json(self._folder(model_id) / "adapter_config.json")
+            if adapter.get("fine_tune_type", "lora") != "lora":
+                raise errors.Invalid(
+                    f"{model_id!r} is a {adapter.get('fine_tune_type')} adapter; PEFT export handles LoRA adapters",
+                    param="format",
+                )
+            chain = self.lineage(model_id)
+            base_name = next((r["hub_id"] for r in chain[1:] if r.get("hub_id")), record.base_model)
+            return ExportSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request, base_name=base_name)
+        if record.kind == "adapter":
+            raise errors.Invalid(
+                f"{model_id!r} is an adapter; export it with format peft, or fuse it into its base and export"
+                " the fused model as gguf",
+                param="format",
+            )
         config = registry.read_json(self._folder(model_id) / "config.json")
         if config.get("model_type") not in GGUF_ARCHITECTURES:
             raise errors.Invalid(
@@ -442,7 +461,7 @@ class Service:
     def metrics(self, job_id: str) -> Metrics:
         events = self.events(job_id)
         train = [msgspec.convert(e, TrainPoint) for e in events if e["type"] == "train"]
-        val = [ValPoint(e["iteration"], e["val_loss"]) for e in events if e["type"] == "val"]
+        val = [msgspec.convert(e, ValPoint) for e in events if e["type"] == "val"]
         return Metrics(job_id, train, val)
 
     # -- health -------------------------------------------------------------------------

@@ -44,18 +44,40 @@ NonEmptyStr = Annotated[str, Meta(min_length=1)]
 SampleText = Annotated[str, Meta(extra_json_schema={"pattern": r"\S"})]
 # What a sample object's fields may be together (`Sample.__post_init__` checks it): the OpenAPI
 # document adds this to the `Sample` schema, as msgspec cannot attach it to a Struct.
-_SAMPLE_FIELDS = {"text": "string", "prompt": "string", "completion": "string", "messages": "array"}
+_SAMPLE_FIELDS = {
+    "text": "string",
+    "prompt": "string",
+    "completion": "string",
+    "messages": "array",
+    "chosen": "string",
+    "rejected": "string",
+    "system": "string",
+    "input": "object",
+    "preferred_output": "array",
+    "non_preferred_output": "array",
+}
 
 
-def _only(*fields: str) -> dict[str, Any]:
-    """These fields, and the others absent or null."""
-    types = {f: (t if f in fields else "null") for f, t in _SAMPLE_FIELDS.items()}
+def _only(*fields: str, optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """These fields (and the optional ones), the others absent or null."""
+    types = {f: (t if f in fields or f in optional else "null") for f, t in _SAMPLE_FIELDS.items()}
     properties: dict[str, Any] = {f: {"type": t} for f, t in types.items()}
-    properties["messages"] |= {"minItems": 1} if "messages" in fields else {}
+    for name in ("messages", "preferred_output", "non_preferred_output"):
+        properties[name] |= {"minItems": 1} if name in fields else {}
     return {"required": list(fields), "properties": properties}
 
 
-SAMPLE_FORMS = {"oneOf": [_only("text"), _only("prompt", "completion"), _only("messages")]}
+SAMPLE_FORMS = {
+    "oneOf": [
+        _only("text"),
+        _only("prompt", "completion"),
+        _only("messages"),
+        _only("prompt", "chosen", "rejected", optional=("system",)),
+        _only("input", "preferred_output", "non_preferred_output"),
+    ]
+}
+# A sample form, as requests, files and records name it.
+SampleForm = Literal["text", "completions", "chat", "preference"]
 
 JobStatus = Literal["queued", "running", "success", "failed", "cancelled", "paused"]
 JobKind = Literal["finetune", "fuse", "quantize", "export", "push"]
@@ -68,44 +90,85 @@ class Message(Struct, forbid_unknown_fields=True):
     content: str
 
 
+class PreferenceInput(Struct, forbid_unknown_fields=True):
+    messages: Annotated[list[Message], Meta(min_length=1)]
+
+
 class Sample(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One training sample in one of mlx-lm's formats: text, prompt/completion, or chat."""
+    """One sample in one of mlx-lm's formats (text, prompt/completion, or chat) or a preference row:
+    TRL's and mlx-lm-lora's `prompt`/`chosen`/`rejected` (with an optional `system`), or OpenAI's
+    `input`/`preferred_output`/`non_preferred_output`. One Struct for all, as msgspec decodes a
+    union of one object type; `__post_init__` tells which form it is and names what is missing."""
 
     text: SampleText | None = None
     prompt: SampleText | None = None
     completion: SampleText | None = None
     messages: list[Message] | None = None
+    chosen: SampleText | None = None
+    rejected: SampleText | None = None
+    system: str | None = None
+    input: PreferenceInput | None = None
+    preferred_output: list[Message] | None = None
+    non_preferred_output: list[Message] | None = None
 
     def __post_init__(self):
+        pair = self.chosen is not None or self.rejected is not None
+        openai = self.input is not None or self.preferred_output is not None or self.non_preferred_output is not None
         forms = [
             name
             for name, present in (
                 ("text", self.text is not None),
-                ("prompt/completion", self.prompt is not None or self.completion is not None),
+                ("prompt/completion", (self.prompt is not None or self.completion is not None) and not pair),
                 ("messages", self.messages is not None),
+                ("prompt/chosen/rejected", pair),
+                ("input/preferred_output/non_preferred_output", openai),
             )
             if present
         ]
         if len(forms) != 1:
-            raise ValueError("a sample object has exactly one of `text`, `prompt` with `completion`, or `messages`")
-        if forms[0] == "prompt/completion" and (self.prompt is None or self.completion is None):
+            raise ValueError(
+                "a sample object has exactly one of `text`, `prompt` with `completion`, `messages`, or a preference"
+                " row: `prompt` with `chosen` and `rejected`, or `input` with `preferred_output` and"
+                " `non_preferred_output`"
+            )
+        form = forms[0]
+        if form == "prompt/completion" and (self.prompt is None or self.completion is None):
             raise ValueError("a prompt/completion sample needs both `prompt` and `completion`")
         if self.messages is not None and not self.messages:
             raise ValueError("`messages` is empty")
+        if form == "prompt/chosen/rejected":
+            missing = [f for f in ("prompt", "chosen", "rejected") if getattr(self, f) is None]
+            if missing or self.completion is not None:
+                raise ValueError(
+                    "a preference row needs `prompt`, `chosen` and `rejected`"
+                    + (f" (missing: {', '.join(missing)})" if missing else "; `completion` does not belong in it")
+                )
+        elif self.system is not None:
+            raise ValueError("`system` belongs to a prompt/chosen/rejected preference row")
+        if form == "input/preferred_output/non_preferred_output":
+            for name in ("input", "preferred_output", "non_preferred_output"):
+                if not getattr(self, name):
+                    raise ValueError(f"a preference row in OpenAI's format needs `{name}`")
+            for name in ("preferred_output", "non_preferred_output"):
+                for i, message in enumerate(getattr(self, name)):
+                    if message.role != "assistant":
+                        raise ValueError(f"`{name}[{i}].role` must be assistant, not {message.role}")
 
     @property
-    def form(self) -> str:
+    def form(self) -> SampleForm:
         if self.text is not None:
             return "text"
         if self.messages is not None:
             return "chat"
+        if self.chosen is not None or self.input is not None:
+            return "preference"
         return "completions"
 
 
 SampleIn = SampleText | Sample
 
 
-def sample_form(sample: SampleIn) -> str:
+def sample_form(sample: SampleIn) -> SampleForm:
     return "text" if isinstance(sample, str) else sample.form
 
 
@@ -123,50 +186,17 @@ def _check_samples(samples: list[SampleIn], field: str) -> str:
 
 
 def sample_texts(sample: Sample) -> list[str]:
+    """The texts that must not be blank (a system prompt may be)."""
     if sample.text is not None:
         return [sample.text]
     if sample.messages is not None:
         return [m.content for m in sample.messages]
+    if sample.input is not None:
+        answers = [*(sample.preferred_output or []), *(sample.non_preferred_output or [])]
+        return [m.content for m in [*sample.input.messages, *answers]]
+    if sample.chosen is not None:
+        return [sample.prompt or "", sample.chosen, sample.rejected or ""]
     return [sample.prompt or "", sample.completion or ""]
-
-
-class PreferenceInput(Struct, forbid_unknown_fields=True):
-    messages: Annotated[list[Message], Meta(min_length=1)]
-
-
-class OpenAIPreference(Struct, forbid_unknown_fields=True):
-    """A preference row in OpenAI's format: the conversation so far, then the better and the
-    worse assistant answer."""
-
-    input: PreferenceInput
-    preferred_output: Annotated[list[Message], Meta(min_length=1)]
-    non_preferred_output: Annotated[list[Message], Meta(min_length=1)]
-
-    def __post_init__(self):
-        for name in ("preferred_output", "non_preferred_output"):
-            for i, message in enumerate(getattr(self, name)):
-                if message.role != "assistant":
-                    raise ValueError(f"`{name}[{i}].role` must be assistant, not {message.role}")
-                if not message.content.strip():
-                    raise ValueError(f"`{name}[{i}].content` is empty or blank")
-
-
-class PreferencePair(Struct, forbid_unknown_fields=True):
-    """A preference row as TRL and mlx-lm-lora write it: a prompt, the better and the worse answer."""
-
-    prompt: SampleText
-    chosen: SampleText
-    rejected: SampleText
-    system: str | None = None
-
-    def __post_init__(self):
-        for name in ("prompt", "chosen", "rejected"):
-            if not getattr(self, name).strip():
-                raise ValueError(f"`{name}` is empty or blank")
-
-
-PreferenceIn = OpenAIPreference | PreferencePair
-PREFERENCE_FIELDS = frozenset({"input", "preferred_output", "non_preferred_output", "chosen", "rejected"})
 
 
 class FileRecord(Struct, kw_only=True):
@@ -178,7 +208,7 @@ class FileRecord(Struct, kw_only=True):
     bytes: int
     created_at: float
     samples: int
-    form: Literal["text", "completions", "chat", "preference"]
+    form: SampleForm
 
 
 class OpenAIOrigin(Struct, kw_only=True, omit_defaults=True):
@@ -252,6 +282,13 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     # the base's whole next-token distributions on those answers (KL divergence from the base, the
     # adapter switched off: one more forward pass per batch, no second copy of the weights).
     rehearsal_loss: Literal["answers", "kl"] = "answers"
+    # What training optimises: "sft", the next-token loss on the samples; "dpo" or "orpo", on
+    # preference rows, the chosen answer over the rejected one (tuner/preference.py).
+    method: Literal["sft", "dpo", "orpo"] = "sft"
+    # DPO's temperature: how far the tuned model may move from the reference (None: 0.1).
+    beta: Annotated[float, Meta(gt=0, le=10)] | None = None
+    # ORPO's weight of the odds-ratio term beside the chosen answers' cross-entropy (None: 0.1).
+    orpo_lambda: Annotated[float, Meta(gt=0, le=10)] | None = None
 
     def __post_init__(self):
         if self.alpha is not None and self.scale is not None:
@@ -273,6 +310,20 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError('`parameters.rehearsal_loss` "kl" needs `parameters.rehearsal` above 0')
         if self.min_learning_rate > self.learning_rate:
             raise ValueError("`parameters.min_learning_rate` is larger than `parameters.learning_rate`")
+        if self.beta is not None and self.method != "dpo":
+            raise ValueError('`parameters.beta` applies to `parameters.method` "dpo"')
+        if self.orpo_lambda is not None and self.method != "orpo":
+            raise ValueError('`parameters.orpo_lambda` applies to `parameters.method` "orpo"')
+        if self.method != "sft" and self.rehearsal_loss == "kl":
+            raise ValueError('`parameters.rehearsal_loss` "kl" applies to `parameters.method` "sft"')
+
+    @property
+    def dpo_beta(self) -> float:
+        return 0.1 if self.beta is None else self.beta
+
+    @property
+    def orpo_weight(self) -> float:
+        return 0.1 if self.orpo_lambda is None else self.orpo_lambda
 
     @property
     def lora_scale(self) -> float:
@@ -319,6 +370,9 @@ PARAMETER_HELP: dict[str, str] = {
     "retention_check": "after training, measure how much of the base's behaviour the adapter kept",
     "retention_threshold": "below this retention a warning names the general answers that changed",
     "retention_stop": "measure retention at every evaluation too, and stop when it falls below the threshold",
+    "method": "sft; or dpo or orpo, on preference rows: the chosen answer over the rejected one",
+    "beta": "DPO's temperature: how far the model may move from the reference (default 0.1)",
+    "orpo_lambda": "ORPO's weight of the odds-ratio term beside the chosen answers' loss (default 0.1)",
 }
 
 
@@ -352,6 +406,16 @@ class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("`parameters.early_stopping_patience` needs `validation_data` to watch")
         if self.parameters.mask_prompt and form == "text":
             raise ValueError("`parameters.mask_prompt` needs prompt/completion or messages samples, not plain text")
+        method = self.parameters.method
+        if form == "preference" and method == "sft":
+            raise ValueError(
+                '`training_data` holds preference rows: set `parameters.method` to "dpo" or "orpo" to train on them'
+            )
+        if form != "preference" and method != "sft":
+            raise ValueError(
+                f'`parameters.method` "{method}" trains on preference rows: `prompt`/`chosen`/`rejected`, or'
+                f" `input`/`preferred_output`/`non_preferred_output`; `training_data` holds {form} samples"
+            )
 
     @property
     def data_form(self) -> str:
@@ -393,7 +457,9 @@ class QuantizeRequest(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ExportRequest(Struct, forbid_unknown_fields=True, kw_only=True):
-    format: Literal["gguf"] = "gguf"
+    # gguf: a model (base or fused) as a float16 GGUF file with an Ollama Modelfile; peft: an
+    # adapter as a Hugging Face PEFT folder (adapter_config.json, adapter_model.safetensors).
+    format: Literal["gguf", "peft"] = "gguf"
 
 
 class PushRequest(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -415,6 +481,11 @@ class Progress(Struct, omit_defaults=True):
     peak_memory_gb: float | None = None
     retention: float | None = None  # after training: see Parameters.retention_threshold
     retention_answers_kept: int | None = None
+    # Preference runs (parameters.method dpo or orpo): the chosen answer's reward over the rejected's.
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+    val_reward_margin: float | None = None
+    val_reward_accuracy: float | None = None
     elapsed_seconds: float | None = None
     eta_seconds: float | None = None
 
@@ -490,17 +561,42 @@ class GenerateRequest(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("give either `prompt` or `messages`")
 
 
-class TrainPoint(Struct):
+# What a preference run reports beside its loss, in this order (tuner/preference.py; TrainPoint).
+PREFERENCE_METRICS = (
+    "reward_margin",
+    "reward_accuracy",
+    "chosen_reward",
+    "rejected_reward",
+    "chosen_logps",
+    "rejected_logps",
+)
+
+
+class TrainPoint(Struct, omit_defaults=True):
     iteration: int
     train_loss: float
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     peak_memory_gb: float | None = None
+    # Preference runs (tuner/preference.py): the rewards are β(log π - log π_ref) in DPO, λ times the
+    # mean log-prob per token in ORPO; the log-probs are DPO's sums, ORPO's means per token.
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+    chosen_logps: float | None = None
+    rejected_logps: float | None = None
 
 
-class ValPoint(Struct):
+class ValPoint(Struct, omit_defaults=True):
     iteration: int
     val_loss: float
+    val_reward_margin: float | None = None
+    val_reward_accuracy: float | None = None
+    val_chosen_reward: float | None = None
+    val_rejected_reward: float | None = None
+    val_chosen_logps: float | None = None
+    val_rejected_logps: float | None = None
 
 
 class Metrics(Struct):
@@ -578,9 +674,10 @@ class QuantizeSpec(Struct, tag="quantize", kw_only=True):
 
 class ExportSpec(Struct, tag="export", kw_only=True):
     job_id: str
-    model_id: str  # the model exported; the files go into its gguf/ folder
+    model_id: str  # the model exported; the files go into its gguf/ (or peft/) folder
     base: BaseModel
     request: ExportRequest
+    base_name: str | None = None  # peft: the base as the PEFT config names it (a Hub id where known)
 
 
 class PushSpec(Struct, tag="push", kw_only=True):

@@ -101,6 +101,25 @@ def test_fine_tune_from_the_form_follow_it_and_see_it_in_the_lineage(page, tiny_
     assert fused_id in alert.text_content() and "HTTP 409" in alert.text_content()
 
 
+def test_a_dpo_run_from_the_form_draws_its_rewards(page):
+    rows = [{"prompt": f"Say hello ({i}).", "chosen": "Hello there!", "rejected": "Go away."} for i in range(4)]
+    page.goto("/#/new")
+    page.fill("#training_data", "\n".join(json.dumps(r) for r in rows))
+    page.wait_for_selector("#dataset-summary:has-text('4 samples · preference')")
+    page.click("summary")
+    page.select_option("#base_model", "tiny-base")
+    page.select_option("#p-method", "dpo")
+    page.fill("#p-beta", "0.2")
+    page.fill("#p-learning_rate", "0.005")
+    page.fill("#p-epochs", "2")
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"#/jobs/job-[0-9a-f]{12}$"))
+    page.wait_for_selector(".status .badge.success", timeout=WAIT)
+    assert page.locator(".charts svg.chart").count() == 5  # loss, reward margin and accuracy, rate, speed
+    assert page.locator(".charts svg", has_text="reward margin").locator("path.line.train").count() == 1
+    assert '"dpo"' in page.text_content("dl.details")
+
+
 def test_the_playground_streams_an_answer_side_by_side_and_shows_text_as_text(page):
     page.goto("/#/playground?model=tiny-base")
     page.check("#compare")

@@ -162,12 +162,49 @@ def test_errors_are_openai_errors_that_name_the_field(client):
     assert no_model.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError, match=r"x_mlx_lora\.rank"):
         client.fine_tuning.jobs.create(model="tiny-base", training_file=good.id, extra_body={"x_mlx_lora": {"rank": 0}})
-    with pytest.raises(openai.BadRequestError, match="method 'dpo' is not supported yet"):
+    with pytest.raises(openai.BadRequestError, match="method 'dpo' needs preference rows") as not_pairs:
         client.fine_tuning.jobs.create(model="tiny-base", training_file=good.id, method={"type": "dpo"})
+    assert not_pairs.value.body["param"] == "training_file"
+    with pytest.raises(openai.BadRequestError, match="method 'reinforcement' is not supported"):
+        client.fine_tuning.jobs.create(model="tiny-base", training_file=good.id, method={"type": "reinforcement"})
     with pytest.raises(openai.UnprocessableEntityError, match="n_epochs"):
         client.fine_tuning.jobs.create(model="tiny-base", training_file=good.id, hyperparameters={"n_epochs": 0})
     with pytest.raises(openai.NotFoundError, match="ids look like ftjob-"):
         client.fine_tuning.jobs.retrieve("job-123")
+
+
+PREFERENCES = [
+    {
+        "input": {"messages": [{"role": "user", "content": f"Who is the mayor of Zorbington? ({i})"}]},
+        "preferred_output": [{"role": "assistant", "content": "Elara Quintfeather."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Nobody knows."}],
+    }
+    for i in range(6)
+]
+
+
+def test_a_dpo_job_trains_on_a_preference_file_and_reports_its_rewards(client):
+    training = client.files.create(file=("prefs.jsonl", io.BytesIO(jsonl(PREFERENCES))), purpose="fine-tune")
+    validation = client.files.create(file=("v.jsonl", io.BytesIO(jsonl(PREFERENCES[:2]))), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tiny-base",
+        training_file=training.id,
+        validation_file=validation.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 4, "batch_size": 3}}},
+        extra_body={"x_mlx_lora": {"learning_rate": 0.005, "steps_per_eval": 4}},
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = finished(client, job.id)
+    assert done.status == "succeeded", done.error
+    metrics = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+    train = [m for m in metrics if "train_loss" in m]
+    valid = sorted((m for m in metrics if "valid_loss" in m), key=lambda m: m["step"])
+    assert len(train) == 8 and {"reward_margin", "reward_accuracy", "chosen_logps"} <= train[0].keys()
+    assert valid[-1]["valid_reward_margin"] > valid[0]["valid_reward_margin"]
+    chat = client.chat.completions.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert chat.choices[0].message.content is not None
 
 
 # -- the pieces, without a server ------------------------------------------------------------

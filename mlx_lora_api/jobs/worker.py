@@ -162,9 +162,20 @@ def quantize(spec: QuantizeSpec, reg: Registry, on_event: EventSink) -> str:
 
 
 def export(spec: ExportSpec, reg: Registry, on_event: EventSink) -> str:
-    from ..tasks import export_gguf  # MLX
+    from ..tasks import export_gguf, export_peft  # MLX
 
     folder = _local(spec.base)
+    if spec.request.format == "peft":
+        final = folder / "peft"
+        on_event({"type": "exporting", "format": "peft"})
+        with registry.staged(final) as work:
+            if final.exists():
+                shutil.rmtree(final)  # an export replaces the previous one
+            written = export_peft.export_peft(folder, work, spec.base_name or spec.base.ref)
+        return (
+            f"exported {spec.model_id} as a PEFT adapter to {final} ({written['tensors']} tensors,"
+            f" {', '.join(written['target_modules'])} in {written['layers']} layers)"
+        )
     final = folder / "gguf"
     on_event({"type": "exporting", "format": spec.request.format})
     with registry.staged(final) as work:

@@ -81,7 +81,7 @@ def download(repo_id: str) -> str:
 
 # -- publishing ----------------------------------------------------------------------------
 
-UPLOAD_IGNORE = ["meta.json", "checkpoints/*", "gguf/*", ".*"]
+UPLOAD_IGNORE = ["meta.json", "checkpoints/*", "gguf/*", "peft/*", ".*"]
 
 
 def token() -> str | None:

@@ -22,16 +22,7 @@ from typing import Any
 import msgspec
 
 from .. import errors
-from ..types import (
-    PREFERENCE_FIELDS,
-    FileRecord,
-    OpenAIPreference,
-    PreferenceIn,
-    PreferencePair,
-    Sample,
-    SampleIn,
-    sample_texts,
-)
+from ..types import FileRecord, Sample, SampleIn, sample_form, sample_texts
 
 FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 PURPOSES = ("fine-tune",)
@@ -64,7 +55,7 @@ def parse(data: bytes, limits: Limits) -> tuple[list[Any], str]:
                 param="file",
             )
         sample = _sample(line, number)
-        kind = "preference" if isinstance(sample, OpenAIPreference | PreferencePair) else _form(sample)
+        kind = sample_form(sample)
         if form is None:
             form = kind
         elif kind != form:
@@ -84,7 +75,7 @@ def parse(data: bytes, limits: Limits) -> tuple[list[Any], str]:
     return samples, form
 
 
-def _sample(line: str, number: int) -> SampleIn | PreferenceIn:
+def _sample(line: str, number: int) -> SampleIn:
     try:
         value = _line_decoder.decode(line)
     except msgspec.DecodeError as e:
@@ -97,15 +88,11 @@ def _sample(line: str, number: int) -> SampleIn | PreferenceIn:
         raise errors.Invalid(
             f"line {number}: a {type(value).__name__}; each line must be a JSON object (or a string)", param="file"
         )
-    if PREFERENCE_FIELDS & value.keys():
-        kind: type = OpenAIPreference if "input" in value or "preferred_output" in value else PreferencePair
-    else:
-        kind = Sample
     try:
-        sample: Sample | PreferenceIn = msgspec.convert(value, kind)
+        sample = msgspec.convert(value, Sample)
     except msgspec.ValidationError as e:
         raise errors.Invalid(f"line {number}: {_where(str(e))}", param="file") from e
-    if isinstance(sample, Sample) and any(not t.strip() for t in sample_texts(sample)):
+    if any(not t.strip() for t in sample_texts(sample)):
         raise errors.Invalid(f"line {number}: a text is empty or blank", param="file")
     return sample
 
@@ -120,19 +107,8 @@ def _where(message: str) -> str:
     return f"{path}: {what}" if path else what
 
 
-def _form(sample: SampleIn) -> str:
-    return "text" if isinstance(sample, str) else sample.form
-
-
-def _texts(sample: SampleIn | PreferenceIn) -> list[str]:
-    if isinstance(sample, str):
-        return [sample]
-    if isinstance(sample, PreferencePair):
-        return [sample.prompt, sample.chosen, sample.rejected]
-    if isinstance(sample, OpenAIPreference):
-        messages = [*sample.input.messages, *sample.preferred_output, *sample.non_preferred_output]
-        return [m.content for m in messages]
-    return sample_texts(sample)
+def _texts(sample: SampleIn) -> list[str]:
+    return [sample] if isinstance(sample, str) else sample_texts(sample)
 
 
 class FileStore:

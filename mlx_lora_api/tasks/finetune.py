@@ -26,12 +26,12 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load
 
 from .. import device
-from ..tuner import checkpoints, datasets, retention
+from ..tuner import checkpoints, datasets, preference, retention
 from ..tuner import levers as lever_switches
 from ..tuner.callbacks import StepHook, StopTraining
 from ..tuner.levers import Levers
 from ..tuner.optimizers import build_optimizer
-from ..types import FinetuneRequest, Parameters
+from ..types import FinetuneRequest, Parameters, Sample
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -65,6 +65,11 @@ def adapter_config(params: Parameters, base_ref: str, num_layers: int, iters: in
         "seed": params.seed,
         "cpu_bfloat16": params.cpu_bfloat16,
     }
+    if params.method != "sft":
+        config["method"] = params.method
+        config["beta" if params.method == "dpo" else "orpo_lambda"] = (
+            params.dpo_beta if params.method == "dpo" else params.orpo_weight
+        )
     if params.fine_tune_type != "full":
         config["lora_parameters"] = {
             "rank": params.rank,
@@ -131,23 +136,33 @@ def train_adapter(
     trainable = prepare_model(model, params, num_layers)
 
     # Before any checkpoint is restored: the model with fresh LoRA layers is still its base.
-    wanted = params.retention_check or params.rehearsal > 0
+    # Rehearsal is SFT's: a preference run is held to the base by its reference (DPO) or not at all (ORPO).
+    preferring = params.method != "sft"
+    rehearsing = params.rehearsal > 0 and not preferring
+    wanted = params.retention_check or rehearsing
     ref = retention.reference(model, tokenizer, base_path, retention_cache, on_event) if wanted else None
-    train_set = datasets.build(request.training_data, tokenizer, params.mask_prompt)
     rehearsed = 0
-    if ref is not None and params.rehearsal > 0:
-        count = math.ceil(params.rehearsal * len(request.training_data))
-        rehearsal = retention.rehearsal_samples(ref, count)
-        rehearsal_set = datasets.build(rehearsal, tokenizer, mask_prompt=True)
-        train_set = datasets.Joined(train_set, rehearsal_set, mark_second=params.rehearsal_loss == "kl")
-        rehearsed = len(rehearsal)
-    val_set = (
-        datasets.build(request.validation_data, tokenizer, params.mask_prompt) if request.validation_data else None
-    )
+    train_set: Any
+    val_set: Any
+    if preferring:  # FinetuneRequest checked that every sample is a preference row
+        train_set = preference.Pairs([s for s in request.training_data if isinstance(s, Sample)], tokenizer)
+        val_rows = [s for s in request.validation_data or [] if isinstance(s, Sample)]
+        val_set = preference.Pairs(val_rows, tokenizer) if val_rows else None
+        lengths = train_set.lengths()
+    else:
+        train_set = datasets.build(request.training_data, tokenizer, params.mask_prompt)
+        if ref is not None and rehearsing:
+            count = math.ceil(params.rehearsal * len(request.training_data))
+            rehearsal = retention.rehearsal_samples(ref, count)
+            rehearsal_set = datasets.build(rehearsal, tokenizer, mask_prompt=True)
+            train_set = datasets.Joined(train_set, rehearsal_set, mark_second=params.rehearsal_loss == "kl")
+            rehearsed = len(rehearsal)
+        val_set = (
+            datasets.build(request.validation_data, tokenizer, params.mask_prompt) if request.validation_data else None
+        )
+        lengths = datasets.item_lengths(train_set)
     own = len(request.training_data)
-    plan = datasets.epoch_plan(
-        datasets.item_lengths(train_set), params.batch_size, params.epochs, params.seed, own if rehearsed else None
-    )
+    plan = datasets.epoch_plan(lengths, params.batch_size, params.epochs, params.seed, own if rehearsed else None)
     per_epoch = datasets.batches_per_epoch(len(train_set), params.batch_size)
     iters = len(plan)
 
@@ -173,10 +188,26 @@ def train_adapter(
         grad_accumulation_steps=params.grad_accumulation_steps,
     )
 
-    chosen = lever_switches.plan_loss(model, params, train_set, plan, on_event, levers, val_set)
+    if preferring:
+        chosen = lever_switches.plan_preference(model, params, train_set, plan, levers, on_event, val_set)
+    else:
+        chosen = lever_switches.plan_loss(model, params, train_set, plan, on_event, levers, val_set)
     chosen = lever_switches.use_bfloat16(model, params, chosen, on_event)
+    references: dict[str, Any] = {"train": None, "val": None}  # DPO's, computed below
 
-    def validate() -> float:
+    def validate() -> tuple[float, dict[str, float]]:
+        if preferring:
+            return preference.evaluate(
+                model,
+                val_set,
+                chosen.loss,
+                references["val"],
+                params.batch_size,
+                params.val_batches,
+                params.max_seq_length,
+                chosen.pad_multiple,
+                chosen.cache,
+            )
         loss = evaluate(
             model,
             val_set,
@@ -189,13 +220,17 @@ def train_adapter(
             ),
         )
         model.train()
-        return loss
+        return loss, {}
 
     optimizer = build_optimizer(params, max(iters // params.grad_accumulation_steps, 1))
     start = checkpoints.latest(out_dir) if resume else None
-    if initial_weights is not None and start is None:  # after the base's answers: they need the base
+    if initial_weights is not None:  # after the base's answers: they need the base
         load_initial_weights(model, initial_weights)
-        on_event({"type": "info", "message": f"starting from the weights of {request.resume_from}"})
+        if start is None:
+            on_event({"type": "info", "message": f"starting from the weights of {request.resume_from}"})
+    if params.method == "dpo":  # the model as training starts, before a checkpoint is restored
+        with chosen.running():
+            references.update(dpo_references(model, train_set, val_set, params, chosen, on_event))
     if start is not None:
         checkpoints.restore(start, model, optimizer)
         checkpoints.reseed(params.seed, start.iteration)
@@ -235,18 +270,39 @@ def train_adapter(
             hook.evaluate(0)
         if args.iters > 0:
             try:
-                train(
-                    model=model,
-                    optimizer=optimizer,
-                    train_dataset=train_set,
-                    val_dataset=None,
-                    args=args,
-                    loss=chosen.loss,
-                    iterate_batches=datasets.make_iterate_batches(
-                        plan[done:], on_truncate, prefix_cache=chosen.cache, pad_multiple=chosen.pad_multiple
-                    ),
-                    training_callback=hook,
-                )
+                if preferring:
+                    steps = preference.batches(
+                        train_set,
+                        plan[done:],
+                        references["train"],
+                        params.max_seq_length,
+                        chosen.pad_multiple,
+                        on_truncate,
+                        chosen.cache,
+                    )
+                    preference.train(
+                        model,
+                        optimizer,
+                        chosen.loss,
+                        steps,
+                        args.iters,
+                        args.adapter_file,
+                        params,
+                        hook.on_train_loss_report,
+                    )
+                else:
+                    train(
+                        model=model,
+                        optimizer=optimizer,
+                        train_dataset=train_set,
+                        val_dataset=None,
+                        args=args,
+                        loss=chosen.loss,
+                        iterate_batches=datasets.make_iterate_batches(
+                            plan[done:], on_truncate, prefix_cache=chosen.cache, pad_multiple=chosen.pad_multiple
+                        ),
+                        training_callback=hook,
+                    )
             except StopTraining as stop:
                 on_event({"type": "info", "message": str(stop)})
     hook.finish()
@@ -259,6 +315,23 @@ def train_adapter(
         rehearsal_samples=rehearsed,
     )
     return hook.metrics
+
+
+def dpo_references(model, train_set, val_set, params: Parameters, chosen, on_event: EventSink) -> dict:
+    """DPO's reference log-probs of every answer, train and validation, in one pass before training
+    (through the run's own forward pass: `chosen`, its LossPlan)."""
+    started = time.perf_counter()
+    forward = preference.Forward(chosen.start, chosen.cross_entropy, chosen.head)
+    found = {
+        name: preference.reference_logps(
+            model, pairs, params.batch_size, params.max_seq_length, chosen.pad_multiple, forward, chosen.cache
+        )
+        for name, pairs in (("train", train_set), ("val", val_set))
+        if pairs is not None
+    }
+    seconds = time.perf_counter() - started
+    on_event({"type": "info", "message": f"DPO's reference log-probs: {len(train_set)} rows in {seconds:.1f} s"})
+    return found
 
 
 def check_retention(model, tokenizer, ref, out_dir: Path, params: Parameters, on_event: EventSink) -> dict[str, Any]:

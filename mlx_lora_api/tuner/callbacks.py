@@ -41,7 +41,7 @@ class StepHook:
         on_event: EventSink,
         total: int,
         per_epoch: int,
-        validate: Callable[[], float] | None,
+        validate: Callable[[], tuple[float, dict[str, float]]] | None,
         start: checkpoints.Saved | None = None,
         retain: Callable[[], dict[str, Any]] | None = None,
     ):
@@ -64,6 +64,7 @@ class StepHook:
             (self.metrics["best_val_loss"], self.metrics["best_iteration"]) if "best_val_loss" in self.metrics else None
         )
         self._window: list[tuple[float, float, float]] = []  # (loss, tokens, seconds) of each step
+        self._extra: list[dict[str, float]] = []  # each step's other metrics (preference runs)
         self._tokens = self.tokens_before  # trained tokens at the last step seen
 
     def _save(self, path: Path) -> None:
@@ -72,14 +73,17 @@ class StepHook:
     def evaluate(self, iteration: int) -> float | None:
         if self.validate is None:
             return None
-        loss = self.validate()
+        loss, extra = self.validate()
         self.metrics["final_val_loss"] = loss
+        self.metrics.update({f"final_val_{k}": v for k, v in extra.items()})
         if self.best is None or loss < self.best[0]:
             self.best = (loss, iteration)
             self.metrics.update(best_val_loss=loss, best_iteration=iteration)
             if self.params.keep == "best":
                 self._save(self.out_dir / BEST_FILE)
-        self.on_event({"type": "val", "iteration": iteration, "val_loss": loss})
+        self.on_event(
+            {"type": "val", "iteration": iteration, "val_loss": loss, **{f"val_{k}": v for k, v in extra.items()}}
+        )
         self._patience(iteration, loss)
         return loss
 
@@ -140,6 +144,8 @@ class StepHook:
         tokens = info["trained_tokens"] - self._tokens
         self._tokens = info["trained_tokens"]
         self._window.append((info["train_loss"], tokens, tokens / max(info["tokens_per_second"], 1e-9)))
+        if "metrics" in info:
+            self._extra.append(info["metrics"])
         if it % self.params.steps_per_report == 0 or it == self.total:
             self._report(it, info)
         val_loss = None
@@ -155,9 +161,11 @@ class StepHook:
 
     def _report(self, it: int, info: dict[str, Any]) -> None:
         losses, tokens, seconds = zip(*self._window)
-        self._window = []
+        extra = {k: sum(m[k] for m in self._extra) / len(self._extra) for k in self._extra[0]} if self._extra else {}
+        self._window, self._extra = [], []
         loss = sum(losses) / len(losses)
         self.metrics.update(final_train_loss=loss, trained_tokens=info["trained_tokens"])
+        self.metrics.update({f"final_{k}": v for k, v in extra.items()})
         self.on_event(
             {
                 "type": "train",
@@ -168,6 +176,7 @@ class StepHook:
                 "tokens_per_second": sum(tokens) / max(sum(seconds), 1e-9),
                 "trained_tokens": info["trained_tokens"],
                 "peak_memory_gb": info["peak_memory"],
+                **extra,
             }
         )
 

@@ -24,7 +24,7 @@ import msgspec
 
 from .. import device
 from ..types import Parameters
-from . import anatomy, datasets, losses, prefix_cache
+from . import anatomy, datasets, losses, preference, prefix_cache
 from .losses import Head, Loss, TokenLoss
 
 ENV = "MLX_LORA_API_LEVERS"
@@ -60,7 +60,7 @@ class LossPlan(msgspec.Struct):
     `make_iterate_batches(..., prefix_cache=cache)` yields, compiled (as mlx-lm does) or not,
     inside `running()`."""
 
-    loss: Loss
+    loss: Loss | preference.Loss
     cache: prefix_cache.Cache | None = None
     eager: bool = False
     pad_multiple: int = datasets.PAD_MULTIPLE
@@ -69,10 +69,14 @@ class LossPlan(msgspec.Struct):
     head: Head | None = None
     running: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
     kl: bool = False  # the KL penalty on rehearsal rows (Parameters.rehearsal_loss)
+    preference: Parameters | None = None  # a preference run's: its loss is tuner/preference.py's
 
     def with_head(self, head: Head) -> LossPlan:
         if self.kl:
             return self
+        if self.preference is not None:
+            forward = preference.Forward(self.start, self.cross_entropy, head)
+            return msgspec.structs.replace(self, head=head, loss=preference.make_loss(self.preference, forward))
         return msgspec.structs.replace(self, head=head, loss=_loss(self.start, self.cross_entropy, head))
 
 
@@ -98,6 +102,85 @@ def before_loading(levers: Levers) -> None:
         blas.keep_freed_memory()  # this process ends with the job (worker, CLI)
 
 
+def _cpu_levers(
+    model: nn.Module, levers: Levers, use_head: bool
+) -> tuple[TokenLoss | None, Head | None, bool, Callable[[], AbstractContextManager[Any]]]:
+    """On the CPU: the cross-entropy split over the cores, the output-layer kernel (with
+    `use_head`), whether steps run eagerly, and the context they run in."""
+    if not (device.on_cpu() and (use_head or levers.cpu_ops)):
+        return None, None, False, contextlib.nullcontext
+    # Imported here: on Metal and CUDA nothing of the CPU fast path is loaded.
+    from ..accel import kernels, streams
+
+    weight = anatomy.output_weight(model) if use_head else None
+    head = kernels.head(weight) if weight is not None else None
+    eager = head is not None or levers.cpu_ops
+    cross_entropy = functools.partial(streams.split_rows, nn.losses.cross_entropy) if levers.cpu_ops else None
+    return (
+        cross_entropy,
+        head,
+        eager,
+        functools.partial(streams.parallel_training, model, ops=levers.cpu_ops, eager=eager),
+    )
+
+
+def plan_preference(
+    model: nn.Module,
+    params: Parameters,
+    pairs: preference.Pairs,
+    plan: Sequence[Sequence[int]],
+    levers: Levers,
+    on_event: EventSink,
+    val_pairs: preference.Pairs | None = None,
+) -> LossPlan:
+    """`plan_loss` for preference runs (tuner/preference.py): the same levers (eager steps, the
+    CPU's split cross-entropy and kernels, the output-layer kernel, the frozen blocks' outputs
+    cached), checked against the model's own forward pass on the first row."""
+    cross_entropy, head, eager, running = _cpu_levers(model, levers, levers.cpu_head)
+    pad = levers.pad_multiple or (1 if eager else datasets.PAD_MULTIPLE)
+    plain = LossPlan(
+        preference.make_loss(params, preference.Forward(cross_entropy=cross_entropy)),
+        preference=params,
+        eager=eager,
+        pad_multiple=pad,
+        cross_entropy=cross_entropy,
+        running=running,
+    )
+    start = prefix_cache.frozen_blocks(model, params) if levers.prefix_cache and params.prefix_cache else 0
+    keep = params.epochs >= 2
+    if start and keep:
+        lengths = pairs.lengths()
+        unique = list({tuple(b): list(b) for b in plan}.values())
+        cached = 2 * datasets.padded_tokens(lengths, unique, pad)  # chosen and rejected rows
+        if val_pairs is not None:
+            val_lengths = val_pairs.lengths()
+            cached += 2 * datasets.padded_tokens(
+                val_lengths, datasets.in_order(len(val_lengths), params.batch_size), pad
+            )
+        if not prefix_cache.fits(cached, model.args.hidden_size):
+            on_event(
+                {"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"}
+            )
+            keep = False
+    if not start and head is None:
+        return plain
+    forward = preference.Forward(start, cross_entropy, head)
+    chosen = msgspec.structs.replace(plain, start=start, head=head, loss=preference.make_loss(params, forward))
+    inputs, tokens, rows, reference = next(preference.batches(pairs, [plan[0][:1]], None, params.max_seq_length, pad))
+    expected = plain.loss(model, inputs, tokens, rows, reference)[0]
+    if start:
+        chosen = msgspec.structs.replace(chosen, cache=prefix_cache.Cache(model, start, keep))
+        assert chosen.cache is not None
+        inputs = chosen.cache.compute(tokens)
+    got = chosen.loss(model, inputs, tokens, rows, reference)[0]
+    if not mx.allclose(got, expected, atol=1e-4, rtol=1e-4).item():
+        on_event({"type": "info", "message": "this model's forward pass cannot be split; trained without shortcuts"})
+        return plain
+    if start and keep:
+        on_event({"type": "info", "message": f"the first {start} blocks are frozen: their outputs are computed once"})
+    return chosen
+
+
 def plan_loss(
     model: nn.Module,
     params: Parameters,
@@ -108,22 +191,7 @@ def plan_loss(
     val_set: Any = None,
 ) -> LossPlan:
     """The fastest way to compute `masked_loss` here, checked against it on the first sample."""
-    cpu = device.on_cpu() and (levers.cpu_head or levers.cpu_ops)
-    cross_entropy: TokenLoss | None = None
-    head: Head | None = None
-    running: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
-    if cpu:
-        # Imported here: on Metal and CUDA nothing of the CPU fast path is loaded.
-        from ..accel import kernels, streams
-
-        weight = anatomy.output_weight(model) if levers.cpu_head else None
-        head = kernels.head(weight) if weight is not None else None
-        eager = head is not None or levers.cpu_ops
-        if levers.cpu_ops:
-            cross_entropy = functools.partial(streams.split_rows, nn.losses.cross_entropy)
-        running = functools.partial(streams.parallel_training, model, ops=levers.cpu_ops, eager=eager)
-    else:
-        eager = False
+    cross_entropy, head, eager, running = _cpu_levers(model, levers, levers.cpu_head)
     pad = levers.pad_multiple or (1 if eager else datasets.PAD_MULTIPLE)
     kl = params.rehearsal_loss == "kl"
     if kl and head is not None:

@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from .. import errors
 from ..openai_jobs import BASE_LEARNING_RATE, JobCreate
-from ..types import FileRecord, FinetuneSpec, Job
+from ..types import PREFERENCE_METRICS, FileRecord, FinetuneSpec, Job, Parameters
 from .bodies import (
     FileDeleted,
     FileList,
@@ -128,6 +128,14 @@ async def delete_file(request: Request) -> Response:
 # -- jobs ----------------------------------------------------------------------------------
 
 
+def _method(params: Parameters, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    if params.method == "dpo":
+        return {"type": "dpo", "dpo": {"hyperparameters": {**hyperparameters, "beta": params.dpo_beta}}}
+    if params.method == "orpo":  # created through the service's own API; OpenAI has no such method
+        return {"type": "orpo", "orpo": {"hyperparameters": {**hyperparameters, "orpo_lambda": params.orpo_weight}}}
+    return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+
+
 def job_object(job: Job, spec: FinetuneSpec) -> FineTuningJob:
     params = spec.request.parameters
     origin = spec.openai
@@ -149,7 +157,7 @@ def job_object(job: Job, spec: FinetuneSpec) -> FineTuningJob:
         model=spec.request.base_model,
         status=STATUSES.get(job.status, job.status),
         hyperparameters=hyperparameters,
-        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        method=_method(params, hyperparameters),
         seed=params.seed,
         training_file=origin.training_file if origin else None,
         validation_file=origin.validation_file if origin else None,
@@ -240,11 +248,13 @@ def event_object(event: dict[str, Any], total: int | None) -> FineTuningEvent | 
             "learning_rate": event.get("learning_rate"),
             "tokens_per_second": event.get("tokens_per_second"),
             "epoch": event.get("epoch"),
+            **{k: event[k] for k in PREFERENCE_METRICS if k in event},
         }
         message = f"Step {event['iteration']}{of}: training loss={event['train_loss']:.4f}"
         return FineTuningEvent(ident, created, "info", message, "metrics", data)
     if kind == "val":
         data = {"step": event["iteration"], "total_steps": total, "valid_loss": event["val_loss"]}
+        data |= {f"valid_{k}": event[f"val_{k}"] for k in PREFERENCE_METRICS if f"val_{k}" in event}
         message = f"Step {event['iteration']}{of}: validation loss={event['val_loss']:.4f}"
         return FineTuningEvent(ident, created, "info", message, "metrics", data)
     if kind == "retention":

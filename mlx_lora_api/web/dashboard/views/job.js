@@ -37,6 +37,11 @@ export async function jobView(jobId) {
   const val = [];
   const rate = [];
   const speed = [];
+  // Preference runs (parameters.method dpo or orpo): the chosen answer's reward over the rejected's.
+  const margin = [];
+  const valMargin = [];
+  const accuracy = [];
+  const valAccuracy = [];
 
   function act(label, path) {
     return h(
@@ -64,7 +69,7 @@ export async function jobView(jobId) {
       statusBadge(job.status),
       " ",
       progressBar(p.iteration, p.total_iterations),
-      h("span", { class: "num" }, ` ${p.iteration ?? 0}/${p.total_iterations ?? "?"} · epoch ${num(p.epoch, 2)} · loss ${num(p.train_loss)} · val ${num(p.val_loss)} · ${p.tokens_per_second ? Math.round(p.tokens_per_second) : "–"} tok/s · ETA ${job.status === "running" ? duration(p.eta_seconds) : "–"}`),
+      h("span", { class: "num" }, ` ${p.iteration ?? 0}/${p.total_iterations ?? "?"} · epoch ${num(p.epoch, 2)} · loss ${num(p.train_loss)} · val ${num(p.val_loss)}${p.val_reward_accuracy !== undefined ? ` · val reward accuracy ${num(p.val_reward_accuracy, 2)}` : ""} · ${p.tokens_per_second ? Math.round(p.tokens_per_second) : "–"} tok/s · ETA ${job.status === "running" ? duration(p.eta_seconds) : "–"}`),
       job.error ? h("p", { class: "error" }, job.error) : job.message ? h("p", {}, job.message) : "",
     );
     const live = ["queued", "running"].includes(job.status);
@@ -82,6 +87,24 @@ export async function jobView(jobId) {
         ],
         { title: "loss", width: 1160, height: 320 },
       ),
+      ...(margin.length || valMargin.length
+        ? [
+            lineChart(
+              [
+                { name: "train reward margin", points: margin, className: "train" },
+                { name: "validation reward margin", points: valMargin, className: "val" },
+              ],
+              { title: "reward margin (chosen over rejected)", height: 220 },
+            ),
+            lineChart(
+              [
+                { name: "train reward accuracy", points: accuracy, className: "train" },
+                { name: "validation reward accuracy", points: valAccuracy, className: "val" },
+              ],
+              { title: "reward accuracy (share of rows where the chosen answer wins)", height: 220 },
+            ),
+          ]
+        : []),
       lineChart([{ name: "learning rate", points: rate, className: "rate" }], { title: "learning rate", height: 180 }),
       lineChart([{ name: "tokens/s", points: speed, className: "speed" }], { title: "tokens per second", height: 180 }),
     );
@@ -113,8 +136,12 @@ export async function jobView(jobId) {
       train.push([e.iteration, e.train_loss]);
       if (e.learning_rate !== undefined) rate.push([e.iteration, e.learning_rate]);
       if (e.tokens_per_second !== undefined) speed.push([e.iteration, e.tokens_per_second]);
+      if (e.reward_margin !== undefined) margin.push([e.iteration, e.reward_margin]);
+      if (e.reward_accuracy !== undefined) accuracy.push([e.iteration, e.reward_accuracy]);
     } else if (e.type === "val") {
       val.push([e.iteration, e.val_loss]);
+      if (e.val_reward_margin !== undefined) valMargin.push([e.iteration, e.val_reward_margin]);
+      if (e.val_reward_accuracy !== undefined) valAccuracy.push([e.iteration, e.val_reward_accuracy]);
     }
   }
 

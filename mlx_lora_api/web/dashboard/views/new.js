@@ -18,7 +18,13 @@ function parseSamples(text) {
 }
 
 function sampleFormat(samples) {
-  const forms = new Set(samples.map((s) => (typeof s === "string" || s.text !== undefined ? "text" : s.messages ? "chat" : s.prompt !== undefined ? "prompt/completion" : "unknown")));
+  const form = (s) => {
+    if (typeof s === "string" || s.text !== undefined) return "text";
+    if (s.messages) return "chat";
+    if (s.chosen !== undefined || s.input !== undefined) return "preference";
+    return s.prompt !== undefined ? "prompt/completion" : "unknown";
+  };
+  const forms = new Set(samples.map(form));
   return [...forms].join(", ");
 }
 
@@ -35,7 +41,7 @@ export async function newView() {
   const parameters = schema.components.schemas.Parameters.properties;
   const fields = new Map();
   const base = h("select", { id: "base_model", name: "base_model" }, h("option", { value: "default" }, "default"), bases.map((m) => h("option", { value: m.model_id }, m.model_id)));
-  const data = h("textarea", { id: "training_data", rows: 8, placeholder: '{"messages": [...]} or {"text": ...} per line, or one plain sentence per line' });
+  const data = h("textarea", { id: "training_data", rows: 8, placeholder: '{"messages": [...]} or {"text": ...} per line, or one plain sentence per line; preference rows {"prompt", "chosen", "rejected"} train with method dpo or orpo' });
   const file = h("input", { id: "training_file", type: "file", accept: ".jsonl,.json,.txt" });
   const validation = h("textarea", { id: "validation_data", rows: 3, placeholder: "optional, the same format" });
   const summaryBox = h("p", { id: "dataset-summary", "aria-live": "polite" });
