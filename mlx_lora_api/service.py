@@ -250,27 +250,15 @@ class Service:
     def export_spec(self, model_id: str, request: ExportRequest) -> ExportSpec:
         source = self._existing_model(model_id)
         record = self.registry.record(model_id)
-        if request.format == "peft":
-            if record.kind != "adapter":
-                raise errors.Invalid(
-                    f"{model_id!r} is a {record.kind} model; PEFT export is for adapters", param="format"
-                )
-            adapter = registry.read_json(self._folder(model_id) / "adapter_config.json")
-            if adapter.get("fine_tune_type", "lora") != "lora":
-                raise errors.Invalid(
-                    f"{model_id!r} is a {adapter.get('fine_tune_type')} adapter; PEFT export handles LoRA adapters",
-                    param="format",
-                )
-            chain = self.lineage(model_id)
-            base_name = next((r["hub_id"] for r in chain[1:] if r.get("hub_id")), record.base_model)
-            return ExportSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request, base_name=base_name)
         if record.kind == "adapter":
-            raise errors.Invalid(
-                f"{model_id!r} is an adapter; export it with format peft, or fuse it into its base and export"
-                " the fused model as gguf",
-                param="format",
-            )
-        config = registry.read_json(self._folder(model_id) / "config.json")
+            return self._adapter_export_spec(model_id, source, record, request)
+        if request.format == "peft":
+            raise errors.Invalid(f"{model_id!r} is a {record.kind} model; PEFT export is for adapters", param="format")
+        self._check_gguf_exportable(model_id, self._folder(model_id))
+        return ExportSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request)
+
+    def _check_gguf_exportable(self, model_id: str, folder: Path) -> None:
+        config = registry.read_json(folder / "config.json")
         if config.get("model_type") not in GGUF_ARCHITECTURES:
             raise errors.Invalid(
                 f"GGUF export handles {', '.join(GGUF_ARCHITECTURES)} models; "
@@ -278,7 +266,27 @@ class Service:
             )
         if config.get("quantization"):
             raise errors.Invalid(f"{model_id!r} is quantized; GGUF export needs float weights")
-        return ExportSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request)
+
+    def _adapter_export_spec(
+        self, model_id: str, source: BaseModel, record: ModelRecord, request: ExportRequest
+    ) -> ExportSpec:
+        """An adapter as a PEFT folder, or as a GGUF LoRA adapter for its base's GGUF export."""
+        kind = registry.read_json(self._folder(model_id) / "adapter_config.json").get("fine_tune_type", "lora")
+        if kind != "lora":
+            raise errors.Invalid(
+                f"{model_id!r} is a {kind} adapter; {request.format} export handles LoRA adapters"
+                " (fuse it and export the fused model as gguf)",
+                param="format",
+            )
+        if request.format == "peft":
+            chain = self.lineage(model_id)
+            base_name = next((r["hub_id"] for r in chain[1:] if r.get("hub_id")), record.base_model)
+            return ExportSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request, base_name=base_name)
+        base = self.resolve_base(record.base_model or "")
+        if base.path is None:
+            raise errors.Invalid(f"the base of {model_id!r}, {base.ref!r}, is not on this machine", param="format")
+        self._check_gguf_exportable(base.ref, Path(base.path))
+        return ExportSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request, adapter_base=base)
 
     def push_spec(self, model_id: str, request: PushRequest) -> PushSpec:
         source = self._existing_model(model_id)

@@ -457,8 +457,9 @@ class QuantizeRequest(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ExportRequest(Struct, forbid_unknown_fields=True, kw_only=True):
-    # gguf: a model (base or fused) as a float16 GGUF file with an Ollama Modelfile; peft: an
-    # adapter as a Hugging Face PEFT folder (adapter_config.json, adapter_model.safetensors).
+    # gguf: a model (base or fused) as a float16 GGUF file with an Ollama Modelfile, or an adapter
+    # as a GGUF LoRA adapter (llama.cpp's --lora); peft: an adapter as a Hugging Face PEFT folder
+    # (adapter_config.json, adapter_model.safetensors).
     format: Literal["gguf", "peft"] = "gguf"
 
 
@@ -678,6 +679,7 @@ class ExportSpec(Struct, tag="export", kw_only=True):
     base: BaseModel
     request: ExportRequest
     base_name: str | None = None  # peft: the base as the PEFT config names it (a Hub id where known)
+    adapter_base: BaseModel | None = None  # an adapter's gguf: its base, whose GGUF export it applies to
 
 
 class PushSpec(Struct, tag="push", kw_only=True):

@@ -26,6 +26,11 @@ params.n_parallel = 1
 params.cpuparams.n_threads = 2
 params.cpuparams_batch.n_threads = 2
 params.use_jinja = True
+for path in sys.argv[3:]:  # GGUF LoRA adapters, applied at load time (llama-server --lora)
+    adapter = xllamacpp.CommonAdapterLoraInfo()
+    adapter.path = path
+    adapter.scale = 1.0
+    params.lora_adapters = [*params.lora_adapters, adapter]
 server = xllamacpp.Server(params)  # raises where llama.cpp refuses the file
 print("ready", flush=True)
 sys.stdin.read()  # until the test closes it
@@ -33,12 +38,13 @@ sys.stdin.read()  # until the test closes it
 
 
 @contextlib.contextmanager
-def llama_cpp(gguf_path: Path, log_path: Path) -> Iterator[httpx.Client]:
-    """A client of llama.cpp's HTTP API (/tokenize, /apply-template, /completion) serving the file."""
+def llama_cpp(gguf_path: Path, log_path: Path, lora: Path | None = None) -> Iterator[httpx.Client]:
+    """A client of llama.cpp's HTTP API (/tokenize, /apply-template, /completion) serving the file,
+    with a GGUF LoRA adapter applied where `lora` names one."""
     port = free_port()
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-c", SERVE, str(gguf_path), str(port)],
+            [sys.executable, "-c", SERVE, str(gguf_path), str(port), *([str(lora)] if lora else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,

@@ -7,14 +7,16 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import msgspec
 import pytest
 import tiny
 from llama_cpp import chat_prompt, greedy, llama_cpp, tokenize
 from mlx_lm.utils import load
 from ollama import build, render
 
-from mlx_lora_api.tasks import export_gguf
+from mlx_lora_api.tasks import export_gguf, finetune
 from mlx_lora_api.tasks import generate as generation
+from mlx_lora_api.types import FinetuneRequest
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -118,6 +120,57 @@ def test_the_default_models_export_answers_in_llama_cpp_as_the_service_does(
     assert "Paris" in ours_text and theirs["content"] == ours_text
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     same_prompts_in_ollama(ollama_template, modelfile, tokenizer)  # its default system prompt included
+
+
+def lora_adapter(model_dir, tmp_path, **parameters):
+    """A LoRA adapter trained hard enough to move the model's next-token distribution."""
+    out = tmp_path / "adapter"
+    out.mkdir()
+    sample = {"messages": [*MESSAGES, {"role": "assistant", "content": "Paris. Paris is in France."}]}
+    request = msgspec.convert(
+        {
+            "base_model": "tiny-base",
+            "training_data": [sample] * 4,
+            "parameters": {"rehearsal": 0, "retention_check": False, **parameters},
+        },
+        FinetuneRequest,
+    )
+    finetune.train_adapter(str(model_dir), "tiny-base", request, out)
+    return out
+
+
+def test_a_gguf_lora_export_is_applied_by_llama_cpp_as_the_service_applies_it(tmp_path, tiny_model_template):
+    adapter = lora_adapter(tiny_model_template, tmp_path, learning_rate=1e-2, epochs=10, rank=4, alpha=16)
+    gguf_file, _ = export(tiny_model_template, tmp_path, "tiny")
+    written = export_gguf.export_gguf_lora(adapter, tiny_model_template, tmp_path, "tiny-adapter")
+    assert written["tensors"] == 2 * 7 * 2  # lora_a and lora_b of 7 projections in 2 blocks
+    tuned, tokenizer = load(str(tiny_model_template), adapter_path=str(adapter))
+    base, _ = load(str(tiny_model_template))
+    tokens = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    with llama_cpp(gguf_file, tmp_path / "llama.log", lora=tmp_path / written["gguf"]) as client:
+        same_next_token_distribution(client, tuned, tokenizer)
+        theirs = first_step_probabilities(greedy(client, tokens, 1, probs=5))
+    without = mx.softmax(base(mx.array([tokens]))[0, -1].astype(mx.float32))
+    assert max(abs(without[t].item() - p) for t, p in theirs.items()) > 0.05  # the adapter was applied
+
+
+@pytest.mark.slow
+def test_the_default_models_lora_export_answers_in_llama_cpp_as_the_service_does(bundled_data_dir, tmp_path):
+    """The base's GGUF with the adapter's, in llama.cpp, against the service's base with the adapter:
+    the same greedy tokens."""
+    model_dir = bundled_data_dir / "models" / "smollm2-135m-instruct"
+    adapter = lora_adapter(model_dir, tmp_path, learning_rate=3e-4, epochs=4, batch_size=4, num_layers=4)
+    gguf_file, _ = export(model_dir, tmp_path, "smollm2")
+    written = export_gguf.export_gguf_lora(adapter, model_dir, tmp_path, "smollm2-adapter")
+    _, tokenizer = load(str(model_dir))
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    ours = generation.generate(cache, str(model_dir), str(adapter), None, MESSAGES, 12, 0.0, 1.0, None)
+    ours_text = "".join(e["text"] for e in ours if e["type"] == "text")
+    plain = generation.generate(cache, str(model_dir), None, None, MESSAGES, 12, 0.0, 1.0, None)
+    assert ours_text != "".join(e["text"] for e in plain if e["type"] == "text")  # the adapter changes the answer
+    with llama_cpp(gguf_file, tmp_path / "llama.log", lora=tmp_path / written["gguf"]) as client:
+        theirs = greedy(client, tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True), 12)
+    assert theirs["content"] == ours_text
 
 
 def test_a_chat_template_that_rewrites_contents_gets_no_ollama_template(tmp_path):

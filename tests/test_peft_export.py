@@ -109,17 +109,30 @@ def client(settings):
         yield client
 
 
-def test_an_adapter_exports_as_peft_through_the_api(client, settings):
+def finished(client, job_id):
+    """The job once it has ended, followed through its own event stream."""
+    with client.stream("GET", f"/jobs/{job_id}/events") as events:
+        for line in events.iter_lines():
+            if line.startswith("event: ") and line[7:] in ("success", "failed", "cancelled"):
+                break
+    return client.get(f"/jobs/{job_id}").json()
+
+
+def test_an_adapter_exports_as_peft_and_as_gguf_lora_through_the_api(client, settings):
     body = {"base_model": "default", "training_data": ["Zorbington."], "parameters": {"epochs": 1, "rehearsal": 0}}
-    tuned = client.post("/lora-finetune?wait=true", json=body).json()
-    adapter = tuned["model_id"]
-    refused = client.post(f"/models/{adapter}/export", json={"format": "gguf"})
-    assert refused.status_code == 422 and "format peft" in refused.json()["message"]
-    base_refused = client.post("/models/default/export", json={"format": "peft"})
+    adapter = client.post("/lora-finetune?wait=true", json=body).json()["model_id"]
+    base_refused = client.post("/models/tiny-base/export", json={"format": "peft"})
     assert base_refused.status_code == 422 and "PEFT export is for adapters" in base_refused.json()["message"]
-    job = client.post(f"/models/{adapter}/export?wait=true", json={"format": "peft"})
-    assert job.status_code == 200, job.text
-    assert "PEFT adapter" in job.json()["message"]
-    folder = settings.data_dir / "adapters" / adapter / "peft"
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-base"
+    for format, folder, files in (
+        ("peft", "peft", ["adapter_config.json", "adapter_model.safetensors"]),
+        ("gguf", "gguf", [f"{adapter}-lora-f32.gguf"]),
+    ):
+        queued = client.post(f"/models/{adapter}/export", json={"format": format})
+        assert queued.status_code == 202, queued.text
+        job = finished(client, queued.json()["job_id"])
+        assert job["status"] == "success", job
+        written = settings.data_dir / "adapters" / adapter / folder
+        assert sorted(p.name for p in written.iterdir()) == files
+    assert "GGUF LoRA adapter" in job["message"] and "--lora" in job["message"]
+    config = json.loads((settings.data_dir / "adapters" / adapter / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-base"

@@ -178,6 +178,15 @@ def export(spec: ExportSpec, reg: Registry, on_event: EventSink) -> str:
         )
     final = folder / "gguf"
     on_event({"type": "exporting", "format": spec.request.format})
+    if spec.adapter_base is not None:
+        with registry.staged(final) as work:
+            if final.exists():
+                shutil.rmtree(final)
+            written = export_gguf.export_gguf_lora(folder, _local(spec.adapter_base), work, spec.model_id)
+        return (
+            f"exported {spec.model_id} as a GGUF LoRA adapter to {final / written['gguf']}: llama.cpp applies it"
+            f" over the GGUF export of {spec.adapter_base.ref} (llama-server -m BASE.gguf --lora FILE)"
+        )
     with registry.staged(final) as work:
         if final.exists():
             shutil.rmtree(final)  # an export replaces the previous one
