@@ -198,6 +198,15 @@ class Client:
     def model(self, model_id: str) -> ModelRecord:
         return self._call("GET", f"/models/{model_id}", type=ModelRecord)
 
+    def import_peft(self, source: str, base_model: str | None = None, suffix: str | None = None) -> ModelRecord:
+        """A Hugging Face PEFT LoRA adapter (a folder on the server's machine, or a Hub repo id) as an adapter."""
+        body = {
+            "source": source,
+            **({"base_model": base_model} if base_model else {}),
+            **({"suffix": suffix} if suffix else {}),
+        }
+        return self._call("POST", "/adapters/import", json=body, type=ModelRecord)
+
     def delete(self, model_id: str, force: bool = False) -> None:
         self._call("DELETE", f"/models/{model_id}", params={"force": "true"} if force else None)
 

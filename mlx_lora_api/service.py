@@ -29,6 +29,7 @@ from .registry.uploads import FileStore, Limits
 from .tasks.checks import GGUF_ARCHITECTURES
 from .types import (
     FINISHED,
+    AdapterImportRequest,
     BaseModel,
     ExportRequest,
     ExportSpec,
@@ -170,10 +171,12 @@ class Service:
         config = registry.read_json(folder / "adapter_config.json")
         params = request.parameters
         lora = config.get("lora_parameters", {})
+        lora_kind = params.fine_tune_type != "full"
         wanted = {
             "fine_tune_type": params.fine_tune_type,
-            "rank": params.rank if params.fine_tune_type != "full" else None,
+            "rank": params.rank if lora_kind else None,
             "num_layers": min(16, layers or 16) if params.num_layers is None else params.num_layers,
+            "scale": params.lora_scale if lora_kind else None,  # an imported PEFT adapter's may differ
         }
         if wanted["num_layers"] == -1 and layers:
             wanted["num_layers"] = layers
@@ -181,6 +184,7 @@ class Service:
             "fine_tune_type": config.get("fine_tune_type", "lora"),
             "rank": lora.get("rank") if config.get("fine_tune_type", "lora") != "full" else None,
             "num_layers": config.get("num_layers"),
+            "scale": lora.get("scale") if config.get("fine_tune_type", "lora") != "full" else None,
         }
         if differs := [k for k in wanted if wanted[k] != has[k]]:
             asked = ", ".join(f"{k} {wanted[k]}" for k in differs)
@@ -287,6 +291,59 @@ class Service:
             raise errors.Invalid(f"the base of {model_id!r}, {base.ref!r}, is not on this machine", param="format")
         self._check_gguf_exportable(base.ref, Path(base.path))
         return ExportSpec(job_id=new_job_id(), model_id=model_id, base=source, request=request, adapter_base=base)
+
+    def import_peft(self, request: AdapterImportRequest) -> ModelRecord:
+        """A Hugging Face PEFT LoRA adapter (a folder, or a Hub repo id) as an adapter of the registry."""
+        from .registry import peft  # numpy and safetensors: only for an import
+        from .tasks.import_peft import PeftImportError
+
+        source = request.source
+        hub_id = None
+        if source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir():
+            folder = Path(source).expanduser().resolve()
+            if not any(folder.is_relative_to(root) for root in self.registry.model_roots):
+                roots = ", ".join(str(r) for r in self.registry.model_roots)
+                raise errors.Forbidden(f"`source` folder {source!r} is outside the allowed model roots ({roots})")
+            if not folder.is_dir():
+                raise errors.NotFound(f"`source` folder {source!r} does not exist")
+        elif registry.HUB_RE.match(source):
+            folder, hub_id = Path(hub.adapter_path(source)), source
+        else:
+            raise errors.Invalid(f"`source` {source!r} is neither a folder nor a Hugging Face repo id", param="source")
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text())
+        except FileNotFoundError as e:
+            raise errors.NotFound(f"`source` {source!r} has no adapter_config.json: it is not a PEFT adapter") from e
+        except ValueError as e:
+            raise errors.Invalid(f"`source`: adapter_config.json is not valid JSON ({e})", param="source") from e
+        named = request.base_model or config.get("base_model_name_or_path")
+        if not named:
+            raise errors.Invalid(
+                "the adapter's config names no base (`base_model_name_or_path`): give `base_model`", param="base_model"
+            )
+        base = self._base_for(named)
+        if base.path is None:
+            raise errors.Invalid(
+                f"`base_model` {base.ref!r} is not on this machine yet: import it, or fine-tune on it once",
+                param="base_model",
+            )
+        model_id = self._fresh_id(base.ref, request.suffix or "peft")
+        try:
+            peft.register(folder, self.registry, model_id, base, f"peft:{source}", hub_id)
+        except PeftImportError as e:
+            raise errors.Invalid(f"`source`: {e}", param="source") from e
+        return self.registry.record(model_id)
+
+    def _base_for(self, named: str) -> BaseModel:
+        """A base by reference; a Hub id is first looked for among the registry's models imported from it."""
+        if registry.HUB_RE.match(named) and not self.registry.is_model(named):
+            for record in self.registry.list_models():
+                meta = registry.read_meta(self.registry.models_dir / record.model_id) if record.kind == "base" else None
+                if meta is not None and meta.hub_id == named:
+                    return BaseModel(
+                        ref=record.model_id, source="registry", path=str(self.registry.models_dir / record.model_id)
+                    )
+        return self.resolve_base(named)
 
     def push_spec(self, model_id: str, request: PushRequest) -> PushSpec:
         source = self._existing_model(model_id)

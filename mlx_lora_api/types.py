@@ -450,6 +450,18 @@ class FuseRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     dequantize: bool = False
 
 
+class AdapterImportRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A Hugging Face PEFT LoRA adapter to import as an adapter of the registry."""
+
+    source: Annotated[
+        str, Meta(min_length=1, max_length=1024, description="a PEFT adapter folder, or a Hugging Face repo id")
+    ]
+    # The base it adapts: a registry model, a model folder or a Hub id; by default the adapter's own
+    # `base_model_name_or_path` (a registry model imported from that Hub id counts).
+    base_model: ModelRef | None = None
+    suffix: Suffix | None = None
+
+
 class QuantizeRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     bits: Literal[4, 8] = 4
     group_size: Literal[32, 64, 128] = 64

@@ -11,11 +11,12 @@ from .files import (
     staging_dir,
     write_meta,
 )
-from .ids import check_id, new_model_id
+from .ids import HUB_RE, check_id, new_model_id
 from .registry import DEFAULT_ALIAS, Registry
 
 __all__ = [
     "DEFAULT_ALIAS",
+    "HUB_RE",
     "Registry",
     "check_id",
     "checkpoint_steps",

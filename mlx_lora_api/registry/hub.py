@@ -178,3 +178,28 @@ def push(folder: Path, repo_id: str, private: bool, commit_message: str, card: s
         repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE
     )
     return getattr(info, "commit_url", None) or str(info)
+
+
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+
+
+def adapter_path(repo_id: str) -> str:
+    """The local folder of a PEFT adapter repo: the cache's copy, else fetched (Unavailable where
+    the Hub cannot be reached, NotFound where it does not know the repo)."""
+    from huggingface_hub import snapshot_download  # lazy: see the module's doc
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError  # lazy: as above
+
+    check_repo_id(repo_id, field="source")
+    try:
+        return snapshot_download(repo_id, allow_patterns=ADAPTER_FILES, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return snapshot_download(repo_id, allow_patterns=ADAPTER_FILES)
+    except RepositoryNotFoundError as e:
+        raise errors.NotFound(f"`source`: Hugging Face repo {repo_id!r} does not exist (or is private)") from e
+    except Exception as e:
+        raise errors.Unavailable(
+            f"`source`: {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached"
+            f" ({type(e).__name__})"
+        ) from e

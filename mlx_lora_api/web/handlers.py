@@ -15,6 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from .. import __version__, errors
 from ..types import (
     FINISHED,
+    AdapterImportRequest,
     ExportRequest,
     FinetuneRequest,
     FuseRequest,
@@ -32,6 +33,7 @@ finetune_decoder = msgspec.json.Decoder(FinetuneRequest)
 fuse_decoder = msgspec.json.Decoder(FuseRequest)
 quantize_decoder = msgspec.json.Decoder(QuantizeRequest)
 export_decoder = msgspec.json.Decoder(ExportRequest)
+import_decoder = msgspec.json.Decoder(AdapterImportRequest)
 push_decoder = msgspec.json.Decoder(PushRequest)
 generate_decoder = msgspec.json.Decoder(GenerateRequest)
 
@@ -248,6 +250,12 @@ async def export_model(request: Request) -> Response:
 
 async def push_model(request: Request) -> Response:
     return await _model_job(request, push_decoder, lambda s: s.push_spec, "push")
+
+
+async def import_adapter(request: Request) -> Response:
+    service = request.app.state.service
+    payload = decode(import_decoder, await read_body(request))
+    return respond(await run_in_threadpool(service.import_peft, payload), status_code=201)
 
 
 async def delete_model(request: Request) -> Response:

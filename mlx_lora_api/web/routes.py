@@ -192,6 +192,14 @@ ENDPOINTS = [
         [MODEL_ID],
     ),
     Endpoint(
+        "POST",
+        "/adapters/import",
+        handlers.import_adapter,
+        "Import a Hugging Face PEFT LoRA adapter (a folder or a Hub repo id) as an adapter",
+        t.AdapterImportRequest,
+        {"201": t.ModelRecord},
+    ),
+    Endpoint(
         "DELETE",
         "/models/{model_id}",
         handlers.delete_model,
