@@ -40,6 +40,9 @@ class Settings(msgspec.Struct, kw_only=True, repr_omit_defaults=True):
     wait_poll_interval: float = 0.2
     # A comment on an event stream after this many quiet seconds, so proxies keep it open.
     sse_keepalive_seconds: float = 15.0
+    # The memory a fine-tune may be estimated to need at its peak (0: the machine's); one estimated
+    # over it is refused with 422 unless its request says `"force": true` (jobs/estimate.py).
+    memory_limit: int = 0
 
     def __repr__(self) -> str:
         return f"Settings({redacted(self)})"
@@ -75,6 +78,7 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "sse_keepalive_seconds": float,
     "max_concurrent_generations": int,
     "max_generation_tokens": int,
+    "memory_limit": int,
 }
 
 

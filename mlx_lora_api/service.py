@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import re
 import shutil
 import sqlite3
@@ -19,6 +21,7 @@ import msgspec
 from . import errors, openai_jobs, registry
 from .accel import blas
 from .config import Settings
+from .jobs import estimate
 from .jobs.generation import Generator
 from .jobs.probe import Probe
 from .jobs.runner import Runner
@@ -31,6 +34,7 @@ from .types import (
     FINISHED,
     AdapterImportRequest,
     BaseModel,
+    DatasetCheck,
     ExportRequest,
     ExportSpec,
     FileRecord,
@@ -55,6 +59,8 @@ from .types import (
     sample_texts,
 )
 
+log = logging.getLogger("mlx_lora_api")
+
 # An adapter's checkpoint: `ADAPTER:step-N` (OpenAI's `fine_tuned_model_checkpoint`) or `ADAPTER@N`.
 CHECKPOINT_REF = re.compile(r"(?P<model>[a-z0-9][a-z0-9._-]*)(?::step-|@)(?P<step>[0-9]{1,9})")
 
@@ -67,6 +73,8 @@ class Service:
         self._runner: Runner | None = None
         self.generator = Generator(settings.generation_budget_bytes, settings.max_concurrent_generations)
         self.probe = Probe()
+        self.tokenizers = estimate.Tokenizers()
+        self.calibration = estimate.Calibration(settings.data_dir / estimate.CALIBRATION_FILE)
         self.files = FileStore(settings.data_dir / "files")
         self.upload_limits = Limits(settings.max_body_bytes, settings.max_samples, settings.max_sample_chars)
 
@@ -139,17 +147,78 @@ class Service:
         if layers is not None and wanted is not None and wanted > layers:
             raise errors.Invalid(f"`parameters.num_layers` is {wanted} but {base.ref} has {layers} layers")
         label = f"{request.suffix}" if request.suffix else "lora"
+        report = self._estimate_at_submission(request, base)
         spec = FinetuneSpec(
             job_id=new_job_id(),
             model_id=self._fresh_id(base.ref, label),
             base=base,
             request=request,
             data=request.data_summary,  # hashed once, here
+            estimate=report,
         )
         if request.resume_from:
             adapter, weights = self._resume_source(request, base, layers)
             spec = msgspec.structs.replace(spec, adapter=adapter, initial_weights=weights)
         return spec
+
+    def check_dataset(self, request: FinetuneRequest) -> DatasetCheck:
+        """POST /datasets/check: what the fine-tune will train on and cost (jobs/estimate.py)."""
+        self.check_limits(request)
+        base = self.resolve_base(request.base_model)
+        if base.path is None:
+            raise errors.Conflict(
+                f"`base_model` {base.ref!r} is not on this machine yet: its tokenizer counts the tokens;"
+                " a fine-tune on it fetches it"
+            )
+        self.probe.result()  # this machine's first measurement, where no fine-tune has finished yet
+        try:
+            return self._estimate(request, base)
+        except (OSError, ValueError, KeyError) as e:
+            raise errors.Invalid(f"the data cannot be counted with {base.ref!r}'s tokenizer: {e}") from e
+
+    def _estimate(self, request: FinetuneRequest, base: BaseModel) -> DatasetCheck:
+        assert base.path is not None
+        worker = self.probe.peek() or {}
+        device = worker.get("device", "cpu")
+        gflops = worker.get("matmul_gflops")
+        rate, source = self.calibration.rate(device, gflops * 1e9 if gflops else None)
+        memory = self.settings.memory_limit or estimate.machine_memory()
+        levers = os.environ.get("MLX_LORA_API_LEVERS", "on").strip().lower() != "off"
+        retention_cached = any(self.registry.retention_cache.glob("*.json"))
+        return estimate.check(
+            request,
+            Path(base.path),
+            self.tokenizers.get(base.path),
+            device,
+            rate,
+            source,
+            memory,
+            cpu_levers=levers and device == "cpu",
+            retention_cached=retention_cached,
+        )
+
+    def _estimate_at_submission(self, request: FinetuneRequest, base: BaseModel) -> DatasetCheck | None:
+        """The estimate, where the base is on this machine; a 422 with its figures where the peak
+        would be over the machine's memory (unless `force`). An estimate that cannot be made
+        does not stop the job: training finds the same problem and says so."""
+        if base.path is None:
+            return None
+        try:
+            report = self._estimate(request, base)
+        except Exception:
+            log.exception("no estimate for a fine-tune on %s", base.ref)
+            return None
+        if not report.fits and not request.force:
+            gib = 1 << 30
+            raise errors.Invalid(
+                f"this fine-tune is estimated to need {report.estimated_peak_memory_bytes / gib:.1f} GiB at its"
+                f" peak and the machine has {report.memory_bytes / gib:.1f} GiB ({report.steps} steps, longest"
+                f" sample {report.longest} tokens, batch_size {request.parameters.batch_size}): lower"
+                " `parameters.batch_size`, `max_seq_length` or `num_layers`, or set `force`: true to queue it anyway"
+                " (POST /datasets/check gives every figure)",
+                param="force",
+            )
+        return report
 
     def _resume_source(self, request: FinetuneRequest, base: BaseModel, layers: int | None) -> tuple[str, str]:
         """The adapter `resume_from` names and its weights file (or its checkpoint's); it must be

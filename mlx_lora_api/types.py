@@ -395,6 +395,8 @@ class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     # Start from an existing adapter's weights (`ADAPTER_ID`, or a checkpoint `ADAPTER_ID@N`), of the
     # same base and LoRA shape; a new adapter, whose lineage records it.
     resume_from: Annotated[str, Meta(min_length=1, max_length=140)] | None = None
+    # Queue it even where its estimated peak memory is over what the machine has (POST /datasets/check).
+    force: bool = False
 
     def __post_init__(self):
         form = _check_samples(self.training_data, "training_data")
@@ -448,6 +450,29 @@ class FuseRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     lora_adapter: AdapterRef
     suffix: Suffix | None = None
     dequantize: bool = False
+
+
+class DatasetCheck(Struct, kw_only=True):
+    """What a fine-tune will train on and cost (`POST /datasets/check`; jobs/estimate.py says how)."""
+
+    format: str
+    samples: int
+    validation_samples: int
+    rehearsal_samples: int
+    tokens: int  # of the training samples, as training tokenizes them
+    validation_tokens: int
+    longest: int
+    truncated: int  # samples longer than max_seq_length
+    steps: int
+    epochs: int
+    estimated_seconds: float | None  # None until this machine's rate is known
+    estimated_peak_memory_bytes: int
+    memory_bytes: int  # what the machine has (or MLX_LORA_API_MEMORY_LIMIT)
+    fits: bool
+    rate_flops: float | None
+    rate_source: str
+    flops: float  # the steps' arithmetic
+    notes: list[str] = []
 
 
 class AdapterImportRequest(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -667,6 +692,7 @@ class FinetuneSpec(Struct, tag="finetune", kw_only=True):
     # the weights file, resolved at submission.
     adapter: str | None = None
     initial_weights: str | None = None
+    estimate: DatasetCheck | None = None  # at submission, where the base was on this machine
 
 
 class FuseSpec(Struct, tag="fuse", kw_only=True):

@@ -25,6 +25,7 @@ def process_main(conn: Connection) -> None:
         found: dict[str, Any] = {"mlx": metadata.version("mlx"), "mlx_lm": metadata.version("mlx-lm")}
         found["device"] = "cpu" if device.on_cpu() else "gpu"
         found.update(blas.describe())
+        found["matmul_gflops"] = device.matmul_gflops()
         conn.send({"ok": True, **found})
     except BaseException as e:  # everything goes back to the server as a reason
         conn.send({"ok": False, "error": describe_error(e)})
@@ -38,6 +39,14 @@ class Probe:
         self._lock = threading.Lock()
         self._result: dict[str, Any] | None = None
         self._at = 0.0
+
+    def peek(self) -> dict[str, Any] | None:
+        """The result where it is in; else None, and the probe started in the background (once)."""
+        if self._result is not None:
+            return self._result
+        if not self._lock.locked():
+            threading.Thread(target=self.result, name="worker-probe", daemon=True).start()
+        return None
 
     def result(self) -> dict[str, Any]:
         """What a worker process found, or {"ok": False, "error"} where none could start."""

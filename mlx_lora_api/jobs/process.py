@@ -32,6 +32,14 @@ def describe_error(error: BaseException) -> str:
     return "; ".join([text, *getattr(error, "__notes__", [])])
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (a job's worker is a process of its own)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
 def die_with_parent() -> None:
     """On Linux, end with the server even when it is killed, so that no orphan keeps writing
     into a job's folder while a restarted server resumes it (elsewhere the pipe breaking ends

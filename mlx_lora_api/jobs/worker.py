@@ -39,6 +39,7 @@ from ..types import (
     decode_spec,
     job_kind,
 )
+from . import estimate, process
 from .process import Cancelled, begin, describe_error
 
 log = logging.getLogger("mlx_lora_api")
@@ -99,6 +100,20 @@ def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
             retention=retained,
         )
         registry.write_meta(work, meta)
+    if spec.estimate is not None and not metrics.get("stopped_early"):
+        # This machine's rate, for the next estimates; the estimate beside what happened.
+        estimate.Calibration(reg.data_dir / estimate.CALIBRATION_FILE).record(
+            metrics.get("device", "cpu"), spec.estimate.flops, metrics.get("train_seconds", 0.0)
+        )
+        on_event(
+            {
+                "type": "estimate",
+                "estimated_seconds": spec.estimate.estimated_seconds,
+                "seconds": metrics.get("seconds"),
+                "estimated_peak_memory_bytes": spec.estimate.estimated_peak_memory_bytes,
+                "peak_memory_bytes": process.peak_rss_bytes(),
+            }
+        )
     loss = metrics.get("final_train_loss")
     message = f"adapter {spec.model_id} trained" + (f" (final train loss {loss:.4f})" if loss is not None else "")
     if metrics.get("stopped_early"):

@@ -309,6 +309,7 @@ def train_adapter(
     if ref is not None and params.retention_check:
         hook.metrics["retention"] = check_retention(model, tokenizer, ref, out_dir, params, on_event)
     hook.metrics.update(
+        device="cpu" if device.on_cpu() else "gpu",
         trainable_parameters=trainable,
         seconds=round(time.perf_counter() - started, 3),
         num_layers=num_layers,

@@ -143,7 +143,10 @@ class StepHook:
         it = info["iteration"]
         tokens = info["trained_tokens"] - self._tokens
         self._tokens = info["trained_tokens"]
-        self._window.append((info["train_loss"], tokens, tokens / max(info["tokens_per_second"], 1e-9)))
+        seconds = tokens / max(info["tokens_per_second"], 1e-9)
+        self._window.append((info["train_loss"], tokens, seconds))
+        # The steps' own time (no validation, checkpoints or loading): what jobs/estimate.py calibrates on.
+        self.metrics["train_seconds"] = self.metrics.get("train_seconds", 0.0) + seconds
         if "metrics" in info:
             self._extra.append(info["metrics"])
         if it % self.params.steps_per_report == 0 or it == self.total:

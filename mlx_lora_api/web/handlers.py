@@ -252,6 +252,12 @@ async def push_model(request: Request) -> Response:
     return await _model_job(request, push_decoder, lambda s: s.push_spec, "push")
 
 
+async def check_dataset(request: Request) -> Response:
+    service = request.app.state.service
+    payload = decode(finetune_decoder, await read_body(request))
+    return respond(await run_in_threadpool(service.check_dataset, payload))
+
+
 async def import_adapter(request: Request) -> Response:
     service = request.app.state.service
     payload = decode(import_decoder, await read_body(request))

@@ -82,6 +82,14 @@ ENDPOINTS = [
     ),
     Endpoint(
         "POST",
+        "/datasets/check",
+        handlers.check_dataset,
+        "What a fine-tune would train on and cost: tokens, steps, estimated time and peak memory",
+        t.FinetuneRequest,
+        {"200": t.DatasetCheck},
+    ),
+    Endpoint(
+        "POST",
         "/lora-fuse",
         handlers.fuse,
         "Queue fusing an adapter into its base",
