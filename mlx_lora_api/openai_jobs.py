@@ -23,13 +23,15 @@ from msgspec import Meta, Struct
 
 from . import errors
 from .registry.uploads import FileStore, Limits
-from .types import FinetuneRequest, OpenAIOrigin, Parameters
-
-BASE_LEARNING_RATE = 1e-5  # Parameters' default; what a multiplier of 1 means
-AUTO_MULTIPLIER = 10.0
-AUTO_BATCH_SIZE = 4
-TARGET_EPOCHS, MIN_EPOCHS, MAX_EPOCHS = 3, 1, 25
-MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES = 100, 25_000
+from .types import (
+    AUTO_BATCH_SIZE,
+    AUTO_MULTIPLIER,
+    BASE_LEARNING_RATE,
+    FinetuneRequest,
+    OpenAIOrigin,
+    Parameters,
+    auto_epochs,
+)
 
 Auto = Literal["auto"]
 MetadataKey = Annotated[str, Meta(max_length=64)]
@@ -75,15 +77,6 @@ class JobCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     method: Method | None = None
     integrations: list[dict[str, Any]] | None = None
     x_mlx_lora: dict[str, Any] | None = None
-
-
-def auto_epochs(samples: int) -> int:
-    """OpenAI's cookbook rule: 3 epochs, moved so that samples x epochs is within 100-25,000."""
-    if samples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
-        return min(MAX_EPOCHS, MIN_TARGET_EXAMPLES // samples)
-    if samples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
-        return max(MIN_EPOCHS, MAX_TARGET_EXAMPLES // samples)
-    return TARGET_EPOCHS
 
 
 # OpenAI's hyperparameter and the service's own parameter it sets.

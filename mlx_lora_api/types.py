@@ -225,13 +225,30 @@ class OpenAIOrigin(Struct, kw_only=True, omit_defaults=True):
 
 REHEARSAL_DEFAULT = 0.5  # chosen by measurement: docs/retention.md
 
+# "auto" values, the same here and in OpenAI's fine-tuning API (openai_jobs.py), README's rules:
+BASE_LEARNING_RATE = 1e-5  # Parameters' default; what OpenAI's multiplier of 1 means
+AUTO_MULTIPLIER = 10.0  # "auto" learning rate: 1e-4, at which LoRA learns from a few dozen samples
+AUTO_BATCH_SIZE = 4
+TARGET_EPOCHS, MIN_EPOCHS, MAX_EPOCHS = 3, 1, 25
+MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES = 100, 25_000
+
+
+def auto_epochs(samples: int) -> int:
+    """OpenAI's cookbook rule: 3 epochs, moved so that samples x epochs is within 100-25,000."""
+    if samples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
+        return min(MAX_EPOCHS, MIN_TARGET_EXAMPLES // samples)
+    if samples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
+        return max(MIN_EPOCHS, MAX_TARGET_EXAMPLES // samples)
+    return TARGET_EPOCHS
+
 
 class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     """Training parameters; the defaults are mlx-lm's own where it has one."""
 
-    learning_rate: Annotated[float, Meta(gt=0, le=1)] = 1e-5
-    epochs: Annotated[int, Meta(ge=1, le=10_000)] = 1
-    batch_size: Annotated[int, Meta(ge=1, le=1024)] = 4
+    # "auto": the rules OpenAI's fine-tuning API has here too (see `resolve_auto`).
+    learning_rate: Annotated[float, Meta(gt=0, le=1)] | Literal["auto"] = 1e-5
+    epochs: Annotated[int, Meta(ge=1, le=10_000)] | Literal["auto"] = 1
+    batch_size: Annotated[int, Meta(ge=1, le=1024)] | Literal["auto"] = 4
     fine_tune_type: Literal["lora", "dora", "full"] = "lora"
     rank: Annotated[int, Meta(ge=1, le=1024)] = 8
     alpha: Annotated[float, Meta(gt=0)] | None = None
@@ -308,6 +325,10 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
             )
         if self.rehearsal_loss == "kl" and self.rehearsal == 0:
             raise ValueError('`parameters.rehearsal_loss` "kl" needs `parameters.rehearsal` above 0')
+        if self.learning_rate == "auto":
+            self.learning_rate = BASE_LEARNING_RATE * AUTO_MULTIPLIER
+        if self.batch_size == "auto":
+            self.batch_size = AUTO_BATCH_SIZE
         if self.min_learning_rate > self.learning_rate:
             raise ValueError("`parameters.min_learning_rate` is larger than `parameters.learning_rate`")
         if self.beta is not None and self.method != "dpo":
@@ -325,6 +346,13 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     def orpo_weight(self) -> float:
         return 0.1 if self.orpo_lambda is None else self.orpo_lambda
 
+    def concrete(self) -> tuple[float, int, int]:
+        """learning_rate, epochs and batch_size once "auto" is resolved (FinetuneRequest resolves epochs)."""
+        rate, epochs, batch = self.learning_rate, self.epochs, self.batch_size
+        if isinstance(rate, str) or isinstance(epochs, str) or isinstance(batch, str):
+            raise ValueError('`parameters` still hold an unresolved "auto"')
+        return rate, epochs, batch
+
     @property
     def lora_scale(self) -> float:
         if self.scale is not None:
@@ -337,9 +365,9 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
 # What each parameter means, as README's table says it (shorter): the OpenAPI document carries
 # these as descriptions, and the dashboard shows them beside each field. A test keeps the two in step.
 PARAMETER_HELP: dict[str, str] = {
-    "learning_rate": "peak learning rate (0 < lr <= 1)",
-    "epochs": "passes over the data; every sample is seen exactly this many times, whatever the batch size",
-    "batch_size": "samples per step; the last batch of an epoch may be smaller",
+    "learning_rate": "peak learning rate (0 < lr <= 1); auto: 1e-4",
+    "epochs": "passes over the data, each sample seen exactly this often; auto: 3, kept within 100-25,000 samples seen",
+    "batch_size": "samples per step; the last batch of an epoch may be smaller; auto: 4",
     "fine_tune_type": "lora, dora or full",
     "rank": "LoRA rank",
     "alpha": "sets the LoRA scale to alpha / rank, as in PEFT (give alpha or scale, not both)",
@@ -400,6 +428,8 @@ class FinetuneRequest(Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self):
         form = _check_samples(self.training_data, "training_data")
+        if self.parameters.epochs == "auto":  # the one "auto" that needs the data
+            self.parameters.epochs = auto_epochs(len(self.training_data))
         if self.validation_data and _check_samples(self.validation_data, "validation_data") != form:
             raise ValueError("`validation_data` must use the same format as `training_data`")
         if self.parameters.keep == "best" and not self.validation_data:

@@ -106,3 +106,19 @@ def test_a_check_names_what_is_wrong_as_a_fine_tune_does(client):
     assert r.status_code == 422 and "training_data[1]" in r.json()["message"]
     r = client.post("/datasets/check", json={"base_model": "no-such-model", "training_data": ["x"]})
     assert r.status_code == 404 and "no-such-model" in r.json()["message"]
+
+
+def test_auto_values_follow_the_rules_openais_api_has_here(client):
+    body = {
+        "base_model": "default",
+        "training_data": ["one sample", "two samples"] * 5,
+        "parameters": {"epochs": "auto", "learning_rate": "auto", "batch_size": "auto", "rehearsal": 0},
+    }
+    report = client.post("/datasets/check", json=body).json()
+    assert report["epochs"] == 10 and report["steps"] == 30  # 10 samples: 100 // 10 epochs, batches of 4
+    done = client.post("/lora-finetune?wait=true", json=body)
+    assert done.status_code == 200, done.text
+    parameters = client.get(f"/jobs/{done.json()['job_id']}").json()["parameters"]
+    assert (parameters["epochs"], parameters["learning_rate"], parameters["batch_size"]) == (10, 1e-4, 4)
+    bad = client.post("/lora-finetune", json={**body, "parameters": {"epochs": "many"}})
+    assert bad.status_code == 422 and "parameters.epochs" in bad.json()["message"]

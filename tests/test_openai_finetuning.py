@@ -14,8 +14,9 @@ import pytest
 
 from mlx_lora_api import batch, errors
 from mlx_lora_api.client import Client
-from mlx_lora_api.openai_jobs import JobCreate, auto_epochs, build
+from mlx_lora_api.openai_jobs import JobCreate, build
 from mlx_lora_api.registry.uploads import FileStore, Limits, parse
+from mlx_lora_api.types import auto_epochs
 
 CHAT = [
     {

@@ -222,6 +222,7 @@ def check(
 ) -> DatasetCheck:
     """The whole report for `request` on the base in `base_folder`."""
     params = request.parameters
+    _, epochs, batch_size = params.concrete()
     shape = model_shape(base_folder)
     preferring = params.method != "sft"
     train = sample_lengths(request.training_data, tokenizer)
@@ -229,12 +230,12 @@ def check(
     rows = 2 if preferring else 1  # a preference row is two sequences
     rehearsal = 0 if preferring or not params.rehearsal else min(math.ceil(params.rehearsal * len(train)), 48)
     epoch_lengths = train + [REHEARSAL_TOKENS] * rehearsal
-    steps_per_epoch = math.ceil(len(epoch_lengths) / params.batch_size)
-    steps = steps_per_epoch * params.epochs
+    steps_per_epoch = math.ceil(len(epoch_lengths) / batch_size)
+    steps = steps_per_epoch * epochs
     pad = 1 if cpu_levers else PAD_MULTIPLE
-    per_epoch, widest = padded_tokens(epoch_lengths, params.batch_size, params.max_seq_length, pad)
+    per_epoch, widest = padded_tokens(epoch_lengths, batch_size, params.max_seq_length, pad)
     per_epoch *= rows
-    val_tokens = rows * padded_tokens(val, params.batch_size, params.max_seq_length, pad)[0] if val else 0
+    val_tokens = rows * padded_tokens(val, batch_size, params.max_seq_length, pad)[0] if val else 0
 
     trained = shape.layers if params.num_layers == -1 else min(params.num_layers or 16, shape.layers)
     head = 2 * shape.vocab * shape.hidden
@@ -243,11 +244,11 @@ def check(
     backward = 2 * trained * (shape.block_params + attention) + head
     if params.fine_tune_type == "full":
         backward += 2 * trained * shape.block_params
-    cached = params.prefix_cache and params.dropout == 0 and params.fine_tune_type != "full" and params.epochs >= 2
+    cached = params.prefix_cache and params.dropout == 0 and params.fine_tune_type != "full" and epochs >= 2
     frozen = 2 * (shape.layers - trained) * (shape.block_params + attention // 2)
-    step_flops = per_epoch * (forward + backward) * params.epochs
+    step_flops = per_epoch * (forward + backward) * epochs
     if cached:
-        step_flops -= frozen * per_epoch * (params.epochs - 1)
+        step_flops -= frozen * per_epoch * (epochs - 1)
     evaluations = (math.ceil(steps / params.steps_per_eval) + 1) if val else 0
     other_flops = val_tokens * forward * evaluations
     if params.method == "dpo":
@@ -268,7 +269,7 @@ def check(
         else trained * shape.block_params
     )
     optimizer = lora_params * 4 * 4  # the weights, their gradients, Adam's two moments
-    batch_tokens = rows * params.batch_size * widest
+    batch_tokens = rows * batch_size * widest
     per_token_block = 4 * (8 * shape.hidden + 3 * shape.intermediate + shape.heads * widest)
     activations = batch_tokens * trained * per_token_block
     logits = 0 if (cpu_levers and params.rehearsal_loss != "kl") else batch_tokens * shape.vocab * 4 * 3
@@ -295,7 +296,7 @@ def check(
         longest=max(train),
         truncated=truncated,
         steps=steps,
-        epochs=params.epochs,
+        epochs=epochs,
         estimated_seconds=seconds,
         estimated_peak_memory_bytes=int(peak),
         memory_bytes=memory_bytes,

@@ -12,7 +12,7 @@ Schedule = Callable[[int], float]
 
 
 def build_schedule(params: Parameters, updates: int) -> float | Schedule:
-    lr = params.learning_rate
+    lr = params.concrete()[0]
     warmup = min(params.warmup_steps, updates)
     main: Schedule
     if params.lr_schedule == "cosine":

@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .. import errors
-from ..openai_jobs import BASE_LEARNING_RATE, JobCreate
-from ..types import PREFERENCE_METRICS, FileRecord, FinetuneSpec, Job, Parameters
+from ..openai_jobs import JobCreate
+from ..types import BASE_LEARNING_RATE, PREFERENCE_METRICS, FileRecord, FinetuneSpec, Job, Parameters
 from .bodies import (
     FileDeleted,
     FileList,
@@ -142,7 +142,7 @@ def job_object(job: Job, spec: FinetuneSpec) -> FineTuningJob:
     hyperparameters = {
         "n_epochs": params.epochs,
         "batch_size": params.batch_size,
-        "learning_rate_multiplier": round(params.learning_rate / BASE_LEARNING_RATE, 6),
+        "learning_rate_multiplier": round(params.concrete()[0] / BASE_LEARNING_RATE, 6),
     }
     estimated = None
     if job.status == "running" and job.progress.eta_seconds is not None:

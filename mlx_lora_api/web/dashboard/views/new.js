@@ -68,7 +68,8 @@ export async function newView() {
 
   const rows = Object.entries(parameters).map(([name, spec]) => {
     const type = spec.type ?? spec.anyOf?.find((t) => t.type !== "null")?.type;
-    const choices = spec.enum ?? spec.anyOf?.find((t) => t.enum)?.enum;
+    // A number that may also be "auto" (learning_rate, epochs, batch_size) stays a text field.
+    const choices = spec.enum ?? (["number", "integer"].includes(type) ? undefined : spec.anyOf?.find((t) => t.enum)?.enum);
     let input;
     if (choices) input = h("select", { id: `p-${name}`, name }, h("option", { value: "" }, `default (${spec.default ?? "none"})`), choices.map((c) => h("option", { value: c }, c)));
     else if (type === "boolean") input = h("select", { id: `p-${name}`, name }, h("option", { value: "" }, `default (${spec.default})`), h("option", { value: "true" }, "true"), h("option", { value: "false" }, "false"));
