@@ -107,9 +107,11 @@ def test_export_refuses_what_gguf_cannot_hold(client, data_dir):
     (other / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
     r = client.post("/models/not-llama/export", json={"format": "gguf"})
     assert r.status_code == 422 and "'qwen2'" in r.json()["message"]
-    adapter = client.post("/lora-finetune?wait=true", json={"base_model": "default", "training_data": ["x y"]}).json()
-    r = client.post(f"/models/{adapter['model_id']}/export", json={})
-    assert r.status_code == 422 and "fuse it" in r.json()["message"]
+    body = {"base_model": "default", "training_data": ["x y"], "parameters": {"fine_tune_type": "dora"}}
+    adapter = client.post("/lora-finetune?wait=true", json=body).json()
+    r = client.post(f"/models/{adapter['model_id']}/export", json={})  # a LoRA adapter exports as a GGUF LoRA
+    assert r.status_code == 422 and "dora adapter; gguf export handles LoRA adapters" in r.json()["message"]
+    assert "fuse it" in r.json()["message"]
     assert client.post("/models/nothing/export", json={}).status_code == 404
     assert client.post("/models/tiny-base/export", json={"format": "onnx"}).status_code == 422
 

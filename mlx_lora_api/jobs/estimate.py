@@ -234,6 +234,8 @@ def check(
     steps = steps_per_epoch * epochs
     pad = 1 if cpu_levers else PAD_MULTIPLE
     per_epoch, widest = padded_tokens(epoch_lengths, batch_size, params.max_seq_length, pad)
+    if rehearsal:  # rehearsal rows are spread over every batch: the longest sets a batch's width
+        widest = max(widest, min(REHEARSAL_LONGEST, params.max_seq_length))
     per_epoch *= rows
     val_tokens = rows * padded_tokens(val, batch_size, params.max_seq_length, pad)[0] if val else 0
 
@@ -270,7 +272,7 @@ def check(
     )
     optimizer = lora_params * 4 * 4  # the weights, their gradients, Adam's two moments
     batch_tokens = rows * batch_size * widest
-    per_token_block = 4 * (8 * shape.hidden + 3 * shape.intermediate + shape.heads * widest)
+    per_token_block = ACTIVATIONS * 4 * (8 * shape.hidden + 3 * shape.intermediate + shape.heads * widest)
     activations = batch_tokens * trained * per_token_block
     logits = 0 if (cpu_levers and params.rehearsal_loss != "kl") else batch_tokens * shape.vocab * 4 * 3
     cache = min(per_epoch * shape.hidden * 4 + (val_tokens * shape.hidden * 4), 2 << 30) if cached else 0
@@ -308,7 +310,13 @@ def check(
     )
 
 
-REHEARSAL_TOKENS = 75  # a rehearsal sample's length, about (the base's answers to general prompts, 64 tokens at most)
+# A rehearsal sample's length on average and at most (SmolLM2-135M's answers to the 48 prompts, with
+# its chat template: 80 and 107 tokens).
+REHEARSAL_TOKENS, REHEARSAL_LONGEST = 80, 110
+# What MLX keeps of a step's activations, against the matmul inputs and attention probabilities
+# counted (softmax's and SiLU's outputs, and freed buffers the allocator keeps): fitted to the
+# peaks of SFT and DPO runs of SmolLM2-135M here (docs/benchmarks.md).
+ACTIVATIONS = 2
 RETENTION_TOKENS = 24 * 75  # the retention check's teacher-forced pass over the base's 24 answers
 LOAD_BYTES_PER_SECOND = 500e6  # reading the weights
 REFERENCE_SECONDS_PER_BPARAM = 430  # the base's answers, once per base: 57.7 s for SmolLM2-135M here
