@@ -81,3 +81,19 @@ def tiny_server(tmp_path_factory, tiny_model_template):
     with running_server(folder, folder / "server.log", env=env) as running:
         running.data_dir = folder
         yield running
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> dict[str, int]:
+    """The CPU fast path's kernels, counted by name as they are called (the speed-lever tests)."""
+    from mlx_lora_api.accel import kernels
+
+    calls: dict[str, int] = {}
+    for name in ("cross_entropy", "swiglu", "attention"):
+
+        def counted(*args, _original=getattr(kernels, name), _name=name):  # noqa: B008 (bound per loop turn)
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+    return calls

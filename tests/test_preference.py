@@ -173,20 +173,11 @@ def test_preference_training_prefers_the_chosen_answers(tmp_path, tiny_model_tem
 
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
-def test_the_speed_levers_leave_a_preference_adapter_unchanged(tmp_path, tiny_model_template, monkeypatch, method):
+def test_the_speed_levers_leave_a_preference_adapter_unchanged(tmp_path, tiny_model_template, kernel_calls, method):
     """Every lever (the frozen blocks cached, the numpy output layer and kernels, eager steps)
     against none: the same rewards and the same adapter, to float32 rounding (SGD, as the SFT
     test explains)."""
-    from mlx_lora_api.accel import kernels
-
-    calls = {}
-    for name in ("cross_entropy", "swiglu", "attention"):
-
-        def counted(*args, _original=getattr(kernels, name), _name=name):  # noqa: B008 (bound per loop turn)
-            calls[_name] = calls.get(_name, 0) + 1
-            return _original(*args)
-
-        monkeypatch.setattr(kernels, name, counted)
+    calls = kernel_calls
     results = {}
     for name, switches in (("on", levers.Levers()), ("off", levers.PLAIN)):
         out = tmp_path / name

@@ -267,22 +267,13 @@ def test_cross_entropy_split_over_cpu_streams_equals_mlx_one():
     assert mx.allclose(split, nn.losses.cross_entropy(logits, targets), atol=1e-6).item()
 
 
-def test_the_speed_levers_leave_the_adapter_unchanged(tmp_path, tiny_model_template, monkeypatch):
+def test_the_speed_levers_leave_the_adapter_unchanged(tmp_path, tiny_model_template, kernel_calls):
     """Every lever on (padding to 8, frozen-block cache, numpy head, vectorized ops split over
     the cores) against all off (mlx-lm's way): the same losses and the same adapter, to float32
     rounding. Plain SGD, so that the comparison is of the gradients themselves: Adam divides
     each gradient by its own running magnitude, which turns 1-ulp differences in near-zero
     gradients into differences of a good part of a step (measured: up to 3e-4 here)."""
-    from mlx_lora_api.accel import kernels
-
-    calls = {}
-    for name in ("cross_entropy", "swiglu", "attention"):
-
-        def counted(*args, _original=getattr(kernels, name), _name=name):  # noqa: B008 (bound per loop turn)
-            calls[_name] = calls.get(_name, 0) + 1
-            return _original(*args)
-
-        monkeypatch.setattr(kernels, name, counted)
+    calls = kernel_calls
     results = {}
     for name, switches in (("on", levers.Levers()), ("off", levers.PLAIN)):
         out = tmp_path / name

@@ -42,7 +42,10 @@ from ..types import DatasetCheck, FinetuneRequest, SampleIn, to_records
 CALIBRATION_FILE = "calibration.json"  # in the data folder
 PAD_MULTIPLE = 8  # tuner/datasets.py's
 KEPT = 20  # finished fine-tunes the rate is the median of
-FIRST_GUESS = 0.35  # of the probe's matmul rate: what steps reached of it here (Zen 4, SmolLM2-135M)
+# Of the probe's matmul rate: what steps reached of it here (SmolLM2-135M, 2-core Zen 4: the seed-style
+# job's steps ran at 1.0x the probe's 95 GFLOP/s as this module counts them; 0.35, the first value,
+# made its estimate 313 s against 149 s).
+FIRST_GUESS = 1.0
 PROCESS_BYTES = 350 << 20  # Python, MLX, numpy and the tokenizer in a worker (measured: 94 MiB + 250 MiB)
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F64": 8, "U8": 1, "I8": 1}
 
@@ -262,7 +265,7 @@ def check(
         seconds = (step_flops + other_flops) / rate + shape.stored_bytes / LOAD_BYTES_PER_SECOND
         if (params.retention_check or rehearsal) and not retention_cached:
             seconds += REFERENCE_SECONDS_PER_BPARAM * shape.total_params / 1e9
-        seconds = round(seconds, 1)
+        seconds = max(round(seconds, 1), 0.1)
 
     weights = shape.total_params * 4 if device == "cpu" and not shape.quantized else shape.stored_bytes
     lora_params = (

@@ -124,6 +124,45 @@ def _cpu_levers(
     )
 
 
+def _keep_cache(
+    model: nn.Module,
+    params: Parameters,
+    lengths: list[int],
+    plan: Sequence[Sequence[int]],
+    val_lengths: list[int] | None,
+    pad: int,
+    rows: int,
+    on_event: EventSink,
+) -> bool:
+    """Whether the frozen blocks' outputs are kept: from a second epoch on, within the budget
+    (every training batch once and the validation batches; `rows` sequences per sample)."""
+    if params.epochs < 2:  # one epoch: the frozen blocks still run outside the step, nothing kept
+        return False
+    unique = list({tuple(b): list(b) for b in plan}.values())
+    cached = rows * datasets.padded_tokens(lengths, unique, pad)
+    if val_lengths is not None:
+        cached += rows * datasets.padded_tokens(
+            val_lengths, datasets.in_order(len(val_lengths), params.batch_size), pad
+        )
+    if prefix_cache.fits(cached, model.args.hidden_size):
+        return True
+    on_event({"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"})
+    return False
+
+
+def _checked(
+    chosen: LossPlan, plain: LossPlan, got: mx.array, expected: mx.array, keep: bool, on_event: EventSink
+) -> LossPlan:
+    """The plan with its shortcuts where their loss is the plain one's, else the plain plan; either said."""
+    if not mx.allclose(got, expected, atol=1e-4, rtol=1e-4).item():
+        on_event({"type": "info", "message": "this model's forward pass cannot be split; trained without shortcuts"})
+        return plain
+    if chosen.start and keep:
+        message = f"the first {chosen.start} blocks are frozen: their outputs are computed once"
+        on_event({"type": "info", "message": message})
+    return chosen
+
+
 def plan_preference(
     model: nn.Module,
     params: Parameters,
@@ -147,21 +186,8 @@ def plan_preference(
         running=running,
     )
     start = prefix_cache.frozen_blocks(model, params) if levers.prefix_cache and params.prefix_cache else 0
-    keep = params.epochs >= 2
-    if start and keep:
-        lengths = pairs.lengths()
-        unique = list({tuple(b): list(b) for b in plan}.values())
-        cached = 2 * datasets.padded_tokens(lengths, unique, pad)  # chosen and rejected rows
-        if val_pairs is not None:
-            val_lengths = val_pairs.lengths()
-            cached += 2 * datasets.padded_tokens(
-                val_lengths, datasets.in_order(len(val_lengths), params.batch_size), pad
-            )
-        if not prefix_cache.fits(cached, model.args.hidden_size):
-            on_event(
-                {"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"}
-            )
-            keep = False
+    val_lengths = val_pairs.lengths() if val_pairs is not None else None
+    keep = bool(start) and _keep_cache(model, params, pairs.lengths(), plan, val_lengths, pad, 2, on_event)
     if not start and head is None:
         return plain
     forward = preference.Forward(start, cross_entropy, head)
@@ -173,12 +199,7 @@ def plan_preference(
         assert chosen.cache is not None
         inputs = chosen.cache.compute(tokens)
     got = chosen.loss(model, inputs, tokens, rows, reference)[0]
-    if not mx.allclose(got, expected, atol=1e-4, rtol=1e-4).item():
-        on_event({"type": "info", "message": "this model's forward pass cannot be split; trained without shortcuts"})
-        return plain
-    if start and keep:
-        on_event({"type": "info", "message": f"the first {start} blocks are frozen: their outputs are computed once"})
-    return chosen
+    return _checked(chosen, plain, got, expected, keep, on_event)
 
 
 def plan_loss(
@@ -211,20 +232,10 @@ def plan_loss(
         kl=kl,
     )
     start = prefix_cache.frozen_blocks(model, params) if levers.prefix_cache and params.prefix_cache else 0
-    keep = params.epochs >= 2  # one epoch: the frozen blocks still run outside the step, nothing kept
-    if start and keep:
-        lengths = datasets.item_lengths(train_set)
-        unique = {tuple(b): list(b) for b in plan}.values()
-        cached = datasets.padded_tokens(lengths, list(unique), pad)
-        if val_set is not None:  # validation batches are cached too
-            val_lengths = datasets.item_lengths(val_set)
-            val_batches = datasets.in_order(len(val_lengths), params.batch_size)
-            cached += datasets.padded_tokens(val_lengths, val_batches, pad)
-        if not prefix_cache.fits(cached, model.args.hidden_size):
-            on_event(
-                {"type": "info", "message": "the frozen blocks' outputs would not fit the cache budget; not cached"}
-            )
-            keep = False
+    val_lengths = datasets.item_lengths(val_set) if val_set is not None else None
+    keep = bool(start) and _keep_cache(
+        model, params, datasets.item_lengths(train_set), plan, val_lengths, pad, 1, on_event
+    )
     if not start and head is None:
         return plain
     # One sample is enough to catch a model these shortcuts do not fit, at a quarter of a batch's cost.
@@ -237,12 +248,7 @@ def plan_loss(
         got = chosen.loss(model, cache.compute(tokens), tokens, lengths)[0]
     else:
         got = chosen.loss(model, tokens, lengths)[0]
-    if not mx.allclose(got, expected, atol=1e-4, rtol=1e-4).item():
-        on_event({"type": "info", "message": "this model's forward pass cannot be split; trained without shortcuts"})
-        return plain
-    if start and keep:
-        on_event({"type": "info", "message": f"the first {start} blocks are frozen: their outputs are computed once"})
-    return chosen
+    return _checked(chosen, plain, got, expected, keep, on_event)
 
 
 def use_bfloat16(model: nn.Module, params: Parameters, chosen: LossPlan, on_event: EventSink) -> LossPlan:
