@@ -178,7 +178,7 @@ class Service:
 
     def _estimate(self, request: FinetuneRequest, base: BaseModel) -> DatasetCheck:
         assert base.path is not None
-        worker = self.probe.peek() or {}
+        worker = self.probe.known() or {}  # at submission, no worker is started just to ask
         device = worker.get("device", "cpu")
         gflops = worker.get("matmul_gflops")
         rate, source = self.calibration.rate(device, gflops * 1e9 if gflops else None)
@@ -205,6 +205,9 @@ class Service:
             return None
         try:
             report = self._estimate(request, base)
+            if not report.fits and self.probe.known() is None:  # on a GPU the weights keep their own type
+                self.probe.result()
+                report = self._estimate(request, base)
         except Exception:
             log.exception("no estimate for a fine-tune on %s", base.ref)
             return None

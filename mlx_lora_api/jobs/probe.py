@@ -40,13 +40,9 @@ class Probe:
         self._result: dict[str, Any] | None = None
         self._at = 0.0
 
-    def peek(self) -> dict[str, Any] | None:
-        """The result where it is in; else None, and the probe started in the background (once)."""
-        if self._result is not None:
-            return self._result
-        if not self._lock.locked():
-            threading.Thread(target=self.result, name="worker-probe", daemon=True).start()
-        return None
+    def known(self) -> dict[str, Any] | None:
+        """The result where a probe has run (/health, /datasets/check); None, and nothing started, where not."""
+        return self._result
 
     def result(self) -> dict[str, Any]:
         """What a worker process found, or {"ok": False, "error"} where none could start."""
