@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = commands.add_parser("finetune", help="queue a fine-tune on a running server")
     _finetune_flags(finetune)
+    finetune.add_argument(
+        "--check", action="store_true", help="count the data and estimate time and memory; queue nothing"
+    )
+    finetune.add_argument("--force", action="store_true", help="queue it even where its estimated peak is too large")
     _url_flag(finetune)
     _follow_flags(finetune)
 
@@ -227,7 +231,11 @@ def cmd_fuse(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     body = finetune_body(args)
+    if args.force:
+        body["force"] = True
     url = remote.server_url(args, settings.data_dir)
+    if args.check:
+        return remote.run(lambda c: remote.check(c, body), url, settings.api_key)
     return remote.run(lambda c: remote.finetune(c, body, args), url, settings.api_key)
 
 

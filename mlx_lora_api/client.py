@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from .types import Job, JobList, Message, Metrics, ModelRecord, Progress, SampleIn
+from .types import DatasetCheck, Job, JobList, Message, Metrics, ModelRecord, Progress, SampleIn
 from .web.bodies import Accepted, ErrorBody, GenerateResponse, ModelList
 
 T = TypeVar("T")
@@ -95,6 +95,10 @@ class Client:
     def submit_finetune(self, body: dict[str, Any]) -> Job:
         """Queue a fine-tune from a whole request body, as `POST /lora-finetune` takes it."""
         return self._queued("/lora-finetune", body)
+
+    def check_dataset(self, body: dict[str, Any]) -> DatasetCheck:
+        """What a fine-tune (a whole request body) would train on and cost; queues nothing."""
+        return self._call("POST", "/datasets/check", json=body, type=DatasetCheck)
 
     def fuse(self, base_model: str, adapter: str, *, suffix: str | None = None, dequantize: bool = False) -> Job:
         body: dict[str, Any] = {"base_model": base_model, "lora_adapter": adapter, "dequantize": dequantize}

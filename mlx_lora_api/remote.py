@@ -94,6 +94,27 @@ def finetune(client: Client, body: dict[str, Any], args: argparse.Namespace) -> 
     return submitted(client, job, args)
 
 
+def check(client: Client, body: dict[str, Any]) -> int:
+    """What `POST /datasets/check` says of a fine-tune, as lines."""
+    report = client.check_dataset(body)
+    seconds = "unknown yet" if report.estimated_seconds is None else f"{report.estimated_seconds:.0f} s"
+    gib = 1 << 30
+    rows = [
+        ("data", f"{report.samples} {report.format} samples, {report.tokens} tokens, longest {report.longest}"),
+        ("validation", f"{report.validation_samples} samples, {report.validation_tokens} tokens"),
+        ("steps", f"{report.steps} ({report.epochs} epochs; {report.rehearsal_samples} rehearsal samples)"),
+        ("time", f"{seconds} ({report.rate_source})"),
+        (
+            "peak memory",
+            f"{report.estimated_peak_memory_bytes / gib:.2f} GiB of {report.memory_bytes / gib:.1f} GiB"
+            + ("" if report.fits else ": too large; --force queues it anyway"),
+        ),
+        *(("note", note) for note in report.notes),
+    ]
+    _table(("", ""), rows, ids=())
+    return 0 if report.fits else 1
+
+
 def fuse(client: Client, body: dict[str, Any], args: argparse.Namespace) -> int:
     job = client.fuse(
         body["base_model"], body["lora_adapter"], suffix=body.get("suffix"), dequantize=body["dequantize"]
