@@ -6,8 +6,8 @@
 Same base (the bundled SmolLM2-135M-Instruct) and the same rank-8 adapter on 16 blocks; each run
 a fresh process; wall time includes loading and saving; peak is the process's maximum RSS
 (VmHWM, printed by the process itself as it exits).
-The service computes on the CPU in float32 (and so saves float32); mlx_lm.fuse keeps the
-stored float16.
+Both keep the stored float16; the service checks each fused layer's output against the LoRA
+layer's in float32 (tasks/fuse.py), mlx_lm.fuse checks nothing.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> None:
     training.train_adapter(str(base), "smollm2", request, adapter)
 
     engines = {
-        "service (float32 fuse + parity check, saved as stored)": lambda out: [
+        "service (float16, each fused layer checked)": lambda out: [
             sys.executable,
             "-c",
             PEAK + SERVICE,

@@ -70,7 +70,7 @@ def test_seed_fine_tune_then_fuse_back_to_back(client, data_dir):
     assert (adapter_dir / "adapters.safetensors").exists()
     record = client.get(f"/models/{fused['model_id']}").json()
     assert record["kind"] == "fused" and record["base_model"] == "tiny-base" and record["adapter"] == adapter_id
-    assert record["parity"]["max_abs_logit_diff"] < record["parity"]["tolerance"]
+    assert record["parity"]["max_diff"] < record["parity"]["tolerance"]
     assert "model.safetensors" in record["files"]
     adapter = client.get(f"/models/{adapter_id}").json()
     assert adapter["training_data"]["samples"] == 2 and adapter["parameters"]["epochs"] == 3
@@ -503,7 +503,7 @@ def test_a_checkpoint_fuses_into_a_model_that_answers_as_the_checkpoint_does(cli
     assert r.status_code == 200 and r.json()["message"].endswith(f"adapter {adapter} at iteration 4"), r.json()
     fused = client.get(f"/models/{r.json()['model_id']}").json()
     assert fused["adapter"] == adapter and fused["adapter_checkpoint"] == 4
-    assert fused["parity"]["max_abs_logit_diff"] <= fused["parity"]["tolerance"]  # against the checkpoint
+    assert fused["parity"]["max_diff"] <= fused["parity"]["tolerance"]  # against the checkpoint
 
     def say(model):
         body = {"model": model, "prompt": "The mayor of", "max_tokens": 8}

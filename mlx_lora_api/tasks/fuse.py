@@ -1,7 +1,16 @@
-"""Fuse an adapter into its base with mlx-lm (each LoRA layer's `fuse()`), check that the
-fused model computes what base plus adapter computed, and save it with `mlx_lm.utils.save`
-in the base's own dtype (computed in float32 on the CPU, as mlx_lm.fuse saves, at half the size
-of float32 for a float16 base)."""
+"""Fuse an adapter into its base with mlx-lm (each LoRA layer's `fuse()`), check that the fused
+model computes what base plus adapter computed, and save it with `mlx_lm.utils.save` in the base's
+own dtype.
+
+The check is made layer by layer, as each is fused: every fused layer's output on a fixed random
+batch against the LoRA layer's own, both computed in float32 (the layer's weights cast for that one
+layer), the fused weights rounded to the dtype they are saved in. So the model stays in its stored
+dtype throughout, with no float32 copy of it and no forward pass of the whole model twice: fusing
+takes what `mlx_lm.fuse` takes (scripts/bench_fuse.py). Each layer's result is exactly the quantity
+a whole-model check samples, and where the fused weights cannot hold the adapter (a quantized base
+re-quantized) its layers fail the check. LoRA layers of other kinds (mixture-of-experts) are checked
+as before: the whole model's logits on a few probes, before and after.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
 from mlx_lm.utils import dequantize_model, load, save
 
 from .. import device
@@ -41,6 +52,33 @@ def _weights_dtype(model: nn.Module) -> str:
     return "float32"
 
 
+# Largest difference allowed in a fused layer's output, relative to the largest output, by the dtype
+# the fused weights are saved in (a weight rounded to float16 is off by 2^-11 of itself).
+LAYER_RTOL = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+BATCH = 8  # rows of the fixed random batch each fused layer is checked on
+
+
+def _layer_check(module: nn.Module, dequantize: bool, stored: str, key: mx.array) -> tuple[nn.Module, float] | None:
+    """`module` fused, and its output's largest difference from the LoRA layer's, relative to the
+    largest output; None for a kind of layer this check cannot drive."""
+    ids = isinstance(module, LoRAEmbedding | DoRAEmbedding)
+    if isinstance(module, LoRALinear | DoRALinear):
+        x = mx.random.normal((BATCH, module.lora_a.shape[0]), key=key)
+    elif ids:
+        x = mx.random.randint(0, module.lora_a.shape[0], (BATCH,), key=key)
+    else:
+        return None
+    module.set_dtype(mx.float32)  # this layer only (quantized weights stay as they are)
+    expected = module(x).astype(mx.float32)
+    layer = module.fuse(dequantize=dequantize)
+    if stored != "float32":
+        layer.set_dtype(getattr(mx, stored))
+    got = layer(x if ids else x.astype(getattr(mx, stored))).astype(mx.float32)
+    difference = mx.max(mx.abs(got - expected)) / mx.maximum(mx.max(mx.abs(expected)), 1e-6)
+    mx.eval(layer.parameters(), difference)
+    return layer, float(difference.item())
+
+
 def fuse_adapter(
     base_path: str,
     adapter_path: Path,
@@ -52,14 +90,61 @@ def fuse_adapter(
     on_event({"type": "loading", "base_model": base_path, "adapter": str(adapter_path)})
     model, tokenizer, config = load(base_path, adapter_path=str(adapter_path), return_config=True)
     stored = _weights_dtype(model)  # as the base is on disk: the fused model is saved so too
+    model.eval()
+    on_event({"type": "fusing"})
+    lora = [(name, module) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    key = mx.random.key(0)
+    worst, checked = 0.0, True
+    for name, module in lora:
+        done = _layer_check(module, dequantize, stored, key)
+        if done is None:
+            checked = False
+            break
+        layer, difference = done
+        model.update_modules(tree_unflatten([(name, layer)]))  # the LoRA layer's copies go with it
+        worst = max(worst, difference)
+    if not checked:  # a layer the check cannot drive: the whole model, before and after
+        model, tokenizer, config = load(base_path, adapter_path=str(adapter_path), return_config=True)
+        return _fuse_whole(model, tokenizer, config, base_path, out_dir, dequantize, stored, on_event)
+    if dequantize:
+        model = dequantize_model(model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    tolerance = LAYER_RTOL.get(stored, 3e-2)
+    parity = {
+        "measure": "each fused layer's output on a random batch, relative to its largest",
+        "max_diff": worst,
+        "tolerance": tolerance,
+        "dtype": stored,
+        "saved_dtype": stored,
+        "fused_layers": len(lora),
+    }
+    _refuse_if(worst > tolerance, parity, config)
+    on_event({"type": "saving", **parity})
+    config["torch_dtype"] = stored
+    save(out_dir, base_path, model, tokenizer, config, donate_model=False)
+    return parity
+
+
+def _refuse_if(broken: bool, parity: dict[str, Any], config: dict[str, Any]) -> None:
+    if not broken:
+        return
+    hint = ""
+    if config.get("quantization"):
+        hint = "; the base is quantized, and re-quantizing the fused weights loses the adapter: fuse with dequantize"
+    raise ParityError(
+        f"the fused model's outputs differ from base plus adapter by {parity['max_diff']:.4g} "
+        f"(tolerance {parity['tolerance']:.4g} for {parity['dtype']}; {parity['measure']}); not saving it{hint}"
+    )
+
+
+def _fuse_whole(model, tokenizer, config, base_path, out_dir, dequantize, stored, on_event) -> dict[str, Any]:
+    """The whole-model check: logits on PARITY_TEXTS before and after, in float32 on the CPU."""
     device.cast_for_compute(model)
     model.eval()
-
     probes = [tokenizer.encode(text) for text in PARITY_TEXTS]
     reference = _logits(model, probes)
     mx.eval(reference)
-
-    on_event({"type": "fusing"})
     fused = [
         (name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules() if hasattr(module, "fuse")
     ]
@@ -69,31 +154,21 @@ def fuse_adapter(
         model = dequantize_model(model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-
     dtype = _weights_dtype(model)
     result = _logits(model, probes)
     largest_diff = max(mx.max(mx.abs(a - b)).item() for a, b in zip(reference, result))
     largest_logit = max(mx.max(mx.abs(a)).item() for a in reference)
-    tolerance = PARITY_RTOL.get(dtype, 5e-2) * max(largest_logit, 1.0)
     parity = {
-        "max_abs_logit_diff": largest_diff,
+        "measure": "the logits of a few probes, the largest difference",
+        "max_diff": largest_diff,
+        "tolerance": PARITY_RTOL.get(dtype, 5e-2) * max(largest_logit, 1.0),
         "max_abs_logit": largest_logit,
-        "tolerance": tolerance,
         "dtype": dtype,
         "saved_dtype": stored,
         "probes": len(probes),
         "fused_layers": len(fused),
     }
-    if largest_diff > tolerance:
-        hint = ""
-        if config.get("quantization"):
-            hint = (
-                "; the base is quantized, and re-quantizing the fused weights loses the adapter: fuse with dequantize"
-            )
-        raise ParityError(
-            f"the fused model's logits differ from base plus adapter by {largest_diff:.4g} "
-            f"(tolerance {tolerance:.4g} for {dtype}); not saving it{hint}"
-        )
+    _refuse_if(largest_diff > parity["tolerance"], parity, config)
     on_event({"type": "saving", **parity})
     if stored != dtype:
         model.set_dtype(getattr(mx, stored))  # computed in float32 on the CPU, stored as the base was

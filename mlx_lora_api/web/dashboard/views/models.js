@@ -57,8 +57,9 @@ export async function modelsView() {
   function node(m) {
     const facts = [m.kind, size(m.size_bytes), when(m.created_at)];
     if (m.parity) {
-      const { max_abs_logit_diff: diff, tolerance } = m.parity;
-      facts.push(`parity: logits within ${Number(diff).toExponential(1)} of base + adapter (tolerance ${Number(tolerance).toExponential(1)})`);
+      // Older records (before fusing was checked layer by layer) name the difference max_abs_logit_diff.
+      const { max_diff: diff = m.parity.max_abs_logit_diff, tolerance } = m.parity;
+      facts.push(`parity: within ${Number(diff).toExponential(1)} of base + adapter (tolerance ${Number(tolerance).toExponential(1)})`);
     }
     if (m.retention) facts.push(`retention ${num(m.retention.score, 2)}`);
     if (m.status !== "ready") facts.push(m.status);
