@@ -56,11 +56,14 @@ def _weights_dtype(model: nn.Module) -> str:
 # the fused weights are saved in (a weight rounded to float16 is off by 2^-11 of itself).
 LAYER_RTOL = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
 BATCH = 8  # rows of the fixed random batch each fused layer is checked on
+GROUP = 7  # layers fused and checked in one evaluation (a transformer block's)
 
 
-def _layer_check(module: nn.Module, dequantize: bool, stored: str, key: mx.array) -> tuple[nn.Module, float] | None:
+def _layer_check(
+    module: nn.Module, dequantize: bool, stored: str, key: mx.array
+) -> tuple[nn.Module, mx.array] | None:
     """`module` fused, and its output's largest difference from the LoRA layer's, relative to the
-    largest output; None for a kind of layer this check cannot drive."""
+    largest output (not evaluated yet); None for a kind of layer this check cannot drive."""
     ids = isinstance(module, LoRAEmbedding | DoRAEmbedding)
     if isinstance(module, LoRALinear | DoRALinear):
         x = mx.random.normal((BATCH, module.lora_a.shape[0]), key=key)
@@ -74,9 +77,15 @@ def _layer_check(module: nn.Module, dequantize: bool, stored: str, key: mx.array
     if stored != "float32":
         layer.set_dtype(getattr(mx, stored))
     got = layer(x if ids else x.astype(getattr(mx, stored))).astype(mx.float32)
-    difference = mx.max(mx.abs(got - expected)) / mx.maximum(mx.max(mx.abs(expected)), 1e-6)
-    mx.eval(layer.parameters(), difference)
-    return layer, float(difference.item())
+    return layer, mx.max(mx.abs(got - expected)) / mx.maximum(mx.max(mx.abs(expected)), 1e-6)
+
+
+def _module_at(model: nn.Module, name: str) -> nn.Module:
+    """The module at a dotted path (`model.layers.3.mlp.up_proj`)."""
+    found: Any = model
+    for part in name.split("."):
+        found = found[int(part)] if isinstance(found, list) else getattr(found, part)
+    return found
 
 
 def fuse_adapter(
@@ -92,17 +101,25 @@ def fuse_adapter(
     stored = _weights_dtype(model)  # as the base is on disk: the fused model is saved so too
     model.eval()
     on_event({"type": "fusing"})
-    lora = [(name, module) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    names = [name for name, module in model.named_modules() if hasattr(module, "fuse")]
     key = mx.random.key(0)
     worst, checked = 0.0, True
-    for name, module in lora:
-        done = _layer_check(module, dequantize, stored, key)
+    pending: list[tuple[nn.Module, mx.array]] = []
+    for i, name in enumerate(names):
+        # A few layers at a time, holding no other reference to them or their inner layers: once
+        # evaluated and replaced, their weights and float32 copies are freed, and memory stays that
+        # of the model as stored.
+        done = _layer_check(_module_at(model, name), dequantize, stored, key)
         if done is None:
             checked = False
             break
-        layer, difference = done
-        model.update_modules(tree_unflatten([(name, layer)]))  # the LoRA layer's copies go with it
-        worst = max(worst, difference)
+        model.update_modules(tree_unflatten([(name, done[0])]))
+        pending.append(done)
+        if len(pending) == GROUP or i == len(names) - 1:
+            mx.eval([(layer.parameters(), difference) for layer, difference in pending])
+            worst = max([worst, *(float(difference.item()) for _, difference in pending)])
+            pending.clear()
+        del done
     if not checked:  # a layer the check cannot drive: the whole model, before and after
         model, tokenizer, config = load(base_path, adapter_path=str(adapter_path), return_config=True)
         return _fuse_whole(model, tokenizer, config, base_path, out_dir, dequantize, stored, on_event)
@@ -117,7 +134,7 @@ def fuse_adapter(
         "tolerance": tolerance,
         "dtype": stored,
         "saved_dtype": stored,
-        "fused_layers": len(lora),
+        "fused_layers": len(names),
     }
     _refuse_if(worst > tolerance, parity, config)
     on_event({"type": "saving", **parity})
