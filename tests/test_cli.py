@@ -182,7 +182,8 @@ def test_finetune_follow_jobs_models_logs_against_a_server(tiny_server, tmp_path
     check = run_cli("finetune", *url, "--data", str(samples), "--epochs", "3", "--set", "rehearsal=0", "--check")
     assert check.returncode == 0, check.stderr
     assert "2 text samples" in check.stdout and "3 (3 epochs; 0 rehearsal samples)" in check.stdout
-    assert "GiB of" in check.stdout and len(run_cli("jobs", *url, "--limit", "50").stdout.splitlines()) == 3  # none queued
+    listed = run_cli("jobs", *url, "--limit", "50").stdout.splitlines()
+    assert "GiB of" in check.stdout and len(listed) == 3  # the header and the two jobs above: none queued
 
     missing = run_cli("logs", "job-000000000000", *url)
     assert missing.returncode == 2 and "no job with id 'job-000000000000' (HTTP 404)" in missing.stderr

@@ -59,9 +59,7 @@ BATCH = 8  # rows of the fixed random batch each fused layer is checked on
 GROUP = 7  # layers fused and checked in one evaluation (a transformer block's)
 
 
-def _layer_check(
-    module: nn.Module, dequantize: bool, stored: str, key: mx.array
-) -> tuple[nn.Module, mx.array] | None:
+def _layer_check(module: nn.Module, dequantize: bool, stored: str, key: mx.array) -> tuple[nn.Module, mx.array] | None:
     """`module` fused, and its output's largest difference from the LoRA layer's, relative to the
     largest output (not evaluated yet); None for a kind of layer this check cannot drive."""
     ids = isinstance(module, LoRAEmbedding | DoRAEmbedding)
