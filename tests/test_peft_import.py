@@ -86,6 +86,8 @@ def test_an_adapter_made_by_peft_gives_peft_logits_and_trains_further(client, se
     plain = np.array(model(mx.array(TOKENS)).astype(mx.float32))
     assert np.abs(theirs - plain).max() > 1e-2  # peft's adapter changes the logits
     np.testing.assert_allclose(mlx_logits(base, adapter), theirs, atol=2e-4, rtol=1e-4)
+    if rslora:
+        return  # the rest does not depend on how the scale was found
 
     # Used, fused and trained further like the service's own.
     answer = client.post("/generate", json={"model": record["model_id"], "prompt": "The quick", "max_tokens": 4})
