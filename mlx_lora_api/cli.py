@@ -17,10 +17,11 @@ import msgspec
 from . import client, errors, registry, remote, terminal
 from .accel import blas
 from .config import Settings, load_settings
+from .jobs import process
 from .jobs.process import describe_error
 from .registry import lock
 from .service import Service
-from .types import FinetuneRequest, FuseRequest, JobSpec
+from .types import FinetuneRequest, FuseRequest, JobSpec, job_kind
 from .web.security import is_loopback
 
 log = logging.getLogger("mlx_lora_api")
@@ -147,6 +148,7 @@ def _run_job(settings: Settings, command: str, make_spec: Callable[[Service], Jo
     try:
         lock.acquire(settings.data_dir, f"mlx-lora-api {command}")
         spec = make_spec(service)
+        process.set_precision(job_kind(spec))  # before the job's first matmul
         print(f"{spec.model_id}: starting")
         summary = worker.execute(spec, service.registry, _print_event)
     except lock.FolderInUse as e:

@@ -13,6 +13,9 @@ import pytest
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-")
 os.environ.pop("HF_HUB_OFFLINE", None)
+# The tests compare computations with references at float32's precision: on CUDA (and M5 GPUs)
+# MLX computes float32 matmuls in TF32 unless told not to, here and in the servers tests start.
+os.environ["MLX_ENABLE_TF32"] = "0"
 
 from mlx_lora_api.accel import blas
 

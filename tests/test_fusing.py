@@ -1,4 +1,5 @@
 import json
+import os
 
 import mlx.core as mx
 import pytest
@@ -47,3 +48,14 @@ def test_a_fuse_that_breaks_parity_is_refused(tmp_path, trained, monkeypatch):
     with pytest.raises(fusing.ParityError, match="differ from base plus adapter"):
         fusing.fuse_adapter(str(base), adapter, tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_jobs_that_write_weights_ask_mlx_for_full_float32(monkeypatch):
+    """MLX computes float32 matmuls in TF32 on CUDA and M5 GPUs unless MLX_ENABLE_TF32=0 when the
+    process first multiplies: a fuse checked to float32's tolerance would be refused there."""
+    from mlx_lora_api.jobs import process
+
+    for kind, expected in [("finetune", None), ("fuse", "0"), ("quantize", "0"), ("export", "0")]:
+        monkeypatch.delenv("MLX_ENABLE_TF32", raising=False)
+        process.set_precision(kind)
+        assert os.environ.get("MLX_ENABLE_TF32") == expected, kind

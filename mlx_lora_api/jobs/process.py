@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 
@@ -49,6 +50,20 @@ def die_with_parent() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+# Jobs that write a model's weights and check them against what they were made from. MLX computes
+# float32 matmuls in TF32 (a 10-bit mantissa, ~1e-3 relative error) on CUDA and on M5 GPUs unless
+# MLX_ENABLE_TF32=0, which it reads once, at a process's first matmul: a fused layer checked to
+# float32's 1e-5 would be refused there (seen on an H100: 6.9e-4). Training and generation keep
+# MLX's default, fast, and run in the model's own dtype on a GPU anyway.
+EXACT_FLOAT32_JOBS = ("fuse", "quantize", "export")
+
+
+def set_precision(kind: str) -> None:
+    """Before MLX's first matmul in this process: full float32 for the jobs above."""
+    if kind in EXACT_FLOAT32_JOBS:
+        os.environ["MLX_ENABLE_TF32"] = "0"
 
 
 def begin(name: str) -> None:

@@ -253,11 +253,12 @@ def _raise_cancelled(signum, frame):
 
 
 def process_main(conn: Connection, spec_bytes: bytes, data_dir: str, default_model: str) -> None:
+    spec = decode_spec(spec_bytes)
+    process.set_precision(job_kind(spec))
     begin("worker")
     # Training takes every core it can; the API process must still answer at once.
     os.nice(WORKER_NICENESS)
     signal.signal(signal.SIGTERM, _raise_cancelled)
-    spec = decode_spec(spec_bytes)
     reg = Registry(Path(data_dir), default_model)
 
     def send(event: dict) -> None:
