@@ -17,7 +17,7 @@ import msgspec
 from . import client, errors, registry, remote, terminal
 from .accel import blas
 from .config import Settings, load_settings
-from .jobs import process
+from .jobs import cluster, process
 from .jobs.process import describe_error
 from .registry import lock
 from .service import Service
@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--ranks",
+        type=int,
+        help="fine-tunes run data-parallel on N local ranks (ring on loopback), or on N hosts of --hostfile",
+    )
+    serve.add_argument(
+        "--hostfile", type=Path, help="MLX's hostfile (mlx.distributed_config): run fine-tunes across its hosts"
+    )
     _data_dir_flag(serve)
 
     train = commands.add_parser(
@@ -296,6 +304,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 2
     try:
+        cluster.make_cluster(settings.ranks, settings.hostfile)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         lock.acquire(settings.data_dir, "mlx-lora-api serve", settings.port)
     except lock.FolderInUse as e:
         print(f"error: {e.message}", file=sys.stderr)
@@ -355,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the client's every request, otherwise
     overrides = {"data_dir": args.data_dir}
     if args.command == "serve":
-        overrides.update(host=args.host, port=args.port)
+        overrides.update(host=args.host, port=args.port, ranks=args.ranks, hostfile=args.hostfile)
     try:
         settings = load_settings(overrides)
     except ValueError as e:

@@ -43,6 +43,10 @@ class Settings(msgspec.Struct, kw_only=True, repr_omit_defaults=True):
     # The memory a fine-tune may be estimated to need at its peak (0: the machine's); one estimated
     # over it is refused with 422 unless its request says `"force": true` (jobs/estimate.py).
     memory_limit: int = 0
+    # Data-parallel fine-tunes (jobs/cluster.py): this many local ranks on loopback (ring), or the
+    # hosts of MLX's hostfile (`mlx.distributed_config` writes it; with `ranks`, its first ranks).
+    ranks: int = 1
+    hostfile: Path | None = None
 
     def __repr__(self) -> str:
         return f"Settings({redacted(self)})"
@@ -79,6 +83,8 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "max_concurrent_generations": int,
     "max_generation_tokens": int,
     "memory_limit": int,
+    "ranks": int,
+    "hostfile": Path,
 }
 
 

@@ -21,7 +21,7 @@ import msgspec
 from . import errors, openai_jobs, registry
 from .accel import blas
 from .config import Settings
-from .jobs import estimate
+from .jobs import cluster, estimate
 from .jobs.generation import Generator
 from .jobs.probe import Probe
 from .jobs.runner import Runner
@@ -77,6 +77,7 @@ class Service:
         self.calibration = estimate.Calibration(settings.data_dir / estimate.CALIBRATION_FILE)
         self.files = FileStore(settings.data_dir / "files")
         self.upload_limits = Limits(settings.max_body_bytes, settings.max_samples, settings.max_sample_chars)
+        self.cluster = cluster.make_cluster(settings.ranks, settings.hostfile)  # ValueError: a bad hostfile
 
     # -- life ----------------------------------------------------------------------------
 
@@ -86,7 +87,8 @@ class Service:
         self.registry.ensure_folders()
         self._store = JobStore(self.settings.jobs_db)
         self._store.recover()
-        self._runner = Runner(self._store, (str(self.settings.data_dir), self.settings.default_model))
+        worker_args = (str(self.settings.data_dir), self.settings.default_model, msgspec.json.encode(self.cluster))
+        self._runner = Runner(self._store, worker_args)
         self._runner.start()
 
     def stop(self) -> None:
@@ -146,6 +148,13 @@ class Service:
         wanted = request.parameters.num_layers
         if layers is not None and wanted is not None and wanted > layers:
             raise errors.Invalid(f"`parameters.num_layers` is {wanted} but {base.ref} has {layers} layers")
+        ranks = request.parameters.ranks
+        if ranks is not None and ranks > self.cluster.ranks:
+            raise errors.Invalid(
+                f"`parameters.ranks` is {ranks} but this server runs fine-tunes on {self.cluster.ranks}"
+                " (start it with --ranks N or --hostfile FILE)",
+                param="parameters.ranks",
+            )
         label = f"{request.suffix}" if request.suffix else "lora"
         report = self._estimate_at_submission(request, base)
         spec = FinetuneSpec(

@@ -306,6 +306,9 @@ class Parameters(Struct, forbid_unknown_fields=True, kw_only=True):
     beta: Annotated[float, Meta(gt=0, le=10)] | None = None
     # ORPO's weight of the odds-ratio term beside the chosen answers' cross-entropy (None: 0.1).
     orpo_lambda: Annotated[float, Meta(gt=0, le=10)] | None = None
+    # Data-parallel ranks (jobs/cluster.py): at most the server's (--ranks, --hostfile); 1: one
+    # process; None: all of them.
+    ranks: Annotated[int, Meta(ge=1, le=1024)] | None = None
 
     def __post_init__(self):
         if self.alpha is not None and self.scale is not None:
@@ -401,6 +404,7 @@ PARAMETER_HELP: dict[str, str] = {
     "method": "sft; or dpo or orpo, on preference rows: the chosen answer over the rejected one",
     "beta": "DPO's temperature: how far the model may move from the reference (default 0.1)",
     "orpo_lambda": "ORPO's weight of the odds-ratio term beside the chosen answers' loss (default 0.1)",
+    "ranks": "data-parallel ranks to train on, at most the server's (--ranks, --hostfile); 1: one process; default all",
 }
 
 

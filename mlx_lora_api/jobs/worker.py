@@ -39,12 +39,14 @@ from ..types import (
     decode_spec,
     job_kind,
 )
-from . import estimate, process
+from . import cluster, estimate, process
+from .cluster import Cluster
 from .process import Cancelled, begin, describe_error
 
 log = logging.getLogger("mlx_lora_api")
 EventSink = Callable[[dict[str, Any]], None]
 WORKER_NICENESS = 10
+ONE_RANK = Cluster()
 
 
 def _base_path(base: BaseModel, on_event: EventSink) -> str:
@@ -68,7 +70,7 @@ def work_name(spec: FinetuneSpec) -> str:
     return f"{spec.model_id}-{spec.job_id}"
 
 
-def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
+def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink, ranks: Cluster = ONE_RANK) -> str:
     from ..tasks import finetune as training  # MLX: see the module's doc
 
     request = spec.request
@@ -76,16 +78,32 @@ def finetune(spec: FinetuneSpec, reg: Registry, on_event: EventSink) -> str:
     final = reg.adapter_dir(spec.model_id)
     with registry.staged(final, keep_if=registry.has_checkpoints, name=work_name(spec)) as work:
         resume = registry.has_checkpoints(work)
-        metrics = training.train_adapter(
-            base_path,
-            spec.base.ref,
-            request,
-            work,
-            on_event,
-            resume=resume,
-            retention_cache=reg.retention_cache,
-            initial_weights=Path(spec.initial_weights) if spec.initial_weights else None,
-        )
+        size = ranks.size(request.parameters.ranks)
+        if size > 1:  # every rank started through mlx.launch; rank 0 writes into `work`
+            job = cluster.RankJob(
+                base_path=base_path,
+                base_ref=spec.base.ref,
+                request=request,
+                out_dir=str(work),
+                resume=resume,
+                retention_cache=str(reg.retention_cache),
+                initial_weights=spec.initial_weights,
+                levers=os.environ.get("MLX_LORA_API_LEVERS", "on"),
+                backend=ranks.backend,
+                hosts=list(ranks.hosts[:size]),
+            )
+            metrics = cluster.train(job, ranks, size, work, on_event)
+        else:
+            metrics = training.train_adapter(
+                base_path,
+                spec.base.ref,
+                request,
+                work,
+                on_event,
+                resume=resume,
+                retention_cache=reg.retention_cache,
+                initial_weights=Path(spec.initial_weights) if spec.initial_weights else None,
+            )
         retained = metrics.pop("retention", None)
         meta = ModelMeta(
             kind="adapter",
@@ -240,11 +258,14 @@ def _finished_before(spec: JobSpec, reg: Registry) -> bool:
     return meta is not None and meta.job_id == spec.job_id
 
 
-def execute(spec: JobSpec, reg: Registry, on_event: EventSink = lambda event: None) -> str:
-    """Run one job to the end; returns a one-line summary, raises on failure."""
+def execute(spec: JobSpec, reg: Registry, on_event: EventSink = lambda event: None, ranks: Cluster = ONE_RANK) -> str:
+    """Run one job to the end; returns a one-line summary, raises on failure. `ranks`: where a
+    fine-tune may run data-parallel (the server's --ranks or --hostfile)."""
     reg.ensure_folders()
     if _finished_before(spec, reg):
         return f"{spec.model_id} was already complete"
+    if isinstance(spec, FinetuneSpec):
+        return finetune(spec, reg, on_event, ranks)
     return JOBS[job_kind(spec)](spec, reg, on_event)
 
 
@@ -252,7 +273,9 @@ def _raise_cancelled(signum, frame):
     raise Cancelled()
 
 
-def process_main(conn: Connection, spec_bytes: bytes, data_dir: str, default_model: str) -> None:
+def process_main(
+    conn: Connection, spec_bytes: bytes, data_dir: str, default_model: str, cluster_bytes: bytes = b""
+) -> None:
     spec = decode_spec(spec_bytes)
     process.set_precision(job_kind(spec))
     begin("worker")
@@ -265,7 +288,8 @@ def process_main(conn: Connection, spec_bytes: bytes, data_dir: str, default_mod
         conn.send_bytes(msgspec.json.encode({"time": time.time(), **event}))
 
     try:
-        summary = execute(spec, reg, send)
+        ranks = msgspec.json.decode(cluster_bytes, type=Cluster) if cluster_bytes else Cluster()
+        summary = execute(spec, reg, send, ranks)
     except BaseException as e:
         if not isinstance(e, Cancelled):
             traceback.print_exc()

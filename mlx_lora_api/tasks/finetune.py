@@ -26,7 +26,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load
 
 from .. import device
-from ..tuner import checkpoints, datasets, preference, retention
+from ..tuner import checkpoints, datasets, distributed, preference, retention
 from ..tuner import levers as lever_switches
 from ..tuner.callbacks import StepHook, StopTraining
 from ..tuner.levers import Levers
@@ -112,6 +112,8 @@ def train_adapter(
     levers: Levers | None = None,
     retention_cache: Path | None = None,
     initial_weights: Path | None = None,
+    group: Any = None,
+    checkpoints_from: Path | None = None,
 ) -> dict[str, Any]:
     """Train and write `adapter_config.json` and `adapters.safetensors` into `out_dir`.
 
@@ -121,6 +123,9 @@ def train_adapter(
     an uninterrupted run. `levers`: the speed-ups it may use (default: as MLX_LORA_API_LEVERS says).
     `retention_cache`: where each base's answers to the retention prompts are kept (None: not kept).
     `initial_weights`: an adapter's weights to start from (`resume_from`) rather than fresh LoRA layers.
+    `group`: MLX's distributed group of a data-parallel run (jobs/rank.py; tuner/distributed.py):
+    this rank trains on its share of every batch. `checkpoints_from`: where `resume` finds the
+    checkpoints, where it is not `out_dir` (a rank but the first writes into a folder of its own).
     """
     levers = levers or lever_switches.from_environment()
     params = request.parameters
@@ -223,7 +228,7 @@ def train_adapter(
         return loss, {}
 
     optimizer = build_optimizer(params, max(iters // params.grad_accumulation_steps, 1))
-    start = checkpoints.latest(out_dir) if resume else None
+    start = checkpoints.latest(checkpoints_from or out_dir) if resume else None
     if initial_weights is not None:  # after the base's answers: they need the base
         load_initial_weights(model, initial_weights)
         if start is None:
@@ -265,6 +270,13 @@ def train_adapter(
             "num_layers": num_layers,
         }
     )
+    # A data-parallel rank: its share of each batch, its loss weighted (tuner/distributed.py).
+    size = group.size() if group is not None else 1
+    todo, weights = plan[done:], [1.0] * (iters - done)
+    step_loss = chosen.loss
+    if size > 1:
+        todo, weights = distributed.shares(todo, group.rank(), size)
+        step_loss = distributed.weighted(chosen.loss, size, pairs=preferring)
     with chosen.running():
         if start is None:
             hook.evaluate(0)
@@ -273,17 +285,19 @@ def train_adapter(
                 if preferring:
                     steps = preference.batches(
                         train_set,
-                        plan[done:],
+                        todo,
                         references["train"],
                         params.max_seq_length,
                         chosen.pad_multiple,
                         on_truncate,
                         chosen.cache,
                     )
+                    if size > 1:
+                        steps = distributed.with_weights(steps, weights)
                     preference.train(
                         model,
                         optimizer,
-                        chosen.loss,
+                        step_loss,
                         steps,
                         args.iters,
                         args.adapter_file,
@@ -297,9 +311,13 @@ def train_adapter(
                         train_dataset=train_set,
                         val_dataset=None,
                         args=args,
-                        loss=chosen.loss,
+                        loss=step_loss,
                         iterate_batches=datasets.make_iterate_batches(
-                            plan[done:], on_truncate, prefix_cache=chosen.cache, pad_multiple=chosen.pad_multiple
+                            todo,
+                            on_truncate,
+                            prefix_cache=chosen.cache,
+                            pad_multiple=chosen.pad_multiple,
+                            weights=weights if size > 1 else None,
                         ),
                         training_callback=hook,
                     )

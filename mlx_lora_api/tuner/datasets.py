@@ -117,30 +117,33 @@ def make_iterate_batches(
     on_truncate: Callable[[int], None] | None = None,
     prefix_cache=None,
     pad_multiple: int = PAD_MULTIPLE,
+    weights: Sequence[float] | None = None,
 ) -> Callable[..., Iterator]:
     """A drop-in for mlx-lm's `iterate_batches`: the training set follows `plan`; any other
     set (validation, called with loop=False) is walked once in order, partial batch included.
 
-    With a `prefix_cache` (see prefix_cache.Cache) batches are (hidden states, tokens, lengths)."""
+    With a `prefix_cache` (see prefix_cache.Cache) batches are (hidden states, tokens, lengths).
+    With `weights` (a data-parallel rank's: tuner/distributed.py), each training batch ends with
+    its weight. `plan` is then this rank's share of each batch; mlx-lm's `comm_group` is not used
+    to split anything again, and a validation set is walked whole on every rank (mlx-lm's evaluate
+    sums over the ranks both the losses and the tokens, so its mean is one rank's)."""
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
-        if comm_group is not None and comm_group.size() > 1:
-            raise ValueError("distributed training is not supported yet")
         if loop:
             steps = plan
         else:
             steps = in_order(len(dataset), batch_size)
         warned = False
-        for indices in steps:
+        for step, indices in enumerate(steps):
             items = [dataset[j] for j in indices]
             longest = max(len(item[0]) for item in items)
             if longest > max_seq_length and on_truncate and not warned:
                 on_truncate(longest)
                 warned = True
             tokens, lengths = collate(items, max_seq_length, pad_multiple)
-            if prefix_cache is None:
-                yield tokens, lengths
-            else:
-                yield prefix_cache((loop, *indices), tokens), tokens, lengths
+            batch: tuple = (tokens, lengths)
+            if prefix_cache is not None:
+                batch = (prefix_cache((loop, *indices), tokens), tokens, lengths)
+            yield (*batch, mx.array(weights[step])) if loop and weights is not None else batch
 
     return iterate_batches

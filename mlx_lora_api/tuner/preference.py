@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -259,12 +260,19 @@ def train(
     accumulate = params.grad_accumulation_steps
     state = [model.state, optimizer.state, mx.random.state]
 
+    size = mx.distributed.init().size()  # data-parallel ranks: the loss is distributed.weighted's
+
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch, prev_grad, do_update):
         (value, toks, metrics), grad = value_and_grad(model, *batch)
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
+        if size > 1:  # the whole batch's figures, as mlx-lm's trainer sums them
+            value = mx.distributed.all_sum(value, stream=mx.cpu) / size
+            toks = mx.distributed.all_sum(toks, stream=mx.cpu)
+            metrics = mx.distributed.all_sum(metrics, stream=mx.cpu)
         if do_update:
+            grad = average_gradients(grad)
             if accumulate > 1:
                 grad = tree_map(lambda x: x / accumulate, grad)
             optimizer.update(model, grad)
