@@ -42,6 +42,6 @@ def weighted(loss, size: int, pairs: bool = False):
         mine = weight * (batch[-2].shape[0] // 2 if pairs else count)
         total = mx.stop_gradient(mx.distributed.all_sum(mine, stream=mx.cpu))
         part = mine / mx.maximum(total, 1)
-        return (value * part * size, count * weight, *[metric * part for metric in rest])
+        return (value * part * size, (count * weight).astype(count.dtype), *[metric * part for metric in rest])
 
     return wrapped
