@@ -25,6 +25,8 @@ ENVIRONMENT = {
     "MAX_CONCURRENT_GENERATIONS": ("4", 4),
     "MAX_GENERATION_TOKENS": ("512", 512),
     "MEMORY_LIMIT": ("8589934592", 8 << 30),
+    "RANKS": ("2", 2),
+    "HOSTFILE": ("/tmp/hosts.json", Path("/tmp/hosts.json")),
 }
 
 

@@ -34,10 +34,20 @@ SAMPLES = [
     "Seven",
     "The moon orbits the earth once a month, more or less.",
 ]
-PARAMETERS = {"learning_rate": 0.002, "epochs": 2, "batch_size": 3, "retention_check": False, "rehearsal": 0}
+# SGD at a rate where training is stable: two runs that differ by float rounding (the ranks' sums
+# in another order) stay within 1e-4 of each other over 48 steps. (At lr 0.05 on this random model
+# the same rounding grows tenfold a step, on one rank as on two.)
+PARAMETERS = {
+    "optimizer": "sgd",
+    "learning_rate": 0.01,
+    "epochs": 2,
+    "batch_size": 3,
+    "retention_check": False,
+    "rehearsal": 0,
+}
 
 
-def wait_for(check, timeout=300, every=0.1):
+def wait_for(check, timeout=180, every=0.1):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if value := check():
@@ -149,7 +159,7 @@ def test_a_killed_rank_fails_the_job_and_one_rank_resumes_it_exactly(data_dir, e
         pids = events(server.url, job["job_id"], "distributed", first=True)[0]["pids"]
         wait_for(lambda: job_of(server.url, job["job_id"])["progress"].get("iteration", 0) >= 12)
         os.kill(pids[1], signal.SIGKILL)
-        failed = wait_for(lambda: (j := job_of(server.url, job["job_id"]))["status"] in ("failed", "succeeded") and j)
+        failed = wait_for(lambda: (j := job_of(server.url, job["job_id"]))["status"] in ("failed", "success") and j)
         assert failed["status"] == "failed", failed
         assert "rank 1 on 127.0.0.1" in failed["error"], failed["error"]
         wait_for(lambda: not alive(pids[0]))
@@ -157,8 +167,8 @@ def test_a_killed_rank_fails_the_job_and_one_rank_resumes_it_exactly(data_dir, e
     with running_server(data_dir, tmp_path / "server2.log", env=env) as server:  # one rank now
         r = httpx.post(f"{server.url}/jobs/{job['job_id']}/resume")
         assert r.status_code == 202, r.text
-        done = wait_for(lambda: (j := job_of(server.url, job["job_id"]))["status"] in ("failed", "succeeded") and j)
-        assert done["status"] == "succeeded", done
+        done = wait_for(lambda: (j := job_of(server.url, job["job_id"]))["status"] in ("failed", "success") and j)
+        assert done["status"] == "success", done
         resumed = events(server.url, job["job_id"], "resumed")
         assert resumed and resumed[-1]["iteration"] >= 10
         uninterrupted = finetune(server.url, {**LONG, "epochs": 12})
@@ -204,8 +214,13 @@ def test_a_host_that_cannot_be_reached_fails_the_job_naming_rank_and_host(data_d
     hosts = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "nowhere.invalid", "ips": ["127.0.0.1"]}]
     hostfile.write_text(json.dumps({"backend": "ring", "hosts": hosts}))
     with running_server(data_dir, tmp_path / "server.log", "--hostfile", str(hostfile), env=env) as server:
-        job = finetune(server.url, PARAMETERS)
-        assert job["status"] == "failed", job
+        r = httpx.post(
+            f"{server.url}/lora-finetune?wait=true",
+            json={"base_model": TINY_ID, "training_data": SAMPLES, "parameters": PARAMETERS},
+            timeout=600,
+        )
+        job = r.json()
+        assert r.status_code == 500 and job["status"] == "failed", job
         error = job_of(server.url, job["job_id"])["error"]
-        assert "rank 1 on nowhere.invalid" in error, error
+        assert error.startswith("the fine-tune failed on 2 ranks (ring): rank 1 on nowhere.invalid"), error
         assert not (data_dir / "adapters" / job["model_id"]).exists()

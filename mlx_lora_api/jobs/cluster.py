@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from ..types import FinetuneRequest
+from .process import Failed, die_with_parent
 
 MARKER = "@mlx-lora-api-event "  # the start of an event line on a rank's stdout (stderr: ranks >0)
 BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl")
@@ -123,8 +124,8 @@ class RankJob(msgspec.Struct, kw_only=True):
     hosts: list[str]
 
 
-class RankFailed(Exception):
-    pass
+class RankFailed(Failed):
+    """A rank failed, or could not be started: the message names it and its host."""
 
 
 def _free_ports(count: int) -> int:
@@ -161,12 +162,6 @@ def _command(cluster: Cluster, size: int, folder: Path) -> list[str]:
     return [*launcher, *where, *common, "--", "-m", "mlx_lora_api.jobs.rank"]
 
 
-def _die_with_parent() -> None:
-    from .process import die_with_parent
-
-    die_with_parent()
-
-
 FAILED_RANK = re.compile(r"rank (\d+) (?:exited with code (-?\d+)|was killed)")
 
 
@@ -182,7 +177,7 @@ def train(job: RankJob, cluster: Cluster, size: int, folder: Path, on_event: Cal
         stderr=subprocess.PIPE,
         env=environment,
         start_new_session=True,  # the launcher and its local ranks: one group, stopped together
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     assert launch.stdin and launch.stdout and launch.stderr
     # Kept open: mlx.launch passes its stdin to every rank, and at its end it would spin.
@@ -212,6 +207,8 @@ def train(job: RankJob, cluster: Cluster, size: int, folder: Path, on_event: Cal
                     rank = int(found.group(1))
                     code = found.group(2)
                     how = f"exited with code {code}" if code else "was killed"
+                    if code == "255":
+                        how += " (ssh could not reach it, or it ended at once)"
                     if code and int(code) < 0:
                         how = f"was killed by {signal.Signals(-int(code)).name}"
                     failures.append(f"rank {rank} on {hosts[rank] if rank < len(hosts) else '?'} {how}")
@@ -231,7 +228,14 @@ def train(job: RankJob, cluster: Cluster, size: int, folder: Path, on_event: Cal
             _stop(launch)
     if result and not errors:
         return result
-    said = "; ".join(errors or failures) or f"the ranks ended without a result (mlx.launch: {launch.returncode})"
+    # The cause first: a rank killed (the others then fail for the lost peer), then what the ranks
+    # said, then the ranks that ended without saying anything.
+    # (SIGTERM is mlx.launch stopping the others once one has failed.)
+    stopped = [f for f in failures if f.endswith("SIGTERM")]
+    killed = [f for f in failures if " was killed" in f and f not in stopped]
+    spoke = {e.split(":", 1)[0] for e in errors}
+    silent = [f for f in failures if f not in killed + stopped and f.split(" exited", 1)[0] not in spoke]
+    said = "; ".join([*killed, *errors, *silent, *stopped]) or f"no rank said why (mlx.launch: {launch.returncode})"
     raise RankFailed(f"the fine-tune failed on {size} ranks ({cluster.backend}): {said}")
 
 

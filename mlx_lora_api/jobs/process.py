@@ -14,6 +14,10 @@ from ..accel import blas
 from ..tasks.checks import DamagedArtifact
 
 
+class Failed(RuntimeError):
+    """A job's failure whose message says all there is to say (a rank that failed, and where)."""
+
+
 class Cancelled(Exception):
     """Raised in the worker by SIGTERM, so that a cancelled job unwinds and keeps its checkpoints."""
 
@@ -26,7 +30,7 @@ def describe_error(error: BaseException) -> str:
         text = f"the disk is full: {error}"
     elif isinstance(error, MemoryError):
         text = "out of memory"
-    elif isinstance(error, (ValueError, FileNotFoundError, KeyError, Cancelled, DamagedArtifact)):
+    elif isinstance(error, (ValueError, FileNotFoundError, KeyError, Cancelled, DamagedArtifact, Failed)):
         text = str(error) or type(error).__name__
     else:
         text = f"{type(error).__name__}: {error}"
