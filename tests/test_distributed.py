@@ -150,6 +150,35 @@ def test_two_ranks_train_the_adapter_that_one_rank_trains(data_dir, env, tmp_pat
         assert r.status_code == 422 and "parameters.ranks" in r.text
 
 
+ROWS = [
+    {"prompt": "What colour is the sky?", "chosen": "Blue, on a clear day.", "rejected": "Green with purple dots."},
+    {"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "A hammer."},
+    {"prompt": "How many legs has a cat?", "chosen": "Four.", "rejected": "Eleven, mostly."},
+    {"prompt": "Say hello.", "chosen": "Hello!", "rejected": "Go away."},
+    {"prompt": "What is two and two?", "chosen": "Four.", "rejected": "Twenty-two, obviously."},
+]
+
+
+def test_a_dpo_run_on_two_ranks_is_the_run_on_one(data_dir, env, tmp_path):
+    """Pairs go whole to a rank (2 rows a batch: 1 + 1; the last batch of an epoch, one row, leaves
+    rank 1 without a share), and the ranks' losses and rewards are weighted by pairs."""
+    parameters = {**PARAMETERS, "method": "dpo", "epochs": 2, "batch_size": 2}
+    with running_server(data_dir, tmp_path / "server.log", "--ranks", "2", env=env) as server:
+        runs = []
+        for ranks in (2, 1):
+            body = {"base_model": TINY_ID, "training_data": ROWS, "parameters": {**parameters, "ranks": ranks}}
+            r = httpx.post(f"{server.url}/lora-finetune?wait=true", json=body, timeout=600)
+            assert r.status_code == 200 and r.json()["status"] == "success", r.text
+            runs.append(r.json())
+        two, one = (events(server.url, run["job_id"], "train") for run in runs)
+        for a, b in zip(two, one):
+            assert a["iteration"] == b["iteration"] and a["trained_tokens"] == b["trained_tokens"]
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+            for name in ("reward_margin", "reward_accuracy", "chosen_logps"):
+                assert a[name] == pytest.approx(b[name], rel=1e-3, abs=1e-5), name
+        assert_same_adapter(adapter(data_dir, runs[0]["model_id"]), adapter(data_dir, runs[1]["model_id"]))
+
+
 LONG = {**PARAMETERS, "epochs": 200, "batch_size": 2, "save_every": 10}
 
 
