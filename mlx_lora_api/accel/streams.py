@@ -28,7 +28,8 @@ _active: list[bool] = []  # parallel_training's ops flag, innermost last
 def cpu_streams() -> list[Any]:
     """One MLX CPU stream per core (at most 8), on the CPU backend; none elsewhere."""
     if not _streams and device.on_cpu():
-        _streams.extend(mx.new_stream(mx.cpu) for _ in range(min(os.cpu_count() or 1, 8)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _streams.extend(mx.new_stream(mx.cpu) for _ in range(min(cores, 8)))
     return _streams
 
 
