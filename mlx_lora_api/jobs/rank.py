@@ -26,9 +26,11 @@ def share_cores(job: RankJob) -> None:
     """Ranks on one host split its cores between them (each its own, and as many BLAS threads):
     two ranks of two threads each on two cores ran 5x slower than one. Before the BLAS loads."""
     rank = int(os.environ.get("MLX_RANK", "0"))
-    host = job.hosts[rank] if rank < len(job.hosts) else None
+    if rank >= len(job.hosts) or not hasattr(os, "sched_setaffinity"):
+        return
+    host = job.hosts[rank]
     here, index = job.hosts.count(host), job.hosts[:rank].count(host)
-    if here < 2 or not hasattr(os, "sched_setaffinity"):
+    if here < 2:
         return
     cores = sorted(os.sched_getaffinity(0))
     mine = cores[index * len(cores) // here : (index + 1) * len(cores) // here] or [cores[index % len(cores)]]
@@ -75,7 +77,7 @@ def main() -> None:
         )
         # Every rank's peak memory, in the metrics rank 0 hands back.
         peak = mx.zeros(ranks, dtype=mx.float32).at[rank].add(peak_rss_bytes() / 2**20)
-        peaks = mx.distributed.all_sum(peak, group=group, stream=mx.cpu).tolist()
+        peaks: list[float] = mx.distributed.all_sum(peak, group=group, stream=mx.cpu).tolist()  # type: ignore[assignment]
         metrics.update(
             ranks=ranks, backend=job.backend, hosts=job.hosts, rank_peak_memory_mib=[round(p) for p in peaks]
         )
