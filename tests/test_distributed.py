@@ -142,6 +142,12 @@ def test_two_ranks_train_the_adapter_that_one_rank_trains(data_dir, env, tmp_pat
             [e["train_loss"] for e in train_two], [e["train_loss"] for e in train_one], rtol=1e-4
         )
         assert_same_adapter(adapter(data_dir, two["model_id"]), adapter(data_dir, one["model_id"]))
+        # With the defaults (rehearsal of the base's answers, the retention check at the end) too.
+        defaults = finetune(server.url, {"epochs": 1})
+        assert defaults["status"] == "success", defaults
+        meta = json.loads((data_dir / "adapters" / defaults["model_id"] / "meta.json").read_text())
+        assert meta["metrics"]["ranks"] == 2 and meta["metrics"]["rehearsal_samples"] > 0
+        assert meta["retention"] is not None
         # More ranks than the server runs: refused, naming the field.
         r = httpx.post(
             f"{server.url}/lora-finetune",

@@ -324,7 +324,8 @@ def train_adapter(
             except StopTraining as stop:
                 on_event({"type": "info", "message": str(stop)})
     hook.finish()
-    if ref is not None and params.retention_check:
+    # After training, rank 0 alone: only it wrote the adapter as published, and this needs no other rank.
+    if ref is not None and params.retention_check and (group is None or group.rank() == 0):
         hook.metrics["retention"] = check_retention(model, tokenizer, ref, out_dir, params, on_event)
     hook.metrics.update(
         device="cpu" if device.on_cpu() else "gpu",
