@@ -560,6 +560,10 @@ class Progress(Struct, omit_defaults=True):
     val_reward_accuracy: float | None = None
     elapsed_seconds: float | None = None
     eta_seconds: float | None = None
+    # A data-parallel run (jobs/cluster.py): how many ranks, with which backend, on which hosts.
+    ranks: int | None = None
+    backend: str | None = None
+    hosts: list[str] | None = None
 
 
 class Checkpoint(Struct):

@@ -131,6 +131,9 @@ def test_two_ranks_train_the_adapter_that_one_rank_trains(data_dir, env, tmp_pat
         ran = events(server.url, two["job_id"], "distributed")
         assert ran and ran[0]["ranks"] == 2 and ran[0]["backend"] == "ring" and len(ran[0]["pids"]) == 2
         assert not events(server.url, one["job_id"], "distributed")
+        progress = job_of(server.url, two["job_id"])["progress"]
+        assert (progress["ranks"], progress["backend"], progress["hosts"]) == (2, "ring", ["127.0.0.1"] * 2)
+        assert job_of(server.url, one["job_id"])["progress"]["ranks"] == 1
         meta = json.loads((data_dir / "adapters" / two["model_id"] / "meta.json").read_text())
         assert meta["metrics"]["ranks"] == 2 and meta["metrics"]["hosts"] == ["127.0.0.1", "127.0.0.1"]
         # The same steps: 3 per epoch, 2 epochs, the same tokens seen and the same losses.
@@ -208,6 +211,8 @@ def test_a_killed_rank_fails_the_job_and_one_rank_resumes_it_exactly(data_dir, e
         assert r.status_code == 202, r.text
         done = wait_for(lambda: (j := job_of(server.url, job["job_id"]))["status"] in ("failed", "success") and j)
         assert done["status"] == "success", done
+        progress = done["progress"]
+        assert progress["ranks"] == 1 and "hosts" not in progress and "backend" not in progress, progress
         resumed = events(server.url, job["job_id"], "resumed")
         assert resumed and resumed[-1]["iteration"] >= 10
         uninterrupted = finetune(server.url, LONG)

@@ -268,6 +268,10 @@ def train_adapter(
             "rehearsal_samples": rehearsed,
             "trainable_parameters": trainable,
             "num_layers": num_layers,
+            # The job's progress says how many ranks ran (a resume may run on fewer): one rank has
+            # no backend or hosts, and these nulls clear a previous run's.
+            "ranks": group.size() if group is not None else 1,
+            **({} if group is not None and group.size() > 1 else {"backend": None, "hosts": None}),
         }
     )
     # A data-parallel rank: its share of each batch, its loss weighted (tuner/distributed.py).
