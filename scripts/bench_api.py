@@ -84,7 +84,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, port: int, log: Path) -> tuple[subprocess.Popen, float]:
+def bundled_data_dir(prefix: str) -> Path:
+    """A fresh data folder with the bundled model imported (what `serve` does on a first start)."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    gguf_path = gguf_import.bundled_gguf_path()
+    if gguf_path is None:
+        raise SystemExit("the bundled model is not installed: run ./scripts/setup")
+    register(gguf_path, registry.Registry(data_dir, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME)
+    return data_dir
+
+
+def start_server(data_dir: Path, port: int, log: Path, *extra: str) -> tuple[subprocess.Popen, float]:
     started = time.perf_counter()
     process = subprocess.Popen(
         [
@@ -98,6 +108,7 @@ def start_server(data_dir: Path, port: int, log: Path) -> tuple[subprocess.Popen
             str(data_dir),
             "--log-level",
             "warning",
+            *extra,
         ],
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
@@ -227,12 +238,8 @@ def main() -> None:
     args = parser.parse_args()
     THINK[:] = args.think
 
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    data_dir = bundled_data_dir("bench-api-")
     try:
-        gguf_path = gguf_import.bundled_gguf_path()
-        if gguf_path is None:
-            raise SystemExit("the bundled model is not installed: run ./scripts/setup")
-        register(gguf_path, registry.Registry(data_dir, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         process, cold = start_server(data_dir, port, data_dir / "server.log")

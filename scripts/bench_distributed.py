@@ -17,9 +17,7 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,32 +72,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
 
-    from bench_api import free_port
+    from bench_api import bundled_data_dir, free_port, start_server
     from bench_retention import machine
 
-    from mlx_lora_api import registry
-    from mlx_lora_api.registry.gguf import register
     from mlx_lora_api.tasks import import_gguf as gguf_import
 
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-distributed-"))
-    gguf_path = gguf_import.bundled_gguf_path()
-    if gguf_path is None:
-        raise SystemExit("the bundled model is not installed: run ./scripts/setup")
-    register(gguf_path, registry.Registry(data_dir, gguf_import.BUNDLED_NAME), gguf_import.BUNDLED_NAME)
+    data_dir = bundled_data_dir("bench-distributed-")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(data_dir / "server.log", "w")
-    command = [sys.executable, "-m", "mlx_lora_api", "serve", "--port", str(port), "--data-dir", str(data_dir)]
-    server = subprocess.Popen([*command, "--ranks", "2", "--log-level", "warning"], stdout=log, stderr=log)
+    server, _ = start_server(data_dir, port, data_dir / "server.log", "--ranks", "2")
     try:
-        while True:
-            try:
-                httpx.get(f"{url}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                if server.poll() is not None:
-                    raise SystemExit((data_dir / "server.log").read_text()) from None
-                time.sleep(0.1)
         parameters = {
             "learning_rate": 1e-4,
             "epochs": 1,

@@ -21,6 +21,21 @@ class Server:
         return self.url
 
 
+def wait_for(check, timeout=120, every=0.1):
+    """`check()`'s first truthy value; an AssertionError if none comes in `timeout` seconds (a
+    bound on a test that hangs, not a wait for time: each check looks for an event)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := check():
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def job_of(url, job_id):
+    return httpx.get(f"{url}/jobs/{job_id}").json()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

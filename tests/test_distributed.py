@@ -15,7 +15,7 @@ import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
-from servers import running_server
+from servers import job_of, running_server, wait_for
 
 from mlx_lora_api import registry
 from mlx_lora_api.jobs import cluster
@@ -45,19 +45,6 @@ PARAMETERS = {
     "retention_check": False,
     "rehearsal": 0,
 }
-
-
-def wait_for(check, timeout=180, every=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := check():
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
-
-
-def job_of(url, job_id):
-    return httpx.get(f"{url}/jobs/{job_id}").json()
 
 
 def events(url, job_id, kind, first=False):

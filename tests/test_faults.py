@@ -4,12 +4,11 @@ import errno
 import json
 import os
 import signal
-import time
 
 import httpx
 import mlx.core as mx
 import pytest
-from servers import running_server
+from servers import job_of, running_server, wait_for
 from starlette.testclient import TestClient
 
 from mlx_lora_api.jobs import worker
@@ -32,19 +31,6 @@ BODY = {
         "lr_schedule": "cosine",
     },
 }
-
-
-def wait_for(check, timeout=120, every=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := check():
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
-
-
-def job_of(url, job_id):
-    return httpx.get(f"{url}/jobs/{job_id}").json()
 
 
 @pytest.mark.slow
