@@ -8,7 +8,7 @@ import mlx.nn as nn
 import pytest
 from mlx_lm.models.activations import swiglu as mlx_swiglu
 
-from mlx_lora_api.accel import kernels
+from mlx_lora_api.accel import blas, kernels
 
 
 def grads(fn, *args):
@@ -115,3 +115,86 @@ def test_training_processes_keep_freed_memory_on_glibc():
     assert applied == "True"
     assert kept >= 60 << 20  # the freed block stays with the process, for the next step to reuse
     assert given_back < 8 << 20  # glibc's default: a block this large is unmapped when freed
+
+
+# -- one-row products through the BLAS's sgemv (accel/gemv.c) ----------------------------------
+
+linux_blas = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or blas.find_blas() is None, reason="the shim is for Linux's OpenBLAS"
+)
+
+
+@linux_blas
+def test_the_shim_computes_every_one_row_product_as_sgemm_does():
+    """Called as MLX calls cblas_sgemm: both operands transposed or not, beta 0 over garbage
+    (never read) or not (addmm's bias); products with more rows pass through to sgemm."""
+    import ctypes
+
+    import numpy as np
+
+    from mlx_lora_api.accel import gemv
+
+    assert blas.describe()["gemv"] == "sgemv"  # ./scripts/setup built it; conftest loaded it
+    shim = ctypes.CDLL(str(gemv.target()))  # the same library, already loaded ahead of the BLAS
+    rng = np.random.default_rng(0)
+    k, n, f = 37, 53, ctypes.c_float
+
+    def ptr(array):
+        return array.ctypes.data_as(ctypes.c_void_p)
+
+    before = blas.vector_products()
+    for trans_a in (111, 112):
+        for trans_b in (111, 112):
+            for beta in (0.0, 0.5):
+                # A row of k, or a column of a k x 3 matrix (lda 3) when "transposed".
+                a_store = rng.standard_normal((1, k) if trans_a == 111 else (k, 3), dtype=np.float32)
+                a = a_store if trans_a == 111 else a_store[:, 1:2].T
+                a_address = a_store.ctypes.data + (0 if trans_a == 111 else 4)  # column 1: one float in
+                lda = k if trans_a == 111 else 3
+                b = rng.standard_normal((k, n) if trans_b == 111 else (n, k), dtype=np.float32)
+                op_b = b if trans_b == 111 else b.T
+                c = np.full((1, n), np.nan if beta == 0 else 2.0, np.float32)
+                expected = 1.5 * a @ op_b + (beta * c if beta else 0)
+                shim.cblas_sgemm(
+                    101, trans_a, trans_b, 1, n, k, f(1.5), ctypes.c_void_p(a_address), lda,
+                    ptr(b), b.shape[1], f(beta), ptr(c), n,
+                )  # fmt: skip
+                np.testing.assert_allclose(c, expected, rtol=1e-5, atol=1e-5)
+    assert blas.vector_products() == before + 8
+    a, b = rng.standard_normal((2, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+    c = np.zeros((2, n), np.float32)
+    shim.cblas_sgemm(101, 111, 111, 2, n, k, f(1.0), ptr(a), k, ptr(b), n, f(0.0), ptr(c), n)
+    np.testing.assert_allclose(c, a @ b, rtol=1e-5, atol=1e-5)
+    assert blas.vector_products() == before + 8  # two rows: OpenBLAS's sgemm
+
+
+GREEDY_DECODE = """
+import sys
+from mlx_lora_api.accel import blas
+blas.prepare()
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import load
+model, _ = load(sys.argv[1])
+model.set_dtype(mx.float32)
+prompt = mx.array([5, 17, 33, 2, 90, 41, 7])
+tokens = [t for t, _ in generate_step(prompt, model, max_tokens=48)]
+print(blas.describe()["gemv"], blas.vector_products() or 0, *tokens)
+"""
+
+
+@linux_blas
+def test_greedy_decoding_gives_the_same_tokens_through_sgemv(tiny_model_template):
+    """The shim changes a product's order of summation only: the same tokens as with the levers
+    off (sgemm for every product), in processes of their own (the shim is process-wide)."""
+    import os
+
+    def decode(levers: str) -> list[str]:
+        env = {**os.environ, "MLX_LORA_API_LEVERS": levers}
+        command = [sys.executable, "-c", GREEDY_DECODE, str(tiny_model_template)]
+        return subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.split()
+
+    on, off = decode("on"), decode("off")
+    assert on[0] == "sgemv" and int(on[1]) > 48 * 2  # every token's products, in every layer
+    assert off[:2] == ["None", "0"]
+    assert on[2:] == off[2:] and len(on[2:]) == 48

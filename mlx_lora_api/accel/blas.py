@@ -31,7 +31,10 @@ BLAS_HINT = (
     f"or point {BLAS_ENV} at a libopenblas.so"
 )
 
+LEVERS_ENV = "MLX_LORA_API_LEVERS"  # off: mlx-lm's plain path, this shim left out too (tuner/levers.py)
+
 _state: dict[str, str | None] = {}
+_shim: list[ctypes.CDLL] = []
 
 
 def find_blas() -> str | None:
@@ -61,10 +64,12 @@ def prepare() -> str | None:
         log.warning("No optimized BLAS found: CPU training runs about 30x slower; %s", BLAS_HINT)
         return None
     try:
-        library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        library = ctypes.CDLL(path)  # privately first: the shim goes ahead of it (gemv.py)
     except OSError as e:
         log.warning("Could not load the BLAS at %s (%s); %s", path, e, BLAS_HINT)
         return None
+    _state["gemv"] = _load_shim(library)
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # now for MLX's every other cblas_* and LAPACK symbol
     _state["blas"] = path
     try:
         library.openblas_get_corename.restype = ctypes.c_char_p
@@ -72,6 +77,25 @@ def prepare() -> str | None:
     except (AttributeError, UnicodeDecodeError):
         pass  # not OpenBLAS; with it, which kernels it chose (or OPENBLAS_CORETYPE asked for)
     return path
+
+
+def _load_shim(library: ctypes.CDLL) -> str | None:
+    """The matrix-vector shim (gemv.py) ahead of the BLAS, unless the levers are off; says why not."""
+    from . import gemv
+
+    if os.environ.get(LEVERS_ENV, "on").strip().lower() == "off":
+        return None
+    try:
+        _shim.append(gemv.load(library))
+    except (OSError, AttributeError) as e:
+        log.warning("%s; %s", e, gemv.WITHOUT)
+        return None
+    return "sgemv"
+
+
+def vector_products() -> int | None:
+    """How many one-row products went to the BLAS's sgemv in this process (None: no shim)."""
+    return _shim[0].mlx_lora_api_gemv_count() if _shim else None
 
 
 def keep_freed_memory() -> bool:
@@ -102,5 +126,6 @@ def warn_if_slow() -> None:
 
 
 def describe() -> dict[str, str | None]:
-    """The BLAS this process loaded, and which of its kernels (OpenBLAS names them)."""
-    return {"blas": _state.get("blas"), "blas_kernels": _state.get("blas_kernels")}
+    """The BLAS this process loaded, which of its kernels (OpenBLAS names them), and whether
+    one-row products go to its sgemv ("sgemv") or its sgemm (None)."""
+    return {"blas": _state.get("blas"), "blas_kernels": _state.get("blas_kernels"), "gemv": _state.get("gemv")}

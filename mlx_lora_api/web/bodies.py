@@ -112,6 +112,7 @@ class Health(Struct, omit_defaults=True):
     device: str | None = None
     blas: str | None = None
     blas_kernels: str | None = None
+    gemv: str | None = None  # "sgemv": one-row products (decoding) go to the BLAS's sgemv (accel/gemv.c)
 
 
 class Deleted(Struct):

@@ -1,0 +1,35 @@
+"""Vector-by-matrix products through the BLAS's sgemv (gemv.c): about 1.8x the tokens/s when
+decoding on the CPU (docs/benchmarks.md). Built at set-up (accel/prebuild.py), loaded by
+blas.prepare() ahead of the BLAS; MLX_LORA_API_LEVERS=off leaves it out."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+from . import native
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ("-O2", "-shared", "-fPIC")
+WITHOUT = "decoding on the CPU runs about half as fast"
+
+
+def target() -> Path:
+    return native.target("gemv", (SOURCE,), FLAGS)
+
+
+def build() -> Path:
+    return native.build("gemv", (SOURCE,), FLAGS)
+
+
+def load(blas: ctypes.CDLL) -> ctypes.CDLL:
+    """The shim, in the global namespace ahead of `blas` (loaded RTLD_LOCAL so far), forwarding
+    to its sgemm and sgemv. Raises OSError where it is not built."""
+    path = target()
+    if not path.exists():
+        raise OSError(f"the matrix-vector shim is not built for this compiler ({path.name}): run ./scripts/setup")
+    shim = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    address = ctypes.c_void_p
+    shim.mlx_lora_api_gemv_use(ctypes.cast(blas.cblas_sgemm, address), ctypes.cast(blas.cblas_sgemv, address))
+    shim.mlx_lora_api_gemv_count.restype = ctypes.c_long
+    return shim
