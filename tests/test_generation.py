@@ -187,3 +187,93 @@ def test_generations_past_the_cap_are_turned_away_and_each_place_comes_back(sett
         assert [client.post("/generate", json=ask).status_code for _ in range(3)] == [200, 200, 200]
         r = client.post("/generate", json={**ask, "max_tokens": 65})
         assert r.status_code == 422 and "MLX_LORA_API_MAX_GENERATION_TOKENS" in r.json()["message"]
+
+
+PROMPTS = ["The", "Question: what is", "def add(a, b):", "The capital of France is Paris. The mayor of"]
+
+
+def texts(events) -> tuple[str, dict]:
+    events = list(events)
+    return "".join(e["text"] for e in events if e["type"] == "text"), events[-1]
+
+
+def test_concurrent_generations_decode_as_one_batch_with_the_answers_they_get_alone(tiny_model_template):
+    """Prompts of different lengths (the batch pads them on the left) and a stop string: each
+    answer as it is alone, decoded four at a time."""
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    alone = [texts(generation.generate(cache, **greedy_args(tiny_model_template, p))) for p in PROMPTS]
+    batcher = generation.Batcher(cache, max_batch=4)
+    for i, prompt in enumerate(PROMPTS):
+        batcher.add(i, **greedy_args(tiny_model_template, prompt))
+    events: dict[int, list] = {i: [] for i in range(len(PROMPTS))}
+    while batcher.busy:
+        for request_id, event in batcher.step():
+            events[request_id].append(event)
+    for i, (text, end) in enumerate(alone):
+        got, got_end = texts(events[i])
+        assert got == text and len(text) > 4
+        assert got_end["completion_tokens"] == end["completion_tokens"]
+        assert end["batch"] == 1 and got_end["batch"] == 4
+
+
+def test_another_models_requests_wait_for_the_batch_and_a_cancelled_one_leaves_it(tmp_path, tiny_model_template):
+    adapter = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    asks = [
+        greedy_args(tiny_model_template, "The"),
+        {**greedy_args(tiny_model_template, "The"), "adapter_path": adapter},
+        greedy_args(tiny_model_template, "Question: what is"),
+        greedy_args(tiny_model_template, "def add(a, b):"),
+    ]
+    alone = [texts(generation.generate(cache, **ask))[0] for ask in asks]
+    assert alone[0] != alone[1]  # the adapter changes the answer
+    batcher = generation.Batcher(cache, max_batch=4)
+    for i, ask in enumerate(asks):
+        batcher.add(i, **ask)
+    events: dict[int, list] = {i: [] for i in range(len(asks))}
+    order = []
+    while batcher.busy:
+        for request_id, event in batcher.step():
+            events[request_id].append(event)
+            if event["type"] == "text" and request_id not in order:
+                order.append(request_id)
+            if request_id == 3 and len(events[3]) == 2:
+                batcher.cancel(3)  # a client that went away after two chunks
+    assert order == [0, 1, 2, 3]  # first come, first served: the base's third waits behind the adapter
+    for i in range(3):
+        assert texts(events[i])[0] == alone[i]
+    assert events[0][-1]["batch"] == 1 and events[2][-1]["batch"] == 2  # 2 and 3 decoded together
+    assert len(events[3]) == 2 and all(e["type"] == "text" for e in events[3])  # nothing after the cancel
+
+
+def test_a_request_that_cannot_start_fails_alone(tmp_path, tiny_model_template):
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    batcher = generation.Batcher(cache, max_batch=4, describe=str)
+    batcher.add(0, **greedy_args(tiny_model_template, "The"))
+    batcher.add(1, **{**greedy_args(tiny_model_template, "The"), "base_path": str(tmp_path / "gone")})
+    batcher.add(2, **greedy_args(tiny_model_template, ""))
+    events: dict[int, list] = {i: [] for i in range(3)}
+    while batcher.busy:
+        for request_id, event in batcher.step():
+            events[request_id].append(event)
+    assert events[0][-1]["type"] == "end" and texts(events[0])[0]
+    assert events[1] == [{"type": "error", "message": events[1][0]["message"]}] and "gone" in events[1][0]["message"]
+    assert events[2] == [{"type": "error", "message": "the prompt is empty once tokenized"}]
+
+
+def test_streams_of_concurrent_chats_each_get_their_own_answer(settings):
+    """Through the generation process: eight requests at once, each stream gets its own events."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlx_lora_api.types import GenerateRequest
+
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        service = client.app.state.service
+
+        def ask(prompt: str) -> str:
+            return service.generate_text(GenerateRequest(model="default", prompt=prompt, max_tokens=40))[0]
+
+        alone = [ask(p) for p in PROMPTS]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, PROMPTS * 2))
+        assert together == alone * 2

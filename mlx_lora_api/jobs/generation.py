@@ -1,6 +1,10 @@
 """Generation in a process of its own: one long-lived process holds the loaded models
 (tasks/generate.py), started on first use and again after a crash. `Generator` is the
-server's side; `process_main` the process's, which imports MLX only once it runs there."""
+server's side; `process_main` the process's, which imports MLX only once it runs there.
+
+Requests go down the pipe as they come, each with an id; the process decodes them together
+(tasks/generate.py's `Batcher`) and sends each one's events back under its id; a thread of the
+server reads them and hands each to the stream that waits for it."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -66,16 +71,17 @@ class Generator:
     def __init__(self, budget_bytes: int | None = None, max_concurrent: int = 16):
         self.budget_bytes = budget_bytes or default_budget()
         self.max_concurrent = max_concurrent
-        # Generations run one at a time; the others wait in server threads. Past this many,
-        # waiting or running, a request is turned away (429) rather than let them take every
-        # thread the server answers other requests with.
+        # Generations decode together in the process, as many as this. Past it, running or
+        # waiting for their turn (another model's), a request is turned away (429) rather than
+        # let them take every thread the server answers other requests with.
         self._places = threading.BoundedSemaphore(max_concurrent)
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation-spawner")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the process, the pipe's sending end, the streams' queues
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._ids = itertools.count(1)
+        self._streams: dict[int, queue.SimpleQueue[dict[str, Any] | None]] = {}
 
     def _ensure_started(self) -> Connection:
         if self._process is not None and self._process.is_alive() and self._conn is not None:
@@ -88,16 +94,37 @@ class Generator:
     def _start(self) -> Connection:
         parent, child = self._context.Pipe(duplex=True)
         self._process = self._context.Process(
-            target=process_main, args=(child, self.budget_bytes), name="generation", daemon=True
+            target=process_main,
+            args=(child, self.budget_bytes, self.max_concurrent),
+            name="generation",
+            daemon=True,
         )
         self._process.start()
         child.close()
         self._conn = parent
+        threading.Thread(target=self._read, args=(parent,), name="generation-events", daemon=True).start()
         return parent
 
+    def _read(self, conn: Connection) -> None:
+        """Each event to the stream it belongs to, until the process or the pipe ends; then every
+        stream still waiting is told (None)."""
+        while True:
+            try:
+                event = msgspec.json.decode(conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                stream = self._streams.get(event.pop("id", None))
+            if stream is not None:  # else the tail of a generation a client walked away from
+                stream.put(event)
+        with self._lock:
+            if self._conn is conn:
+                self._process, self._conn = None, None
+            for stream in self._streams.values():
+                stream.put(None)
+
     def stream(self, request: dict[str, Any]) -> Admitted:
-        """Events of one generation; one at a time, the others wait their turn (429 past
-        `max_concurrent` of them)."""
+        """Events of one generation, decoded alongside the others (429 past `max_concurrent`)."""
         if not self._places.acquire(blocking=False):
             raise errors.TooManyJobs(
                 f"{self.max_concurrent} generations are running or waiting (MLX_LORA_API_MAX_CONCURRENT_GENERATIONS);"
@@ -107,28 +134,31 @@ class Generator:
         return Admitted(self._stream(request), self._places.release)
 
     def _stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        events: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         with self._lock:
             conn = self._ensure_started()
             request_id = next(self._ids)
+            self._streams[request_id] = events
             conn.send_bytes(msgspec.json.encode({**request, "id": request_id}))
-            finished = False
-            try:
-                while True:
+        finished = False
+        try:
+            while True:
+                event = events.get()
+                if event is None:
+                    finished = True
+                    raise errors.ServiceError("the generation process stopped unexpectedly; try again")
+                finished = event["type"] in ("end", "error")
+                yield event
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+                if not finished and self._conn is conn:  # the client went away: stop decoding it
                     try:
-                        event = msgspec.json.decode(conn.recv_bytes())
-                    except (EOFError, OSError) as e:
-                        self._process = None
-                        finished = True
-                        raise errors.ServiceError("the generation process stopped unexpectedly; try again") from e
-                    if event.pop("id", None) != request_id:
-                        continue  # the tail of a generation a client walked away from
-                    finished = event["type"] in ("end", "error")
-                    yield event
-                    if finished:
-                        return
-            finally:
-                if not finished and self._process is not None:
-                    conn.send_bytes(msgspec.json.encode({"cancel": request_id}))
+                        conn.send_bytes(msgspec.json.encode({"cancel": request_id}))
+                    except OSError:
+                        pass  # the process is gone already
 
     def stop(self) -> None:
         self._spawner.shutdown(wait=False)
@@ -142,26 +172,23 @@ class Generator:
             self._process = None
 
 
-def process_main(conn: Connection, budget_bytes: int) -> None:
-    """A long-lived generation process: one request at a time from `conn`, events back."""
+def process_main(conn: Connection, budget_bytes: int, max_batch: int = 16) -> None:
+    """A long-lived generation process: requests and cancellations from `conn` between decoding
+    steps, each request's events back under its id."""
     begin("generation")
     from ..tasks import generate  # MLX, in this process only
 
-    cache = generate.ModelCache(budget_bytes)
-    send: Callable[[dict], None] = lambda event: conn.send_bytes(msgspec.json.encode(event))
+    batcher = generate.Batcher(generate.ModelCache(budget_bytes), max_batch, describe=describe_error)
     while True:
         try:
-            message = msgspec.json.decode(conn.recv_bytes())
+            # Wait for work when there is none; otherwise take what came during the last step.
+            while not batcher.busy or conn.poll():
+                message = msgspec.json.decode(conn.recv_bytes())
+                if "cancel" in message:
+                    batcher.cancel(message["cancel"])
+                else:
+                    batcher.add(message.pop("id"), **message)
         except (EOFError, OSError):
             return
-        if "cancel" in message:
-            continue  # the request it names has ended already
-        request_id = message.pop("id")
-        # The parent sends nothing while it reads a stream, so any message means it gave up on
-        # this one (a client went away): stop, and leave the message for the loop.
-        try:
-            for event in generate.generate(cache, **message, should_stop=conn.poll):
-                send({**event, "id": request_id})
-        except Exception as e:
-            log.exception("generation failed")
-            send({"type": "error", "message": describe_error(e), "id": request_id})
+        for request_id, event in batcher.step():
+            conn.send_bytes(msgspec.json.encode({**event, "id": request_id}))
