@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Decoding speed: the service's /generate against llama.cpp on the service's own GGUF export.
+
+    .venv/bin/python scripts/bench_decode.py [--rounds 3] [--tokens 128] [--chats 8]
+
+Each round, engines alternating, on the bundled SmolLM2-135M-Instruct (greedy, the same chat):
+- one stream: a chat's answer of --tokens tokens, streamed; decode tokens/s from the first token
+  to the last (llama.cpp's own `predicted_per_second`), and the whole request's wall time;
+  the service as it ships (one-row products through sgemv, accel/gemv.c) and with
+  MLX_LORA_API_LEVERS=off (MLX's sgemm for every product);
+- --chats concurrent chats of 64 tokens: every answer's tokens over the wall time, the service
+  decoding them as one batch, llama.cpp with as many parallel slots; and the service answering
+  the same chats one after another (what it did before it batched).
+llama.cpp (the xllamacpp wheel, 2 threads) runs the float16 GGUF the service's export job writes,
+and the same weights in float32 (written by the same exporter for this script: the service
+computes in float32 on the CPU). Prints a table with the machine and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_api import bundled_data_dir, machine, start_server  # noqa: E402
+from servers import free_port  # noqa: E402
+
+QUESTION = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
+CHATS = [
+    [{"role": "user", "content": f"Tell me fact number {i} about the sea, in a few sentences."}] for i in range(64)
+]
+MODEL = "smollm2-135m-instruct"
+
+LLAMA = """
+import sys, json, time
+import xllamacpp
+params = xllamacpp.CommonParams()
+params.model.path = sys.argv[1]
+params.hostnames = ["127.0.0.1"]
+params.port = int(sys.argv[2])
+params.n_parallel = int(sys.argv[3])
+params.n_ctx = 1024 * int(sys.argv[3])
+params.cpuparams.n_threads = 2
+params.cpuparams_batch.n_threads = 2
+params.use_jinja = True
+server = xllamacpp.Server(params)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+class Llama:
+    def __init__(self, gguf: Path, slots: int):
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LLAMA, str(gguf), str(self.port), str(slots)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.process.stdout is not None and self.process.stdout.readline().strip() == "ready", gguf
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=600)
+        while self.client.get("/health").status_code != 200:
+            time.sleep(0.1)
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        text = self.client.post("/apply-template", json={"messages": messages}).json()["prompt"]
+        body = {"content": text, "add_special": False, "parse_special": True}
+        return self.client.post("/tokenize", json=body).json()["tokens"]
+
+    def chat(self, messages: list[dict], tokens: int) -> tuple[int, float, float]:
+        """(tokens generated, decode tokens/s, wall seconds)"""
+        body = {"prompt": self.prompt(messages), "n_predict": tokens, "temperature": 0.0, "top_k": 1}
+        started = time.perf_counter()
+        r = self.client.post("/completion", json={**body, "cache_prompt": False, "samplers": ["top_k"]}).json()
+        timings = r["timings"]
+        return timings["predicted_n"], timings["predicted_per_second"], time.perf_counter() - started
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+class Service:
+    def __init__(self, data_dir: Path, levers: str):
+        os.environ["MLX_LORA_API_LEVERS"] = levers
+        self.port = free_port()
+        self.process, _ = start_server(data_dir, self.port, data_dir / f"server-{levers}.log")
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=600)
+        self.chat(QUESTION, 4)  # loads the model in the generation process
+
+    def chat(self, messages: list[dict], tokens: int) -> tuple[int, float, float]:
+        body = {"model": MODEL, "messages": messages, "max_tokens": tokens, "stream": True}
+        started = time.perf_counter()
+        first = last = None
+        end: dict = {}
+        with self.client.stream("POST", "/generate", json=body) as r:
+            kind = None
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:") and kind == "text":
+                    first = first or time.perf_counter()
+                    last = time.perf_counter()
+                elif line.startswith("data:") and kind == "end":
+                    end = json.loads(line[5:])
+        wall = time.perf_counter() - started
+        n = end["completion_tokens"]
+        decode = (n - 1) / (last - first) if first and last and last > first else float("nan")
+        return n, decode, wall
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def export_gguf(data_dir: Path) -> tuple[Path, Path]:
+    """The service's float16 export (its own job, on a server started for it), and the same
+    weights in float32."""
+    os.environ["MLX_LORA_API_LEVERS"] = "on"
+    port = free_port()
+    process, _ = start_server(data_dir, port, data_dir / "export.log")
+    try:
+        job = httpx.post(f"http://127.0.0.1:{port}/models/{MODEL}/export", json={"format": "gguf"}).json()
+        while (state := httpx.get(f"http://127.0.0.1:{port}/jobs/{job['job_id']}").json())["status"] in (
+            "queued",
+            "running",
+        ):
+            time.sleep(0.5)
+        assert state["status"] == "success", state
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    f16 = next((data_dir / "models" / MODEL / "gguf").glob("*.gguf"))
+    f32 = data_dir / "f32" / f16.name.replace("-f16", "-f32")
+    f32.parent.mkdir()
+    code = (
+        "import sys, numpy as np\nfrom pathlib import Path\n"
+        "from mlx_lora_api.accel import blas; blas.prepare()\n"
+        "from mlx_lora_api.tasks import export_gguf as e\n"
+        "tensors = e._tensors\n"
+        "e._tensors = lambda d, c: {k: v.astype(np.float32) for k, v in tensors(d, c).items()}\n"
+        "e.export_gguf(Path(sys.argv[1]), Path(sys.argv[2]), 'f32')\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(data_dir / "models" / MODEL), str(f32.parent)], check=True)
+    return f16, next(f32.parent.glob("*.gguf"))
+
+
+def concurrent(engine, chats: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(chats) as pool:
+        results = list(pool.map(lambda m: engine.chat(m, 64), CHATS[:chats]))
+    return sum(r[0] for r in results), time.perf_counter() - started
+
+
+def sequential(engine, chats: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    results = [engine.chat(m, 64) for m in CHATS[:chats]]
+    return sum(r[0] for r in results), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--chats", type=int, default=8)
+    args = parser.parse_args()
+    data_dir = bundled_data_dir("bench-decode-")
+    f16, f32 = export_gguf(data_dir)
+    single: dict[str, list[tuple[int, float, float]]] = {}
+    many: dict[str, list[tuple[int, float]]] = {}
+    for round_ in range(args.rounds):
+        for name, start in [
+            ("service", lambda: Service(data_dir, "on")),
+            ("service, levers off (sgemm)", lambda: Service(data_dir, "off")),
+            ("llama.cpp float16 (the export)", lambda: Llama(f16, args.chats)),
+            ("llama.cpp float32", lambda: Llama(f32, args.chats)),
+        ]:
+            engine = start()
+            try:
+                single.setdefault(name, []).append(engine.chat(QUESTION, args.tokens))
+                if "levers off" not in name:
+                    many.setdefault(f"{name}: {args.chats} at once", []).append(concurrent(engine, args.chats))
+                if name == "service":
+                    many.setdefault(f"service: {args.chats} one after another", []).append(
+                        sequential(engine, args.chats)
+                    )
+            finally:
+                engine.close()
+            print(f"round {round_ + 1}: {name} done", file=sys.stderr, flush=True)
+    print(f"machine: {machine()}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"SmolLM2-135M-Instruct, greedy; medians of {args.rounds} rounds, engines alternating\n")
+    print(f"one stream, {args.tokens} tokens | decode tokens/s | wall s")
+    print("---|---|---")
+    for name, runs in single.items():
+        print(f"{name} | {statistics.median(r[1] for r in runs):.1f} | {statistics.median(r[2] for r in runs):.2f}")
+    print("\nconcurrent chats, 64 tokens each | tokens/s in all | wall s")
+    print("---|---|---")
+    for name, runs in many.items():
+        rate = statistics.median(r[0] / r[1] for r in runs)
+        print(f"{name} | {rate:.1f} | {statistics.median(r[1] for r in runs):.2f}")
+
+
+if __name__ == "__main__":
+    main()
