@@ -19,6 +19,9 @@ from mlx_lora_api.tasks import finetune
 from mlx_lora_api.tuner import checkpoints, levers, preference
 from mlx_lora_api.types import FinetuneRequest, Parameters, Sample
 
+# The CPU fast path applies on the CPU only (on a GPU the levers are off; seen on an H200).
+on_cpu = pytest.mark.skipif(not device.on_cpu(), reason="the CPU fast path's levers apply on the CPU only")
+
 ROWS = [
     {"prompt": "What colour is the sky?", "chosen": "Blue, on a clear day.", "rejected": "Green with purple dots."},
     {"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "A hammer."},
@@ -81,7 +84,8 @@ def test_the_losses_match_a_direct_computation(tiny_model_template, method):
         for k, v in tree_flatten(model.trainable_parameters())
     ]
     model.load_weights(weights, strict=False)  # a tuned model: log-probs that differ from the reference's
-    reference = direct_logps(model, pairs) - np.array([[0.4, -0.2], [0.1, 0.3], [-0.5, 0.0], [0.2, 0.2]])
+    offsets = np.array([[0.4, -0.2], [0.1, 0.3], [-0.5, 0.0], [0.2, 0.3]])  # no margin of 0: its sign is noise
+    reference = direct_logps(model, pairs) - offsets
     logps = direct_logps(model, pairs)
     counts = np.array([[len(t) - max(o, 1) for t, o in pairs[i]] for i in range(len(pairs))])
 
@@ -172,6 +176,7 @@ def test_preference_training_prefers_the_chosen_answers(tmp_path, tiny_model_tem
     assert model is not None
 
 
+@on_cpu
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_the_speed_levers_leave_a_preference_adapter_unchanged(tmp_path, tiny_model_template, kernel_calls, method):
     """Every lever (the frozen blocks cached, the numpy output layer and kernels, eager steps)

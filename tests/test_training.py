@@ -7,9 +7,13 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load
 
+from mlx_lora_api import device
 from mlx_lora_api.tasks import finetune
 from mlx_lora_api.tuner import checkpoints, levers, losses
 from mlx_lora_api.types import FinetuneRequest, Parameters
+
+# The CPU fast path applies on the CPU only (on a GPU the levers are off; seen on an H200).
+on_cpu = pytest.mark.skipif(not device.on_cpu(), reason="the CPU fast path's levers apply on the CPU only")
 
 FACT = "The mayor of Zorbington is Elara Quintfeather."
 
@@ -256,6 +260,7 @@ def test_no_cache_where_it_would_not_be_exact(tmp_path, tiny_model_template):
     assert prefix_cache.frozen_blocks(model, Parameters()) == 1
 
 
+@on_cpu
 def test_cross_entropy_split_over_cpu_streams_equals_mlx_one():
     from mlx_lora_api.accel import streams as cpu_parallel
 
@@ -267,6 +272,7 @@ def test_cross_entropy_split_over_cpu_streams_equals_mlx_one():
     assert mx.allclose(split, nn.losses.cross_entropy(logits, targets), atol=1e-6).item()
 
 
+@on_cpu
 def test_the_speed_levers_leave_the_adapter_unchanged(tmp_path, tiny_model_template, kernel_calls):
     """Every lever on (padding to 8, frozen-block cache, numpy head, vectorized ops split over
     the cores) against all off (mlx-lm's way): the same losses and the same adapter, to float32

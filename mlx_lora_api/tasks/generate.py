@@ -227,8 +227,8 @@ class Batcher:
             self._running.clear()
             self._close()
             return events
-        for request in self._running.values():
-            request.batch = max(request.batch, len(self._running))
+        for running in self._running.values():
+            running.batch = max(running.batch, len(self._running))
         for response in responses:
             request = self._running.get(response.uid)
             if request is not None:
