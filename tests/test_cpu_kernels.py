@@ -165,7 +165,39 @@ def test_the_shim_computes_every_one_row_product_as_sgemm_does():
     c = np.zeros((2, n), np.float32)
     shim.cblas_sgemm(101, 111, 111, 2, n, k, f(1.0), ptr(a), k, ptr(b), n, f(0.0), ptr(c), n)
     np.testing.assert_allclose(c, a @ b, rtol=1e-5, atol=1e-5)
-    assert blas.vector_products() == before + 8  # two rows: OpenBLAS's sgemm
+    assert blas.vector_products() == before + 8  # two rows: not sgemv
+
+
+@linux_blas
+@pytest.mark.parametrize("rows", [2, 5, 6, 7, 8, 9])
+def test_a_few_rows_through_a_linear_layers_weight_match_numpy(rows):
+    """x @ W.T for 2 to 8 rows (a batch of chats decoding) goes to the shim's own kernel on a CPU
+    with AVX2 and FMA, every tile shape and an odd length and width included; 9 rows to sgemm."""
+    import ctypes
+
+    import numpy as np
+
+    from mlx_lora_api.accel import gemv
+
+    shim = ctypes.CDLL(str(gemv.target()))
+    shim.mlx_lora_api_few_rows_count.restype = ctypes.c_long
+    rng = np.random.default_rng(rows)
+    k, n, f = 77, 33, ctypes.c_float  # k: 9 lanes of 8 and 5 more; n: pairs of weight rows and one alone
+    x = rng.standard_normal((rows, k + 3), dtype=np.float32)  # lda k + 3: rows with a gap between them
+    w = rng.standard_normal((n, k + 1), dtype=np.float32)
+    for beta in (0.0, 0.5):
+        c = np.full((rows, n + 2), np.nan if beta == 0 else 2.0, np.float32)  # ldc n + 2
+        expected = 1.5 * x[:, :k] @ w[:, :k].T + (beta * c[:, :n] if beta else 0)
+        before = shim.mlx_lora_api_few_rows_count()
+        shim.cblas_sgemm(
+            101, 111, 112, rows, n, k, f(1.5), x.ctypes.data_as(ctypes.c_void_p), k + 3,
+            w.ctypes.data_as(ctypes.c_void_p), k + 1, f(beta), c.ctypes.data_as(ctypes.c_void_p), n + 2,
+        )  # fmt: skip
+        np.testing.assert_allclose(c[:, :n], expected, rtol=1e-5, atol=1e-5)
+        if beta == 0:
+            assert np.isnan(c[:, n:]).all()  # nothing written past each row's n values
+        used = shim.mlx_lora_api_few_rows_count() - before
+        assert used == (1 if rows <= 8 and shim.mlx_lora_api_few_rows(-1) else 0)
 
 
 GREEDY_DECODE = """

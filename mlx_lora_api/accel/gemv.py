@@ -5,12 +5,13 @@ blas.prepare() ahead of the BLAS; MLX_LORA_API_LEVERS=off leaves it out."""
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 from . import native
 
 SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ("-O2", "-shared", "-fPIC")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 WITHOUT = "decoding on the CPU runs about half as fast"
 
 
@@ -28,8 +29,12 @@ def load(blas: ctypes.CDLL) -> ctypes.CDLL:
     path = target()
     if not path.exists():
         raise OSError(f"the matrix-vector shim is not built for this compiler ({path.name}): run ./scripts/setup")
+    # OpenMP's idle threads would otherwise spin after each product, taking the core that MLX's
+    # single-threaded ops and OpenBLAS need next (as for the bf16 kernel: bf16/gemms.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when libgomp loads, just below
     shim = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     address = ctypes.c_void_p
     shim.mlx_lora_api_gemv_use(ctypes.cast(blas.cblas_sgemm, address), ctypes.cast(blas.cblas_sgemv, address))
     shim.mlx_lora_api_gemv_count.restype = ctypes.c_long
+    shim.mlx_lora_api_few_rows_count.restype = ctypes.c_long
     return shim
