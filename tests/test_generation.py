@@ -277,3 +277,32 @@ def test_streams_of_concurrent_chats_each_get_their_own_answer(settings):
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(ask, PROMPTS * 2))
         assert together == alone * 2
+
+
+def test_a_generation_process_that_dies_fails_its_streams_and_the_next_request_starts_another(
+    tiny_model_template,
+):
+    """Killed mid-answer (after its first event): the stream says so, nothing hangs, and the next
+    request gets a fresh process."""
+    import os
+    import signal
+
+    from mlx_lora_api import errors
+    from mlx_lora_api.jobs.generation import Generator
+
+    generator = Generator(budget_bytes=1 << 30, max_concurrent=4)
+    ask = {**greedy_args(tiny_model_template, "The"), "max_tokens": 1_000_000, "stop": None}
+    try:
+        stream = generator.stream(ask)
+        assert next(stream)["type"] == "text"
+        first = generator._process
+        assert first is not None and first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        with pytest.raises(errors.ServiceError, match="generation process stopped unexpectedly"):
+            for event in stream:
+                assert event["type"] == "text"  # what it had sent before it died, then the error
+        events = list(generator.stream({**ask, "max_tokens": 5}))
+        assert events[-1]["type"] == "end" and events[-1]["completion_tokens"] == 5
+        assert generator._process is not first
+    finally:
+        generator.stop()

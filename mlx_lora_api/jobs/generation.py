@@ -81,7 +81,8 @@ class Generator:
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._ids = itertools.count(1)
-        self._streams: dict[int, queue.SimpleQueue[dict[str, Any] | None]] = {}
+        # Each waiting stream's queue, by request id, with the pipe of the process decoding it.
+        self._streams: dict[int, tuple[Connection, queue.SimpleQueue[dict[str, Any] | None]]] = {}
 
     def _ensure_started(self) -> Connection:
         if self._process is not None and self._process.is_alive() and self._conn is not None:
@@ -116,12 +117,13 @@ class Generator:
             with self._lock:
                 stream = self._streams.get(event.pop("id", None))
             if stream is not None:  # else the tail of a generation a client walked away from
-                stream.put(event)
+                stream[1].put(event)
         with self._lock:
             if self._conn is conn:
                 self._process, self._conn = None, None
             for stream in self._streams.values():
-                stream.put(None)
+                if stream[0] is conn:  # not those of a process started since
+                    stream[1].put(None)
 
     def stream(self, request: dict[str, Any]) -> Admitted:
         """Events of one generation, decoded alongside the others (429 past `max_concurrent`)."""
@@ -138,7 +140,7 @@ class Generator:
         with self._lock:
             conn = self._ensure_started()
             request_id = next(self._ids)
-            self._streams[request_id] = events
+            self._streams[request_id] = (conn, events)
             conn.send_bytes(msgspec.json.encode({**request, "id": request_id}))
         finished = False
         try:
