@@ -623,7 +623,7 @@ class GenerateRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     """Try a model: a base, an adapter (its base plus the adapter) or a fused model."""
 
     model: ModelRef = "default"
-    prompt: str | None = None
+    prompt: NonEmptyStr | None = None
     messages: Annotated[list[Message], Meta(min_length=1)] | None = None
     max_tokens: Annotated[int, Meta(ge=1, le=32_768)] = 256
     temperature: Annotated[float, Meta(ge=0, le=2)] = 0.0

@@ -140,6 +140,8 @@ def test_generate_refuses_bad_requests(client):
     assert r.status_code == 422 and "either `prompt` or `messages`" in r.json()["message"]
     r = client.post("/generate", json={"model": "default", "prompt": "hi", "temperature": 5})
     assert r.status_code == 422 and "$.temperature" in r.json()["message"]
+    r = client.post("/generate", json={"model": "default", "prompt": ""})
+    assert r.status_code == 422 and "$.prompt" in r.json()["message"]
 
 
 def test_the_openai_client_talks_to_the_service(data_dir, tmp_path):
