@@ -15,7 +15,7 @@ from servers import running_server
 pytest.importorskip("schemathesis")
 
 SCENARIOS = 600  # the CLI's --max-examples per run
-REQUESTS = 2000
+REQUESTS = 1200
 EXCLUDED = [  # checks that do not fit a service whose valid-looking requests may still be refused
     "not_a_server_error",  # replaced by the hooks' check, which allows the two 503s the service means
     "positive_data_acceptance",  # e.g. 2.0 for an integer field (JSON Schema allows it; msgspec does not)
@@ -27,7 +27,7 @@ ACCESS = re.compile(r'"(GET|POST|DELETE|PUT|PATCH|OPTIONS|HEAD) (\S+) HTTP/1\.1"
 
 
 def test_stateful_run_finds_no_server_error(data_dir, tmp_path):
-    """Runs until 2,000 requests are answered: schemathesis ends a run early when Hypothesis finds
+    """Runs until 1,200 requests are answered: schemathesis ends a run early when Hypothesis finds
     that a scenario replays differently (the server's state moved on), so one seed is not enough."""
     log = tmp_path / "server.log"
     env = {**os.environ, "MLX_LORA_API_DEFAULT_MODEL": "tiny-base"}
