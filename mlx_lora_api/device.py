@@ -13,10 +13,12 @@ def on_cpu() -> bool:
 def cast_for_compute(model: nn.Module) -> None:
     """float32 on the CPU, where bfloat16/float16 matmuls are slow; native dtypes elsewhere.
 
-    Quantized weights (integer arrays) are left alone by `set_dtype`.
+    Quantized weights (integer arrays) are left alone by `set_dtype`, and so are those already in
+    float32: the same arrays, not copies (tasks/decoding.py's fused weights are views the layers
+    keep).
     """
     if on_cpu():
-        model.set_dtype(mx.float32)
+        model.set_dtype(mx.float32, predicate=lambda t: mx.issubdtype(t, mx.floating) and t != mx.float32)
 
 
 def matmul_gflops() -> float:

@@ -1,10 +1,12 @@
 import mlx.core as mx
 import pytest
+from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.utils import load
 from servers import running_server
 from starlette.testclient import TestClient
 
-from mlx_lora_api.tasks import finetune
+from mlx_lora_api import device
+from mlx_lora_api.tasks import decoding, finetune
 from mlx_lora_api.tasks import generate as generation
 from mlx_lora_api.types import FinetuneRequest, Parameters
 from mlx_lora_api.web.app import create_app
@@ -35,10 +37,50 @@ def test_switching_adapters_reuses_the_loaded_base(tmp_path, tiny_model_template
     plain = logits(load(base)[0], tokens)
 
     for adapter in (first, second, None, first, second):
-        model, _ = cache.get(base, adapter)
+        model, _, _ = cache.get(base, adapter)
         want = plain if adapter is None else expected[adapter]
         assert mx.allclose(logits(model, tokens), want, atol=1e-5).item()
     assert cache.loads == 1
+
+
+def greedy_logits(step, model, prompts: list[list[int]], steps: int) -> list[mx.array]:
+    """Each step's logits, decoding `prompts` greedily as one batch (left-padded, as mlx-lm's
+    BatchGenerator lays them out) with `step` called as the model is."""
+    longest = max(len(p) for p in prompts)
+    padding = [longest - len(p) for p in prompts]
+    cache = [BatchKVCache(padding) for _ in model.layers]
+    tokens = mx.array([[0] * pad + p for pad, p in zip(padding, prompts)])
+    out = []
+    for _ in range(steps):
+        logits = step(tokens, cache=cache)[:, -1, :]
+        out.append(logits)
+        tokens = mx.argmax(logits, axis=-1, keepdims=True)
+    return out
+
+
+@pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")
+def test_the_compiled_decoding_step_gives_the_models_own_logits(tmp_path, tiny_model_template, monkeypatch):
+    base = str(tiny_model_template)
+    adapter = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    model, _, step = cache.get(base)
+    assert isinstance(step, decoding.Decoder)
+    reference, _ = load(base)  # never fused: the model as mlx-lm builds it
+    reference.set_dtype(mx.float32)
+    for prompts in ([[5, 9, 30, 2]], [[5, 9, 30, 2, 7, 7], [3], [11, 12, 13]]):
+        want = greedy_logits(reference, reference, prompts, 24)
+        got = greedy_logits(step, model, prompts, 24)
+        assert all(mx.array_equal(a, b).item() for a, b in zip(want, got)), prompts
+
+    # An adapter laid over the base: its layers are not the fused ones, so batches call the model.
+    _, _, step = cache.get(base, adapter)
+    assert step is cache.get(base, adapter)[0]
+    _, _, step = cache.get(base)
+    assert isinstance(step, decoding.Decoder) and cache.loads == 1
+
+    monkeypatch.setenv("MLX_LORA_API_LEVERS", "off")
+    model, _, step = generation.ModelCache(budget_bytes=1 << 30).get(base)
+    assert step is model
 
 
 def test_the_cache_unloads_the_least_recently_used_model_past_its_budget(tmp_path, tiny_model_template):

@@ -31,16 +31,17 @@ from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load
 
 from .. import device
-from . import checks
+from . import checks, decoding
 
 log = logging.getLogger("mlx_lora_api")
 
 
 class _Entry:
-    def __init__(self, model, tokenizer, nbytes: int):
+    def __init__(self, model, tokenizer, nbytes: int, fused: decoding.Fused | None):
         self.model = model
         self.tokenizer = tokenizer
         self.nbytes = nbytes
+        self.fused = fused  # the decoding step's weights (tasks/decoding.py), while they are current
         self.adapter: str | None = None
 
 
@@ -71,15 +72,23 @@ class ModelCache:
         self.loads = 0  # how many times weights were read from disk (tests and logs)
 
     def get(self, base_path: str, adapter_path: str | None = None):
+        """The model (with the adapter laid over it), its tokenizer, and what a batch calls to
+        decode with it: the model itself, or the compiled step of tasks/decoding.py."""
         # A full fine-tune overwrites base weights, so it gets an entry of its own.
-        key = (base_path, adapter_path if adapter_path and _is_full_fine_tune(adapter_path) else None)
+        full = adapter_path if adapter_path and _is_full_fine_tune(adapter_path) else None
+        key = (base_path, full)
         entry = self._entries.get(key)
         if entry is None:
             checks.check_model_folder(Path(base_path))
             model, tokenizer = load(base_path)
             device.cast_for_compute(model)
+            if full:
+                checks.check_adapter_folder(Path(full))
+                load_adapters(model, full)
+                device.cast_for_compute(model)
             self.loads += 1
-            entry = _Entry(model, tokenizer, _nbytes(model))
+            entry = _Entry(model, tokenizer, _nbytes(model), decoding.fuse(model))
+            entry.adapter = full
             self._entries[key] = entry
             self._evict(keep=key)
         self._entries.move_to_end(key)
@@ -91,7 +100,7 @@ class ModelCache:
                 device.cast_for_compute(entry.model)
             entry.adapter = adapter_path
         entry.model.eval()
-        return entry.model, entry.tokenizer
+        return entry.model, entry.tokenizer, decoding.decoder(entry.model, entry.fused)
 
     def _evict(self, keep) -> None:
         while sum(e.nbytes for e in self._entries.values()) > self.budget_bytes and len(self._entries) > 1:
@@ -276,7 +285,7 @@ class Batcher:
         return events
 
     def _start(self, request: _Request) -> None:
-        model, tokenizer = self.cache.get(request.base_path, request.adapter_path)
+        _, tokenizer, step = self.cache.get(request.base_path, request.adapter_path)
         if request.messages is not None:
             tokens = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
         else:
@@ -285,7 +294,7 @@ class Batcher:
             raise ValueError("the prompt is empty once tokenized")
         if self._batch is None:
             self._batch = BatchGenerator(
-                model,
+                step,
                 stop_tokens=[[t] for t in tokenizer.eos_token_ids],
                 completion_batch_size=self.max_batch,
                 prefill_batch_size=self.max_batch,

@@ -1,0 +1,213 @@
+"""A decoding step of few MLX operations for llama-architecture models (Llama, Mistral, SmolLM2),
+on the CPU: what tasks/generate.py's batches call in place of the model.
+
+On the CPU, every MLX operation costs 5-10 us to dispatch whatever its size, and a decoding step
+works on vectors of a few hundred values: the dispatching, not the arithmetic, is half of a
+token's time (docs/benchmarks.md#decoding). MLX runs `mx.fast.rope` and `mx.fast.rms_norm` there
+as their fallbacks, 15 and 5 operations each, so a token of SmolLM2-135M through mlx-lm's model is
+about 4,000 operations. This step makes the same computation in about 2,000:
+- the rotation's angles once per token for every layer (mlx-lm computes them twice per layer),
+  with the fallback's own operations, so that the cosines and sines are the same;
+- queries, keys and values in one product, gate and up in one: the weights laid side by side once
+  (`Fused`), the layers' own weights then views into them, so nothing is held twice;
+- what lies between two attention lookups compiled (`mx.compile` fuses element-wise operations);
+  the cache and the attention are mlx-lm's, called as its model calls them, so a batch's padding
+  and masks are what they would be.
+
+A step of more than one token a row (a prompt) is the model's own. So is everything once an
+adapter is laid over the base (its layers are no longer the plain ones the weights were fused for),
+on another device (where these are kernels), and with `MLX_LORA_API_LEVERS=off`. Greedy tokens are
+those of the model's own step (tests/test_generation.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+
+from .. import device
+from ..tuner import levers
+
+ARCHITECTURES = ("mlx_lm.models.llama",)
+
+
+def _plain(linear: Any) -> bool:
+    return type(linear) is nn.Linear and "bias" not in linear
+
+
+def eligible(model: nn.Module) -> bool:
+    """A llama-architecture model whose blocks are as mlx-lm builds them, with nothing laid over."""
+    if type(model).__module__ not in ARCHITECTURES or not device.on_cpu():
+        return False
+    inner = model.model
+    if type(inner.embed_tokens) is not nn.Embedding or type(inner.norm) is not nn.RMSNorm:
+        return False
+    if not model.args.tie_word_embeddings and not _plain(model.lm_head):
+        return False
+    for layer in inner.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        rope = attention.rope
+        if (
+            getattr(layer, "use_sliding", False)
+            or type(layer.input_layernorm) is not nn.RMSNorm
+            or type(layer.post_attention_layernorm) is not nn.RMSNorm
+            or not all(_plain(getattr(attention, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            or not all(_plain(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+            or type(rope) is not nn.RoPE
+            or rope.traditional
+            or rope.dims != attention.head_dim
+        ):
+            return False
+    return True
+
+
+class Fused:
+    """Each block's query, key and value weights as one array, gate and up as another; the blocks'
+    own linear layers then hold views into them, so the model holds no second copy."""
+
+    def __init__(self, model: nn.Module):
+        self.qkv: list[mx.array] = []
+        self.gate_up: list[mx.array] = []
+        self._linears: list[tuple[Any, ...]] = []
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            qkv = mx.concatenate([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+            gate_up = mx.concatenate([mlp.gate_proj.weight, mlp.up_proj.weight])
+            mx.eval(qkv, gate_up)
+            q, k = attention.q_proj.weight.shape[0], attention.k_proj.weight.shape[0]
+            hidden = mlp.gate_proj.weight.shape[0]
+            attention.q_proj.weight, attention.k_proj.weight = qkv[:q], qkv[q : q + k]
+            attention.v_proj.weight = qkv[q + k :]
+            mlp.gate_proj.weight, mlp.up_proj.weight = gate_up[:hidden], gate_up[hidden:]
+            self.qkv.append(qkv)
+            self.gate_up.append(gate_up)
+            linears = (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)
+            self._linears.append(tuple((linear, linear.weight) for linear in linears))
+        mx.eval(model.parameters())
+
+    def current(self, model: nn.Module) -> bool:
+        """Whether the model's blocks still hold these weights (nothing laid over them, none loaded)."""
+        for layer, linears in zip(model.model.layers, self._linears, strict=True):
+            attention, mlp = layer.self_attn, layer.mlp
+            now = (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)
+            if any(a is not b or a.weight is not w for a, (b, w) in zip(now, linears, strict=True)):
+                return False
+        return True
+
+
+def fuse(model: nn.Module) -> Fused | None:
+    """The fused weights of a model the step applies to (see `eligible`), else None."""
+    if levers.from_environment() == levers.PLAIN or not eligible(model):
+        return None
+    return Fused(model)
+
+
+def _before_attention(x, norm, qkv, cos, sin, *, eps: float, heads: int, kv_heads: int, head_dim: int):
+    """Norm, the three projections in one product, the rotation of queries and keys together (as
+    the fallback of `mx.fast.rope` computes it)."""
+    rows = x.shape[0]
+    projected = mx.fast.rms_norm(x, norm, eps) @ qkv.T
+    rotated = heads + kv_heads
+    qk = projected[..., : rotated * head_dim].reshape(rows, 1, rotated, head_dim).transpose(0, 2, 1, 3)
+    half = head_dim // 2
+    x1, x2 = qk[..., :half], qk[..., half:]
+    qk = mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    values = projected[..., rotated * head_dim :].reshape(rows, 1, kv_heads, head_dim).transpose(0, 2, 1, 3)
+    return qk[:, :heads], qk[:, heads:], values
+
+
+def _after_attention(x, attended, o_proj, norm, gate_up, down_proj, *, eps: float, hidden: int):
+    """The attention's output projection and residual, then the MLP and its residual."""
+    rows = x.shape[0]
+    h = x + attended.transpose(0, 2, 1, 3).reshape(rows, 1, -1) @ o_proj.T
+    projected = mx.fast.rms_norm(h, norm, eps) @ gate_up.T
+    return h + swiglu(projected[..., :hidden], projected[..., hidden:]) @ down_proj.T
+
+
+class Decoder:
+    """Called as the model is (`decoder(inputs, cache=cache)`): a step of one token a row through
+    the compiled path, anything else through the model itself."""
+
+    def __init__(self, model: nn.Module, fused: Fused):
+        self.model = model
+        self.fused = fused
+        inner = model.model
+        first = inner.layers[0]
+        attention = first.self_attn
+        rope = attention.rope
+        self._scale = rope.scale
+        half = attention.head_dim // 2
+        # mx.fast.rope's fallback: exp(-i * log(base) / half), all in float32 (mlx/fast.cpp).
+        step = np.log(np.float32(rope.base)) / np.float32(half)
+        self._inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(step, mx.float32))
+        self._before = mx.compile(
+            functools.partial(
+                _before_attention,
+                eps=first.input_layernorm.eps,
+                heads=attention.n_heads,
+                kv_heads=attention.n_kv_heads,
+                head_dim=attention.head_dim,
+            )
+        )
+        self._after = mx.compile(
+            functools.partial(
+                _after_attention, eps=first.post_attention_layernorm.eps, hidden=first.mlp.gate_proj.weight.shape[0]
+            )
+        )
+        self._final_norm = mx.compile(functools.partial(mx.fast.rms_norm, eps=inner.norm.eps))
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self):
+        return self.model.make_cache()
+
+    def _angles(self, offset) -> tuple[mx.array, mx.array]:
+        """The rotation's cosines and sines at each row's position: (rows or 1, 1, 1, head_dim / 2)."""
+        if not isinstance(offset, mx.array):
+            offset = mx.array([offset], dtype=mx.int32)
+        positions = offset.reshape(-1, 1, 1).astype(mx.float32) * mx.array(self._scale, mx.float32)
+        theta = positions[..., None] * self._inv_freqs
+        return mx.cos(theta), mx.sin(theta)
+
+    def __call__(self, inputs: mx.array, cache=None, **kwargs):
+        if inputs.shape[1] != 1 or cache is None or kwargs.get("input_embeddings") is not None:
+            return self.model(inputs, cache=cache, **kwargs)
+        model, inner = self.model, self.model.model
+        h = inner.embed_tokens(inputs)
+        mask = create_attention_mask(h, cache[inner.fa_idx])
+        cos, sin = self._angles(cache[0].offset)
+        for layer, layer_cache, qkv, gate_up in zip(inner.layers, cache, self.fused.qkv, self.fused.gate_up):
+            attention = layer.self_attn
+            queries, keys, values = self._before(h, layer.input_layernorm.weight, qkv, cos, sin)
+            keys, values = layer_cache.update_and_fetch(keys, values)
+            attended = scaled_dot_product_attention(
+                queries, keys, values, cache=layer_cache, scale=attention.scale, mask=mask
+            )
+            h = self._after(
+                h,
+                attended,
+                attention.o_proj.weight,
+                layer.post_attention_layernorm.weight,
+                gate_up,
+                layer.mlp.down_proj.weight,
+            )
+        h = self._final_norm(h, inner.norm.weight)
+        if model.args.tie_word_embeddings:
+            return inner.embed_tokens.as_linear(h)
+        return model.lm_head(h)
+
+
+def decoder(model: nn.Module, fused: Fused | None):
+    """What a batch should call: the compiled step where `fused` still matches the model's blocks,
+    else the model itself."""
+    if fused is None or not fused.current(model):
+        return model
+    return Decoder(model, fused)
