@@ -182,22 +182,23 @@ def test_a_few_rows_through_a_linear_layers_weight_match_numpy(rows):
     shim = ctypes.CDLL(str(gemv.target()))
     shim.mlx_lora_api_few_rows_count.restype = ctypes.c_long
     rng = np.random.default_rng(rows)
-    k, n, f = 77, 33, ctypes.c_float  # k: 9 lanes of 8 and 5 more; n: pairs of weight rows and one alone
-    x = rng.standard_normal((rows, k + 3), dtype=np.float32)  # lda k + 3: rows with a gap between them
-    w = rng.standard_normal((n, k + 1), dtype=np.float32)
-    for beta in (0.0, 0.5):
-        c = np.full((rows, n + 2), np.nan if beta == 0 else 2.0, np.float32)  # ldc n + 2
-        expected = 1.5 * x[:, :k] @ w[:, :k].T + (beta * c[:, :n] if beta else 0)
-        before = shim.mlx_lora_api_few_rows_count()
-        shim.cblas_sgemm(
-            101, 111, 112, rows, n, k, f(1.5), x.ctypes.data_as(ctypes.c_void_p), k + 3,
-            w.ctypes.data_as(ctypes.c_void_p), k + 1, f(beta), c.ctypes.data_as(ctypes.c_void_p), n + 2,
-        )  # fmt: skip
-        np.testing.assert_allclose(c[:, :n], expected, rtol=1e-5, atol=1e-5)
-        if beta == 0:
-            assert np.isnan(c[:, n:]).all()  # nothing written past each row's n values
-        used = shim.mlx_lora_api_few_rows_count() - before
-        assert used == (1 if rows <= 8 and shim.mlx_lora_api_few_rows(-1) else 0)
+    k, f = 77, ctypes.c_float  # k: 9 lanes of 8 and 5 more
+    for n in (31, 32, 33):  # weight rows in threes, and one or two left over
+        x = rng.standard_normal((rows, k + 3), dtype=np.float32)  # lda k + 3: rows with a gap between them
+        w = rng.standard_normal((n, k + 1), dtype=np.float32)
+        for beta in (0.0, 0.5):
+            c = np.full((rows, n + 2), np.nan if beta == 0 else 2.0, np.float32)  # ldc n + 2
+            expected = 1.5 * x[:, :k] @ w[:, :k].T + (beta * c[:, :n] if beta else 0)
+            before = shim.mlx_lora_api_few_rows_count()
+            shim.cblas_sgemm(
+                101, 111, 112, rows, n, k, f(1.5), x.ctypes.data_as(ctypes.c_void_p), k + 3,
+                w.ctypes.data_as(ctypes.c_void_p), k + 1, f(beta), c.ctypes.data_as(ctypes.c_void_p), n + 2,
+            )  # fmt: skip
+            np.testing.assert_allclose(c[:, :n], expected, rtol=1e-5, atol=1e-5)
+            if beta == 0:
+                assert np.isnan(c[:, n:]).all()  # nothing written past each row's n values
+            used = shim.mlx_lora_api_few_rows_count() - before
+            assert used == (1 if rows <= 8 and shim.mlx_lora_api_few_rows(-1) else 0)
 
 
 GREEDY_DECODE = """

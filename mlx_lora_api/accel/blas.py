@@ -46,8 +46,9 @@ def find_blas() -> str | None:
     return ctypes.util.find_library("openblas")
 
 
-def prepare() -> str | None:
-    """Load an optimized BLAS for MLX's CPU backend; returns its path, or None.
+def prepare(decoding: bool = False) -> str | None:
+    """Load an optimized BLAS for MLX's CPU backend; returns its path, or None. `decoding`: this
+    process decodes batches of chats (gemv.load).
 
     Safe to call many times; a no-op on macOS, where MLX uses Accelerate and Metal.
     """
@@ -68,7 +69,7 @@ def prepare() -> str | None:
     except OSError as e:
         log.warning("Could not load the BLAS at %s (%s); %s", path, e, BLAS_HINT)
         return None
-    _state["gemv"] = _load_shim(library)
+    _state["gemv"] = _load_shim(library, decoding)
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # now for MLX's every other cblas_* and LAPACK symbol
     _state["blas"] = path
     try:
@@ -79,14 +80,14 @@ def prepare() -> str | None:
     return path
 
 
-def _load_shim(library: ctypes.CDLL) -> str | None:
+def _load_shim(library: ctypes.CDLL, decoding: bool) -> str | None:
     """The matrix-vector shim (gemv.py) ahead of the BLAS, unless the levers are off; says why not."""
     from . import gemv
 
     if os.environ.get(LEVERS_ENV, "on").strip().lower() == "off":
         return None
     try:
-        _shim.append(gemv.load(library))
+        _shim.append(gemv.load(library, decoding))
     except (OSError, AttributeError) as e:
         log.warning("%s; %s", e, gemv.WITHOUT)
         return None

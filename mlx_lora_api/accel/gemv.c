@@ -26,7 +26,7 @@ static long vector_products;
 static long few_row_products;
 static int have_avx2_fma = -1;
 
-enum { FEW_ROWS = 8, LANES = 8, BLOCK = 6 };
+enum { FEW_ROWS = 8, LANES = 8, BLOCK = 4, COLUMNS = 3 };
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -38,62 +38,77 @@ __attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Rows i0.. i0+ROWS-1 of c, columns j and j+1 (TWO) or j alone: every weight value loaded once
- * serves ROWS input rows, every input value TWO weight rows (12 accumulators, 15 of the 16 AVX
- * registers). ROWS is a constant where it is inlined, so the accumulators stay in registers. */
+/* Rows i0.. i0+ROWS-1 of c, columns j.. j+COLS-1: every weight value loaded once serves ROWS input
+ * rows, every input value COLS weight rows (up to 4 x 3 = 12 accumulators, 3 weight vectors and an
+ * input vector: the 16 AVX registers). ROWS and COLS are constants where it is inlined, so the
+ * accumulators stay in registers. The next tile's weight rows are prefetched as this one streams
+ * its own: with the arithmetic in between, the core's own prefetching fetches about half of what
+ * the memory can give (8 rows of SmolLM2's output layer: 34 -> 78 GFLOP/s on 2 Zen 4 cores). */
 __attribute__((target("avx2,fma"), always_inline)) static inline void tile(
-    const int ROWS, const int TWO, int k, float alpha, const float *a, int lda, const float *w0, const float *w1,
-    float beta, float *c, int ldc) {
+    const int ROWS, const int COLS, int k, float alpha, const float *a, int lda, const float *w, int ldw,
+    const float *next, float beta, float *c, int ldc) {
     int full = k - k % LANES;
-    __m256 acc0[BLOCK], acc1[BLOCK];
-#pragma GCC unroll 8
-    for (int i = 0; i < ROWS; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    __m256 acc[BLOCK][COLUMNS];
+#pragma GCC unroll 4
+    for (int i = 0; i < ROWS; i++)
+#pragma GCC unroll 3
+        for (int j = 0; j < COLS; j++) acc[i][j] = _mm256_setzero_ps();
     for (int p = 0; p < full; p += LANES) {
-        __m256 x0 = _mm256_loadu_ps(w0 + p);
-        __m256 x1 = TWO ? _mm256_loadu_ps(w1 + p) : x0;
-#pragma GCC unroll 8
+        if (next && !(p & 15)) {
+#pragma GCC unroll 3
+            for (int j = 0; j < COLUMNS; j++) _mm_prefetch((const char *)(next + (size_t)j * ldw + p), _MM_HINT_T0);
+        }
+        __m256 weights[COLUMNS];
+#pragma GCC unroll 3
+        for (int j = 0; j < COLS; j++) weights[j] = _mm256_loadu_ps(w + (size_t)j * ldw + p);
+#pragma GCC unroll 4
         for (int i = 0; i < ROWS; i++) {
             __m256 in = _mm256_loadu_ps(a + (size_t)i * lda + p);
-            acc0[i] = _mm256_fmadd_ps(x0, in, acc0[i]);
-            if (TWO) acc1[i] = _mm256_fmadd_ps(x1, in, acc1[i]);
+#pragma GCC unroll 3
+            for (int j = 0; j < COLS; j++) acc[i][j] = _mm256_fmadd_ps(weights[j], in, acc[i][j]);
         }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int i = 0; i < ROWS; i++) {
         const float *in = a + (size_t)i * lda;
-        for (int t = 0; t <= TWO; t++) {
-            const float *row = t ? w1 : w0;
-            float sum = hsum(t ? acc1[i] : acc0[i]);
+#pragma GCC unroll 3
+        for (int j = 0; j < COLS; j++) {
+            const float *row = w + (size_t)j * ldw;
+            float sum = hsum(acc[i][j]);
             for (int p = full; p < k; p++) sum += row[p] * in[p];
-            float *out = c + (size_t)i * ldc + t;
+            float *out = c + (size_t)i * ldc + j;
             *out = beta == 0.0f ? alpha * sum : alpha * sum + beta * *out;
         }
     }
 }
 
-#define TILE(R)                                                                              \
-    case R:                                                                                  \
-        if (two) tile(R, 1, k, alpha, in, lda, w0, w0 + ldw, beta, c + (size_t)i0 * ldc + j, ldc); \
-        else tile(R, 0, k, alpha, in, lda, w0, w0, beta, c + (size_t)i0 * ldc + j, ldc);     \
+#define TILE(R, C) tile(R, C, k, alpha, in, lda, w0, ldw, next, beta, c + (size_t)i0 * ldc + j, ldc)
+#define ROWS_OF(R)                   \
+    case R:                          \
+        if (cols == 3) TILE(R, 3);   \
+        else if (cols == 2) TILE(R, 2); \
+        else TILE(R, 1);             \
         break;
 
-/* c[i][j] = alpha * sum_k a[i][k] * w[j][k] + beta * c[i][j], for i < m (2..FEW_ROWS), j < n: pairs
- * of weight rows shared out between threads, each read once; the input rows stay in L1/L2. */
+/* c[i][j] = alpha * sum_k a[i][k] * w[j][k] + beta * c[i][j], for i < m (2..FEW_ROWS), j < n: groups of
+ * three weight rows shared out between threads, each read once; the input rows stay in L1/L2. */
 __attribute__((target("avx2,fma"))) static void few_rows(int m, int n, int k, float alpha, const float *a, int lda,
                                                           const float *w, int ldw, float beta, float *c, int ldc) {
+    int groups = (n + COLUMNS - 1) / COLUMNS;
 #pragma omp parallel for schedule(static)
-    for (int j = 0; j < n; j += 2) {
+    for (int g = 0; g < groups; g++) {
+        int j = g * COLUMNS;
+        int cols = n - j < COLUMNS ? n - j : COLUMNS;
         const float *w0 = w + (size_t)j * ldw;
-        int two = j + 1 < n;
         for (int i0 = 0; i0 < m; i0 += BLOCK) {
             const float *in = a + (size_t)i0 * lda;
+            /* the next group's rows, while this group's first tile streams from memory */
+            const float *next = i0 == 0 && j + 2 * COLUMNS <= n ? w0 + (size_t)COLUMNS * ldw : 0;
             switch (m - i0 < BLOCK ? m - i0 : BLOCK) {
-                TILE(1)
-                TILE(2)
-                TILE(3)
-                TILE(4)
-                TILE(5)
-                TILE(6)
+                ROWS_OF(1)
+                ROWS_OF(2)
+                ROWS_OF(3)
+                ROWS_OF(4)
             }
         }
     }

@@ -178,7 +178,7 @@ class Generator:
 def process_main(conn: Connection, budget_bytes: int, max_batch: int = 16) -> None:
     """A long-lived generation process: requests and cancellations from `conn` between decoding
     steps, each request's events back under its id."""
-    begin("generation")
+    begin("generation", decoding=True)
     # A batch of chats takes both cores of a small machine; the API process must still answer at
     # once (GET /health p99 during 16 batched chats on 2 cores: 130 ms at niceness 0). A job's
     # worker is niced further (10): a chat someone waits for goes ahead of training.

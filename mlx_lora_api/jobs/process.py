@@ -70,8 +70,9 @@ def set_precision(kind: str) -> None:
         os.environ["MLX_ENABLE_TF32"] = "0"
 
 
-def begin(name: str) -> None:
-    """The first thing such a process does: before anything imports MLX."""
+def begin(name: str, decoding: bool = False) -> None:
+    """The first thing such a process does: before anything imports MLX. `decoding`: the
+    generation process (accel/gemv.py)."""
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
-    blas.prepare()
+    blas.prepare(decoding)

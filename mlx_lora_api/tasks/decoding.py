@@ -35,6 +35,8 @@ from .. import device
 from ..tuner import levers
 
 ARCHITECTURES = ("mlx_lm.models.llama",)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def _plain(linear: Any) -> bool:
@@ -57,8 +59,8 @@ def eligible(model: nn.Module) -> bool:
             getattr(layer, "use_sliding", False)
             or type(layer.input_layernorm) is not nn.RMSNorm
             or type(layer.post_attention_layernorm) is not nn.RMSNorm
-            or not all(_plain(getattr(attention, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-            or not all(_plain(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+            or not all(_plain(getattr(attention, n)) for n in PROJECTIONS)
+            or not all(_plain(getattr(mlp, n)) for n in MLP)
             or type(rope) is not nn.RoPE
             or rope.traditional
             or rope.dims != attention.head_dim
@@ -69,11 +71,14 @@ def eligible(model: nn.Module) -> bool:
 
 class Fused:
     """Each block's query, key and value weights as one array, gate and up as another; the blocks'
-    own linear layers then hold views into them, so the model holds no second copy."""
+    own linear layers then hold views into them, so the model holds no second copy. Each weight is
+    kept transposed (a view), as a product takes it."""
 
     def __init__(self, model: nn.Module):
         self.qkv: list[mx.array] = []
         self.gate_up: list[mx.array] = []
+        self.o_proj: list[mx.array] = []
+        self.down_proj: list[mx.array] = []
         self._linears: list[tuple[Any, ...]] = []
         for layer in model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
@@ -85,17 +90,21 @@ class Fused:
             attention.q_proj.weight, attention.k_proj.weight = qkv[:q], qkv[q : q + k]
             attention.v_proj.weight = qkv[q + k :]
             mlp.gate_proj.weight, mlp.up_proj.weight = gate_up[:hidden], gate_up[hidden:]
-            self.qkv.append(qkv)
-            self.gate_up.append(gate_up)
-            linears = (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)
+            self.qkv.append(qkv.T)
+            self.gate_up.append(gate_up.T)
+            self.o_proj.append(attention.o_proj.weight.T)
+            self.down_proj.append(mlp.down_proj.weight.T)
+            linears = (*(getattr(attention, n) for n in PROJECTIONS), *(getattr(mlp, n) for n in MLP))
             self._linears.append(tuple((linear, linear.weight) for linear in linears))
-        mx.eval(model.parameters())
+        embed = model.model.embed_tokens
+        self.head = (embed.weight if model.args.tie_word_embeddings else model.lm_head.weight).T
+        mx.eval(model.parameters(), self.qkv, self.gate_up, self.o_proj, self.down_proj, self.head)
 
     def current(self, model: nn.Module) -> bool:
         """Whether the model's blocks still hold these weights (nothing laid over them, none loaded)."""
         for layer, linears in zip(model.model.layers, self._linears, strict=True):
             attention, mlp = layer.self_attn, layer.mlp
-            now = (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)
+            now = (*(getattr(attention, n) for n in PROJECTIONS), *(getattr(mlp, n) for n in MLP))
             if any(a is not b or a.weight is not w for a, (b, w) in zip(now, linears, strict=True)):
                 return False
         return True
@@ -110,24 +119,21 @@ def fuse(model: nn.Module) -> Fused | None:
 
 def _before_attention(x, norm, qkv, cos, sin, *, eps: float, heads: int, kv_heads: int, head_dim: int):
     """Norm, the three projections in one product, the rotation of queries and keys together (as
-    the fallback of `mx.fast.rope` computes it)."""
+    the fallback of `mx.fast.rope` computes it). `x` is (rows, hidden): one token a row."""
     rows = x.shape[0]
-    projected = mx.fast.rms_norm(x, norm, eps) @ qkv.T
-    rotated = heads + kv_heads
-    qk = projected[..., : rotated * head_dim].reshape(rows, 1, rotated, head_dim).transpose(0, 2, 1, 3)
+    projected = (mx.fast.rms_norm(x, norm, eps) @ qkv).reshape(rows, heads + 2 * kv_heads, head_dim)
     half = head_dim // 2
+    qk = projected[:, : heads + kv_heads]
     x1, x2 = qk[..., :half], qk[..., half:]
-    qk = mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-    values = projected[..., rotated * head_dim :].reshape(rows, 1, kv_heads, head_dim).transpose(0, 2, 1, 3)
-    return qk[:, :heads], qk[:, heads:], values
+    qk = mx.expand_dims(mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1), 2)
+    return qk[:, :heads], qk[:, heads:], mx.expand_dims(projected[:, heads + kv_heads :], 2)
 
 
 def _after_attention(x, attended, o_proj, norm, gate_up, down_proj, *, eps: float, hidden: int):
     """The attention's output projection and residual, then the MLP and its residual."""
-    rows = x.shape[0]
-    h = x + attended.transpose(0, 2, 1, 3).reshape(rows, 1, -1) @ o_proj.T
-    projected = mx.fast.rms_norm(h, norm, eps) @ gate_up.T
-    return h + swiglu(projected[..., :hidden], projected[..., hidden:]) @ down_proj.T
+    h = x + attended.reshape(x.shape[0], -1) @ o_proj
+    projected = mx.fast.rms_norm(h, norm, eps) @ gate_up
+    return h + swiglu(projected[:, :hidden], projected[:, hidden:]) @ down_proj
 
 
 class Decoder:
@@ -170,39 +176,37 @@ class Decoder:
         return self.model.make_cache()
 
     def _angles(self, offset) -> tuple[mx.array, mx.array]:
-        """The rotation's cosines and sines at each row's position: (rows or 1, 1, 1, head_dim / 2)."""
+        """The rotation's cosines and sines at each row's position: (rows or 1, 1, head_dim / 2)."""
         if not isinstance(offset, mx.array):
             offset = mx.array([offset], dtype=mx.int32)
-        positions = offset.reshape(-1, 1, 1).astype(mx.float32) * mx.array(self._scale, mx.float32)
+        positions = offset.reshape(-1, 1).astype(mx.float32) * mx.array(self._scale, mx.float32)
         theta = positions[..., None] * self._inv_freqs
         return mx.cos(theta), mx.sin(theta)
 
     def __call__(self, inputs: mx.array, cache=None, **kwargs):
         if inputs.shape[1] != 1 or cache is None or kwargs.get("input_embeddings") is not None:
             return self.model(inputs, cache=cache, **kwargs)
-        model, inner = self.model, self.model.model
+        inner, fused = self.model.model, self.fused
         h = inner.embed_tokens(inputs)
         mask = create_attention_mask(h, cache[inner.fa_idx])
+        rows, _, width = h.shape
+        h = h.reshape(rows, width)
         cos, sin = self._angles(cache[0].offset)
-        for layer, layer_cache, qkv, gate_up in zip(inner.layers, cache, self.fused.qkv, self.fused.gate_up):
-            attention = layer.self_attn
-            queries, keys, values = self._before(h, layer.input_layernorm.weight, qkv, cos, sin)
+        for i, (layer, layer_cache) in enumerate(zip(inner.layers, cache, strict=True)):
+            queries, keys, values = self._before(h, layer.input_layernorm.weight, fused.qkv[i], cos, sin)
             keys, values = layer_cache.update_and_fetch(keys, values)
             attended = scaled_dot_product_attention(
-                queries, keys, values, cache=layer_cache, scale=attention.scale, mask=mask
+                queries, keys, values, cache=layer_cache, scale=layer.self_attn.scale, mask=mask
             )
             h = self._after(
                 h,
                 attended,
-                attention.o_proj.weight,
+                fused.o_proj[i],
                 layer.post_attention_layernorm.weight,
-                gate_up,
-                layer.mlp.down_proj.weight,
+                fused.gate_up[i],
+                fused.down_proj[i],
             )
-        h = self._final_norm(h, inner.norm.weight)
-        if model.args.tie_word_embeddings:
-            return inner.embed_tokens.as_linear(h)
-        return model.lm_head(h)
+        return (self._final_norm(h, inner.norm.weight) @ fused.head).reshape(rows, 1, -1)
 
 
 def decoder(model: nn.Module, fused: Fused | None):
