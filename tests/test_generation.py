@@ -60,23 +60,28 @@ def greedy_logits(step, model, prompts: list[list[int]], steps: int) -> list[mx.
 
 @pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")
 def test_the_compiled_decoding_step_gives_the_models_own_logits(tmp_path, tiny_model_template, monkeypatch):
+    """Bit for bit, alone and as a left-padded batch, with and without a LoRA adapter laid over the
+    base; a DoRA adapter, and the levers off, take the model's own step."""
     base = str(tiny_model_template)
-    adapter = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
+    lora = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
+    dora = train(tiny_model_template, tmp_path / "b", "def add(a, b):\n    return a + b\n", kind="dora")
     cache = generation.ModelCache(budget_bytes=1 << 30)
-    model, _, step = cache.get(base)
-    assert isinstance(step, decoding.Decoder)
-    reference, _ = load(base)  # never fused: the model as mlx-lm builds it
-    reference.set_dtype(mx.float32)
-    for prompts in ([[5, 9, 30, 2]], [[5, 9, 30, 2, 7, 7], [3], [11, 12, 13]]):
-        want = greedy_logits(reference, reference, prompts, 24)
-        got = greedy_logits(step, model, prompts, 24)
-        assert all(mx.array_equal(a, b).item() for a, b in zip(want, got)), prompts
+    for adapter in (None, lora, None):
+        model, _, step = cache.get(base, adapter)
+        assert isinstance(step, decoding.Decoder)
+        reference, _ = load(base, adapter_path=adapter)  # never fused: the model as mlx-lm builds it
+        reference.set_dtype(mx.float32)
+        if adapter:
+            adapted = [m for _, m in model.named_modules() if type(m).__name__ == "LoRALinear"]
+            assert adapted and any(mx.any(m.lora_b != 0).item() for m in adapted)
+        for prompts in ([[5, 9, 30, 2]], [[5, 9, 30, 2, 7, 7], [3], [11, 12, 13]]):
+            want = greedy_logits(reference, reference, prompts, 24)
+            got = greedy_logits(step, model, prompts, 24)
+            assert all(mx.array_equal(a, b).item() for a, b in zip(want, got)), (adapter, prompts)
+    assert cache.loads == 1
 
-    # An adapter laid over the base: its layers are not the fused ones, so batches call the model.
-    _, _, step = cache.get(base, adapter)
-    assert step is cache.get(base, adapter)[0]
-    _, _, step = cache.get(base)
-    assert isinstance(step, decoding.Decoder) and cache.loads == 1
+    model, _, step = cache.get(base, dora)
+    assert step is model  # DoRA's layers are not the plain ones the weights were fused for
 
     monkeypatch.setenv("MLX_LORA_API_LEVERS", "off")
     model, _, step = generation.ModelCache(budget_bytes=1 << 30).get(base)

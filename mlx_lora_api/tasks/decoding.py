@@ -14,10 +14,11 @@ about 4,000 operations. This step makes the same computation in about 2,000:
   the cache and the attention are mlx-lm's, called as its model calls them, so a batch's padding
   and masks are what they would be.
 
-A step of more than one token a row (a prompt) is the model's own. So is everything once an
-adapter is laid over the base (its layers are no longer the plain ones the weights were fused for),
-on another device (where these are kernels), and with `MLX_LORA_API_LEVERS=off`. Greedy tokens are
-those of the model's own step (tests/test_generation.py).
+A LoRA adapter laid over the base (tasks/generate.py lays it in place) adds its own products to the
+fused ones, each as mlx-lm's `LoRALinear` computes it. A step of more than one token a row (a prompt)
+is the model's own; so is everything with a DoRA adapter or one that adapts the embedding, on another
+device (where these are kernels), and with `MLX_LORA_API_LEVERS=off`. The logits are the model's own,
+bit for bit (tests/test_generation.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.tuner.lora import LoRALinear
 
 from .. import device
 from ..tuner import levers
@@ -100,14 +102,24 @@ class Fused:
         self.head = (embed.weight if model.args.tie_word_embeddings else model.lm_head.weight).T
         mx.eval(model.parameters(), self.qkv, self.gate_up, self.o_proj, self.down_proj, self.head)
 
-    def current(self, model: nn.Module) -> bool:
-        """Whether the model's blocks still hold these weights (nothing laid over them, none loaded)."""
+    def adapters(self, model: nn.Module) -> list[tuple[Any, ...]] | None:
+        """Each block's LoRA layers over these weights, in PROJECTIONS + MLP order (None where a
+        projection is the plain layer); None if the blocks no longer hold these weights (another
+        kind of adapter laid over them, or other weights loaded)."""
+        if type(model.model.embed_tokens) is not nn.Embedding or (
+            not model.args.tie_word_embeddings and type(model.lm_head) is not nn.Linear
+        ):
+            return None  # the output layer is self.head
+        found = []
         for layer, linears in zip(model.model.layers, self._linears, strict=True):
             attention, mlp = layer.self_attn, layer.mlp
             now = (*(getattr(attention, n) for n in PROJECTIONS), *(getattr(mlp, n) for n in MLP))
-            if any(a is not b or a.weight is not w for a, (b, w) in zip(now, linears, strict=True)):
-                return False
-        return True
+            loras = tuple(module if type(module) is LoRALinear else None for module in now)
+            bases = (module.linear if lora else module for module, lora in zip(now, loras, strict=True))
+            if any(a is not b or a.weight is not w for a, (b, w) in zip(bases, linears, strict=True)):
+                return None
+            found.append(loras)
+        return found
 
 
 def fuse(model: nn.Module) -> Fused | None:
@@ -117,11 +129,30 @@ def fuse(model: nn.Module) -> Fused | None:
     return Fused(model)
 
 
-def _before_attention(x, norm, qkv, cos, sin, *, eps: float, heads: int, kv_heads: int, head_dim: int):
-    """Norm, the three projections in one product, the rotation of queries and keys together (as
-    the fallback of `mx.fast.rope` computes it). `x` is (rows, hidden): one token a row."""
+def _plus_adapters(y, x, loras, scales, names: tuple[str, ...], widths: tuple[int, ...]):
+    """`y`, the fused product of `x` by the `names` projections, plus each one's LoRA product over
+    its columns (`scale * (x @ a) @ b`, as mlx-lm's LoRALinear adds it). `loras`: name -> (a, b);
+    `scales`: name -> scale, both for the adapted projections only."""
+    if not any(name in scales for name in names):
+        return y
+    deltas = [
+        (scales[name] * ((x @ loras[name][0]) @ loras[name][1])).astype(x.dtype)
+        if name in scales
+        else mx.zeros((x.shape[0], width), x.dtype)
+        for name, width in zip(names, widths, strict=True)
+    ]
+    return y + (deltas[0] if len(deltas) == 1 else mx.concatenate(deltas, axis=-1))
+
+
+def _before_attention(x, norm, qkv, cos, sin, loras, *, eps, heads, kv_heads, head_dim, scales):
+    """Norm, the three projections in one product (and their adapters'), the rotation of queries
+    and keys together (as the fallback of `mx.fast.rope` computes it). `x` is (rows, hidden): one
+    token a row."""
     rows = x.shape[0]
-    projected = (mx.fast.rms_norm(x, norm, eps) @ qkv).reshape(rows, heads + 2 * kv_heads, head_dim)
+    normed = mx.fast.rms_norm(x, norm, eps)
+    widths = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    projected = _plus_adapters(normed @ qkv, normed, loras, dict(scales), PROJECTIONS[:3], widths)
+    projected = projected.reshape(rows, heads + 2 * kv_heads, head_dim)
     half = head_dim // 2
     qk = projected[:, : heads + kv_heads]
     x1, x2 = qk[..., :half], qk[..., half:]
@@ -129,18 +160,31 @@ def _before_attention(x, norm, qkv, cos, sin, *, eps: float, heads: int, kv_head
     return qk[:, :heads], qk[:, heads:], mx.expand_dims(projected[:, heads + kv_heads :], 2)
 
 
-def _after_attention(x, attended, o_proj, norm, gate_up, down_proj, *, eps: float, hidden: int):
-    """The attention's output projection and residual, then the MLP and its residual."""
-    h = x + attended.reshape(x.shape[0], -1) @ o_proj
-    projected = mx.fast.rms_norm(h, norm, eps) @ gate_up
-    return h + swiglu(projected[:, :hidden], projected[:, hidden:]) @ down_proj
+def _after_attention(x, attended, o_proj, norm, gate_up, down_proj, loras, *, eps, hidden, scales):
+    """The attention's output projection and residual, then the MLP and its residual, each product
+    with its adapter's."""
+    scales = dict(scales)
+    attended = attended.reshape(x.shape[0], -1)
+    h = x + _plus_adapters(attended @ o_proj, attended, loras, scales, ("o_proj",), (x.shape[1],))
+    normed = mx.fast.rms_norm(h, norm, eps)
+    projected = _plus_adapters(normed @ gate_up, normed, loras, scales, MLP[:2], (hidden, hidden))
+    gated = swiglu(projected[:, :hidden], projected[:, hidden:])
+    return h + _plus_adapters(gated @ down_proj, gated, loras, scales, MLP[2:], (x.shape[1],))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(function, **static):
+    """`function` with its static arguments, compiled once per process for each set of them (a
+    model's shapes, an adapter's scales)."""
+    return mx.compile(functools.partial(function, **static))
 
 
 class Decoder:
     """Called as the model is (`decoder(inputs, cache=cache)`): a step of one token a row through
-    the compiled path, anything else through the model itself."""
+    the compiled path, anything else through the model itself. Made for one batch: the adapter
+    laid over the model stays as it is while the batch runs (tasks/generate.py)."""
 
-    def __init__(self, model: nn.Module, fused: Fused):
+    def __init__(self, model: nn.Module, fused: Fused, adapters: list[tuple[Any, ...]]):
         self.model = model
         self.fused = fused
         inner = model.model
@@ -152,21 +196,26 @@ class Decoder:
         # mx.fast.rope's fallback: exp(-i * log(base) / half), all in float32 (mlx/fast.cpp).
         step = np.log(np.float32(rope.base)) / np.float32(half)
         self._inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(step, mx.float32))
-        self._before = mx.compile(
-            functools.partial(
+        self._blocks = []  # for each block: its two compiled halves and its adapter's (a, b) by name
+        for loras in adapters:
+            adapted = [(name, lora) for name, lora in zip(PROJECTIONS + MLP, loras, strict=True) if lora is not None]
+            scales = tuple((name, float(lora.scale)) for name, lora in adapted)
+            before = _compiled(
                 _before_attention,
                 eps=first.input_layernorm.eps,
                 heads=attention.n_heads,
                 kv_heads=attention.n_kv_heads,
                 head_dim=attention.head_dim,
+                scales=tuple(item for item in scales if item[0] in PROJECTIONS[:3]),
             )
-        )
-        self._after = mx.compile(
-            functools.partial(
-                _after_attention, eps=first.post_attention_layernorm.eps, hidden=first.mlp.gate_proj.weight.shape[0]
+            after = _compiled(
+                _after_attention,
+                eps=first.post_attention_layernorm.eps,
+                hidden=fused.gate_up[0].shape[1] // 2,
+                scales=tuple(item for item in scales if item[0] not in PROJECTIONS[:3]),
             )
-        )
-        self._final_norm = mx.compile(functools.partial(mx.fast.rms_norm, eps=inner.norm.eps))
+            self._blocks.append((before, after, {name: (lora.lora_a, lora.lora_b) for name, lora in adapted}))
+        self._final_norm = _compiled(mx.fast.rms_norm, eps=inner.norm.eps)
 
     @property
     def layers(self):
@@ -192,26 +241,21 @@ class Decoder:
         rows, _, width = h.shape
         h = h.reshape(rows, width)
         cos, sin = self._angles(cache[0].offset)
-        for i, (layer, layer_cache) in enumerate(zip(inner.layers, cache, strict=True)):
-            queries, keys, values = self._before(h, layer.input_layernorm.weight, fused.qkv[i], cos, sin)
+        for i, (layer, layer_cache, (before, after, loras)) in enumerate(zip(inner.layers, cache, self._blocks)):
+            queries, keys, values = before(h, layer.input_layernorm.weight, fused.qkv[i], cos, sin, loras)
             keys, values = layer_cache.update_and_fetch(keys, values)
             attended = scaled_dot_product_attention(
                 queries, keys, values, cache=layer_cache, scale=layer.self_attn.scale, mask=mask
             )
-            h = self._after(
-                h,
-                attended,
-                fused.o_proj[i],
-                layer.post_attention_layernorm.weight,
-                fused.gate_up[i],
-                fused.down_proj[i],
-            )
+            norm = layer.post_attention_layernorm.weight
+            h = after(h, attended, fused.o_proj[i], norm, fused.gate_up[i], fused.down_proj[i], loras)
         return (self._final_norm(h, inner.norm.weight) @ fused.head).reshape(rows, 1, -1)
 
 
 def decoder(model: nn.Module, fused: Fused | None):
-    """What a batch should call: the compiled step where `fused` still matches the model's blocks,
-    else the model itself."""
-    if fused is None or not fused.current(model):
+    """What a batch should call: the compiled step where `fused` still holds the model's blocks'
+    weights (a LoRA adapter laid over them included), else the model itself."""
+    adapters = fused.adapters(model) if fused is not None else None
+    if fused is None or adapters is None:
         return model
-    return Decoder(model, fused)
+    return Decoder(model, fused, adapters)
