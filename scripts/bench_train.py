@@ -137,6 +137,10 @@ def run_service(
         "steps_per_report": 10**6,
         "save_every": 10**6,
         "cpu_bfloat16": bfloat16,
+        # Training alone, as the other engines train: no rehearsal rows (the service's default adds
+        # half as many again to every batch) and no retention check after it (tasks/finetune.py).
+        "rehearsal": 0,
+        "retention_check": False,
     }
     request = msgspec.convert(
         {"base_model": "bench", "training_data": samples, "parameters": parameters}, FinetuneRequest
