@@ -5,11 +5,12 @@ On the CPU, every MLX operation costs 5-10 us to dispatch whatever its size, and
 works on vectors of a few hundred values: the dispatching, not the arithmetic, is half of a
 token's time (docs/benchmarks.md#decoding). MLX runs `mx.fast.rope` and `mx.fast.rms_norm` there
 as their fallbacks, 15 and 5 operations each, so a token of SmolLM2-135M through mlx-lm's model is
-about 4,000 operations. This step makes the same computation in about 2,000:
+4,067 graph nodes. This step makes the same computation in 1,338:
 - the rotation's angles once per token for every layer (mlx-lm computes them twice per layer),
   with the fallback's own operations, so that the cosines and sines are the same;
 - queries, keys and values in one product, gate and up in one: the weights laid side by side once
-  (`Fused`), the layers' own weights then views into them, so nothing is held twice;
+  (`Fused`), the layers' own weights then views into them, so nothing is held twice; rows kept 2-D
+  and the weights transposed once, so that no product reshapes or transposes;
 - what lies between two attention lookups compiled (`mx.compile` fuses element-wise operations);
   the cache and the attention are mlx-lm's, called as its model calls them, so a batch's padding
   and masks are what they would be.
