@@ -88,6 +88,32 @@ def test_the_compiled_decoding_step_gives_the_models_own_logits(tmp_path, tiny_m
     assert step is model
 
 
+@pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")
+def test_the_compiled_decoding_step_takes_llama_3s_scaled_rotation(tmp_path, tiny_model_template):
+    import json
+    import shutil
+
+    base = tmp_path / "llama3"
+    shutil.copytree(tiny_model_template, base)
+    config = json.loads((base / "config.json").read_text())
+    config["rope_scaling"] = {  # wavelengths of the tiny model's heads fall in all three of Llama 3's bands
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    (base / "config.json").write_text(json.dumps(config))
+    model, _, step = generation.ModelCache(budget_bytes=1 << 30).get(str(base))
+    assert isinstance(step, decoding.Decoder) and type(model.layers[0].self_attn.rope).__name__ == "Llama3RoPE"
+    reference, _ = load(str(base))
+    reference.set_dtype(mx.float32)
+    for prompts in ([[5, 9, 30, 2]], [[5, 9, 30, 2, 7, 7], [3], [11, 12, 13]]):
+        want = greedy_logits(reference, reference, prompts, 24)
+        got = greedy_logits(step, model, prompts, 24)
+        assert all(mx.array_equal(a, b).item() for a, b in zip(want, got)), prompts
+
+
 def test_the_cache_unloads_the_least_recently_used_model_past_its_budget(tmp_path, tiny_model_template):
     other = tmp_path / "other"
     import shutil

@@ -1,4 +1,4 @@
-"""A decoding step of few MLX operations for llama-architecture models (Llama, Mistral, SmolLM2),
+"""A decoding step of few MLX operations for llama-architecture models (Llama 2 and 3, Mistral, SmolLM2),
 on the CPU: what tasks/generate.py's batches call in place of the model.
 
 On the CPU, every MLX operation costs 5-10 us to dispatch whatever its size, and a decoding step
@@ -32,6 +32,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.rope_utils import Llama3RoPE
 from mlx_lm.tuner.lora import LoRALinear
 
 from .. import device
@@ -64,7 +65,7 @@ def eligible(model: nn.Module) -> bool:
             or type(layer.post_attention_layernorm) is not nn.RMSNorm
             or not all(_plain(getattr(attention, n)) for n in PROJECTIONS)
             or not all(_plain(getattr(mlp, n)) for n in MLP)
-            or type(rope) is not nn.RoPE
+            or type(rope) not in (nn.RoPE, Llama3RoPE)
             or rope.traditional
             or rope.dims != attention.head_dim
         ):
@@ -192,11 +193,14 @@ class Decoder:
         first = inner.layers[0]
         attention = first.self_attn
         rope = attention.rope
-        self._scale = rope.scale
         half = attention.head_dim // 2
-        # mx.fast.rope's fallback: exp(-i * log(base) / half), all in float32 (mlx/fast.cpp).
-        step = np.log(np.float32(rope.base)) / np.float32(half)
-        self._inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(step, mx.float32))
+        if type(rope) is Llama3RoPE:  # Llama 3's scaled frequencies, given to mx.fast.rope as `freqs`
+            self._scale = 1.0
+            self._inv_freqs = mx.reciprocal(rope._freqs.astype(mx.float32))
+        else:  # mx.fast.rope's fallback: exp(-i * log(base) / half), all in float32 (mlx/fast.cpp)
+            self._scale = rope.scale
+            step = np.log(np.float32(rope.base)) / np.float32(half)
+            self._inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(step, mx.float32))
         self._blocks = []  # for each block: its two compiled halves and its adapter's (a, b) by name
         for loras in adapters:
             adapted = [(name, lora) for name, lora in zip(PROJECTIONS + MLP, loras, strict=True) if lora is not None]
