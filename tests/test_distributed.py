@@ -91,6 +91,12 @@ def alive(pid: int) -> bool:
         return False
 
 
+def stopped(pid: int) -> bool:
+    """Stopped by a signal (SIGSTOP): "T" in /proc's state."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] == "T"
+
+
 @pytest.fixture
 def data_dir(tmp_path, tiny_model_template):
     folder = tmp_path / "data"
@@ -180,16 +186,43 @@ def test_a_dpo_run_on_two_ranks_is_the_run_on_one(data_dir, env, tmp_path):
 LONG = {**PARAMETERS, "learning_rate": 1e-4, "epochs": 100, "batch_size": 2, "save_every": 10}
 
 
+# Rank 1 stops itself (SIGSTOP) once its step-10 checkpoint is on disk, so the job cannot end
+# before the test kills it, however fast the machine: rank 0 then waits for it at step 11's
+# gradients. Loaded by every Python process of the first server (sitecustomize); only rank 1 acts.
+STOP_RANK_1 = """
+import os, signal
+
+if os.environ.get("MLX_RANK") == "1":
+    _replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        _replace(src, dst, *args, **kwargs)
+        if str(dst).endswith("0000010_state.safetensors"):
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    os.replace = replace
+"""
+
+
+def stopping_rank_1(env, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_RANK_1)
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))}
+
+
 def test_a_killed_rank_fails_the_job_and_one_rank_resumes_it_exactly(data_dir, env, tmp_path):
-    with running_server(data_dir, tmp_path / "server.log", "--ranks", "2", env=env) as server:
-        # 400 steps: the kill comes at step 12, or as late as the events reach the server (a few
-        # steps: they pass through mlx.launch), long before the end.
+    with running_server(
+        data_dir, tmp_path / "server.log", "--ranks", "2", env=stopping_rank_1(env, tmp_path)
+    ) as server:
         job = finetune(server.url, LONG, wait=False)
         pids = events(server.url, job["job_id"], "distributed", first=True)[0]["pids"]
-        wait_for(lambda: job_of(server.url, job["job_id"])["progress"].get("iteration", 0) >= 12)
+        wait_for(lambda: job_of(server.url, job["job_id"])["progress"].get("iteration", 0) >= 10)
+        wait_for(lambda: stopped(pids[1]))
         os.kill(pids[1], signal.SIGKILL)
         failed = wait_for(lambda: (j := job_of(server.url, job["job_id"]))["status"] in ("failed", "success") and j)
         assert failed["status"] == "failed", failed
+        assert failed["progress"]["iteration"] == 10, failed["progress"]  # rank 0 waited for rank 1
         assert "rank 1 on 127.0.0.1" in failed["error"], failed["error"]
         wait_for(lambda: not alive(pids[0]))
         assert not (data_dir / "adapters" / job["model_id"]).exists()  # nothing published half-written
@@ -201,16 +234,19 @@ def test_a_killed_rank_fails_the_job_and_one_rank_resumes_it_exactly(data_dir, e
         progress = done["progress"]
         assert progress["ranks"] == 1 and "hosts" not in progress and "backend" not in progress, progress
         resumed = events(server.url, job["job_id"], "resumed")
-        assert resumed and resumed[-1]["iteration"] >= 10
+        assert resumed and resumed[-1]["iteration"] == 10
         uninterrupted = finetune(server.url, LONG)
         assert_same_adapter(adapter(data_dir, job["model_id"]), adapter(data_dir, uninterrupted["model_id"]))
 
 
 def test_cancel_stops_every_rank(data_dir, env, tmp_path):
-    with running_server(data_dir, tmp_path / "server.log", "--ranks", "2", env=env) as server:
+    """Even one stopped by a signal (rank 1 at step 10, as above)."""
+    with running_server(
+        data_dir, tmp_path / "server.log", "--ranks", "2", env=stopping_rank_1(env, tmp_path)
+    ) as server:
         job = finetune(server.url, LONG, wait=False)
         pids = events(server.url, job["job_id"], "distributed", first=True)[0]["pids"]
-        wait_for(lambda: job_of(server.url, job["job_id"])["progress"].get("iteration", 0) >= 2)
+        wait_for(lambda: stopped(pids[1]))
         assert all(alive(pid) for pid in pids)
         assert httpx.post(f"{server.url}/jobs/{job['job_id']}/cancel").status_code == 200
         wait_for(lambda: job_of(server.url, job["job_id"])["status"] == "cancelled")
