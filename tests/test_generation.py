@@ -291,18 +291,8 @@ def test_concurrent_generations_decode_as_one_batch_with_the_answers_they_get_al
         assert end["batch"] == 1 and got_end["batch"] == 4
 
 
-def test_another_models_requests_wait_for_the_batch_and_a_cancelled_one_leaves_it(tmp_path, tiny_model_template):
-    adapter = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
-    cache = generation.ModelCache(budget_bytes=1 << 30)
-    asks = [
-        greedy_args(tiny_model_template, "The"),
-        {**greedy_args(tiny_model_template, "The"), "adapter_path": adapter},
-        greedy_args(tiny_model_template, "Question: what is"),
-        greedy_args(tiny_model_template, "def add(a, b):"),
-    ]
-    alone = [texts(generation.generate(cache, **ask))[0] for ask in asks]
-    assert alone[0] != alone[1]  # the adapter changes the answer
-    batcher = generation.Batcher(cache, max_batch=4)
+def run(batcher, asks, cancel=None) -> tuple[dict[int, list], list[int]]:
+    """Every request's events, and the order in which their first text came."""
     for i, ask in enumerate(asks):
         batcher.add(i, **ask)
     events: dict[int, list] = {i: [] for i in range(len(asks))}
@@ -312,8 +302,93 @@ def test_another_models_requests_wait_for_the_batch_and_a_cancelled_one_leaves_i
             events[request_id].append(event)
             if event["type"] == "text" and request_id not in order:
                 order.append(request_id)
-            if request_id == 3 and len(events[3]) == 2:
-                batcher.cancel(3)  # a client that went away after two chunks
+            if cancel is not None and request_id == cancel and len(events[cancel]) == 2:
+                batcher.cancel(cancel)  # a client that went away after two chunks
+    return events, order
+
+
+def test_different_adapters_of_one_base_share_a_batch_with_the_answers_they_get_alone(
+    tmp_path, tiny_model_template, monkeypatch
+):
+    """LoRAX's batches: two LoRA adapters of different ranks and scales (one adapting the last block only) and
+    the base alone, each row adding its own adapter's product; a fourth request joins with an
+    adapter laid while the batch runs. Each answer is the one it gets alone, with the adapter laid
+    over the base as mlx-lm lays it; and so with the levers off (mlx-lm's model, no compiled step)."""
+    first = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
+    second = tmp_path / "b"
+    second.mkdir()
+    request = FinetuneRequest(
+        base_model="tiny-base",
+        training_data=["def add(a, b):\n    return a + b\n"],
+        parameters=Parameters(learning_rate=2e-3, epochs=5, rank=4, scale=10.0, num_layers=1),
+    )
+    finetune.train_adapter(str(tiny_model_template), "tiny-base", request, second)
+    base = greedy_args(tiny_model_template, "The")
+    asks = [
+        {**base, "adapter_path": first},
+        {**base, "adapter_path": str(second), "prompt": "Question: what is"},
+        {**base, "prompt": "def add(a, b):"},
+        {**base, "adapter_path": str(second), "prompt": "def add(a, b):"},
+    ]
+    for levers in ("on", "off"):
+        monkeypatch.setenv("MLX_LORA_API_LEVERS", levers)
+        cache = generation.ModelCache(budget_bytes=1 << 30)
+        alone = [texts(generation.generate(cache, **ask))[0] for ask in asks]
+        bare = [texts(generation.generate(cache, **{**ask, "adapter_path": None}))[0] for ask in asks]
+        assert [alone[i] != bare[i] for i in range(4)] == [True, True, False, True]  # each adapter matters
+        batcher = generation.Batcher(cache, max_batch=3)
+        events, _ = run(batcher, asks)
+        for i, want in enumerate(alone):
+            assert texts(events[i])[0] == want, (levers, i)
+        assert [events[i][-1]["batch"] for i in range(4)] == [3, 3, 3, 3]  # the fourth took the first's place
+        assert cache.loads == 1
+
+
+@pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")
+def test_adapters_side_by_side_give_each_row_the_logits_of_its_adapter_laid_alone(tmp_path, tiny_model_template):
+    """The compiled step and the model's own layers (the prompts) over a mixture of two adapters and
+    the base: each row's logits at every step against mlx-lm's model with that row's adapter (or
+    none). Equal up to the order in which products add other adapters' zeros (bit for bit here)."""
+    base = str(tiny_model_template)
+    first = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
+    second = tmp_path / "b"
+    second.mkdir()
+    request = FinetuneRequest(
+        base_model="tiny-base",
+        training_data=["def add(a, b):\n    return a + b\n"],
+        parameters=Parameters(learning_rate=2e-3, epochs=5, rank=4, scale=10.0, num_layers=1),
+    )
+    finetune.train_adapter(base, "tiny-base", request, second)
+    model, _, fused, mixture = generation.ModelCache(budget_bytes=1 << 30).mixed(base)
+    slots = [mixture.slot(first), mixture.slot(str(second)), None]
+    assert slots == [0, 1] + [None] and mixture.slot(first) == 0  # laid once
+    step = decoding.decoder(model, fused, mixture)
+    assert isinstance(step, decoding.Decoder)
+    prompts = [[5, 9, 30, 2, 7, 7], [3], [11, 12, 13]]
+    mixture.select(slots)
+    got = greedy_logits(step, model, prompts, 24)
+    for row, (prompt, adapter) in enumerate(zip(prompts, [first, str(second), None])):
+        reference, _ = load(base, adapter_path=adapter)
+        reference.set_dtype(mx.float32)
+        want = greedy_logits(reference, reference, [prompt], 24)
+        assert all(mx.allclose(a[0], b[row], rtol=0, atol=1e-5).item() for a, b in zip(want, got)), row
+
+
+def test_an_adapter_that_cannot_be_mixed_waits_for_the_batch_and_a_cancelled_one_leaves_it(
+    tmp_path, tiny_model_template
+):
+    """A DoRA adapter is laid over the base in place: it gets a batch of its own."""
+    adapter = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.", kind="dora")
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    asks = [
+        greedy_args(tiny_model_template, "The"),
+        {**greedy_args(tiny_model_template, "The"), "adapter_path": adapter},
+        greedy_args(tiny_model_template, "Question: what is"),
+        greedy_args(tiny_model_template, "def add(a, b):"),
+    ]
+    alone = [texts(generation.generate(cache, **ask))[0] for ask in asks]
+    assert alone[0] != alone[1]  # the adapter changes the answer
+    events, order = run(generation.Batcher(cache, max_batch=4), asks, cancel=3)
     assert order == [0, 1, 2, 3]  # first come, first served: the base's third waits behind the adapter
     for i in range(3):
         assert texts(events[i])[0] == alone[i]

@@ -37,6 +37,7 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from .. import device
 from ..tuner import levers
+from .mixing import MixedLoRALinear, Mixture
 
 ARCHITECTURES = ("mlx_lm.models.llama",)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -116,7 +117,7 @@ class Fused:
         for layer, linears in zip(model.model.layers, self._linears, strict=True):
             attention, mlp = layer.self_attn, layer.mlp
             now = (*(getattr(attention, n) for n in PROJECTIONS), *(getattr(mlp, n) for n in MLP))
-            loras = tuple(module if type(module) is LoRALinear else None for module in now)
+            loras = tuple(module if type(module) in (LoRALinear, MixedLoRALinear) else None for module in now)
             bases = (module.linear if lora else module for module, lora in zip(now, loras, strict=True))
             if any(a is not b or a.weight is not w for a, (b, w) in zip(bases, linears, strict=True)):
                 return None
@@ -131,29 +132,35 @@ def fuse(model: nn.Module) -> Fused | None:
     return Fused(model)
 
 
-def _plus_adapters(y, x, loras, scales, names: tuple[str, ...], widths: tuple[int, ...]):
+def _plus_adapters(y, x, loras, scales, per_row, names: tuple[str, ...], widths: tuple[int, ...]):
     """`y`, the fused product of `x` by the `names` projections, plus each one's LoRA product over
     its columns (`scale * (x @ a) @ b`, as mlx-lm's LoRALinear adds it). `loras`: name -> (a, b);
-    `scales`: name -> scale, both for the adapted projections only."""
+    `scales`: name -> scale, both for the adapted projections only; a scale of None: adapters side
+    by side (tasks/mixing.py), `per_row` then each row's mask and scale."""
     if not any(name in scales for name in names):
         return y
-    deltas = [
-        (scales[name] * ((x @ loras[name][0]) @ loras[name][1])).astype(x.dtype)
-        if name in scales
-        else mx.zeros((x.shape[0], width), x.dtype)
-        for name, width in zip(names, widths, strict=True)
-    ]
+    deltas = []
+    for name, width in zip(names, widths, strict=True):
+        if name not in scales:
+            deltas.append(mx.zeros((x.shape[0], width), x.dtype))
+            continue
+        a, b = loras[name]
+        if scales[name] is None:
+            mask, scale = per_row
+            deltas.append((scale * (((x @ a) * mask) @ b)).astype(x.dtype))
+        else:
+            deltas.append((scales[name] * ((x @ a) @ b)).astype(x.dtype))
     return y + (deltas[0] if len(deltas) == 1 else mx.concatenate(deltas, axis=-1))
 
 
-def _before_attention(x, norm, qkv, cos, sin, loras, *, eps, heads, kv_heads, head_dim, scales):
+def _before_attention(x, norm, qkv, cos, sin, loras, per_row, *, eps, heads, kv_heads, head_dim, scales):
     """Norm, the three projections in one product (and their adapters'), the rotation of queries
     and keys together (as the fallback of `mx.fast.rope` computes it). `x` is (rows, hidden): one
     token a row."""
     rows = x.shape[0]
     normed = mx.fast.rms_norm(x, norm, eps)
     widths = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-    projected = _plus_adapters(normed @ qkv, normed, loras, dict(scales), PROJECTIONS[:3], widths)
+    projected = _plus_adapters(normed @ qkv, normed, loras, dict(scales), per_row, PROJECTIONS[:3], widths)
     projected = projected.reshape(rows, heads + 2 * kv_heads, head_dim)
     half = head_dim // 2
     qk = projected[:, : heads + kv_heads]
@@ -162,16 +169,16 @@ def _before_attention(x, norm, qkv, cos, sin, loras, *, eps, heads, kv_heads, he
     return qk[:, :heads], qk[:, heads:], mx.expand_dims(projected[:, heads + kv_heads :], 2)
 
 
-def _after_attention(x, attended, o_proj, norm, gate_up, down_proj, loras, *, eps, hidden, scales):
+def _after_attention(x, attended, o_proj, norm, gate_up, down_proj, loras, per_row, *, eps, hidden, scales):
     """The attention's output projection and residual, then the MLP and its residual, each product
     with its adapter's."""
     scales = dict(scales)
     attended = attended.reshape(x.shape[0], -1)
-    h = x + _plus_adapters(attended @ o_proj, attended, loras, scales, ("o_proj",), (x.shape[1],))
+    h = x + _plus_adapters(attended @ o_proj, attended, loras, scales, per_row, ("o_proj",), (x.shape[1],))
     normed = mx.fast.rms_norm(h, norm, eps)
-    projected = _plus_adapters(normed @ gate_up, normed, loras, scales, MLP[:2], (hidden, hidden))
+    projected = _plus_adapters(normed @ gate_up, normed, loras, scales, per_row, MLP[:2], (hidden, hidden))
     gated = swiglu(projected[:, :hidden], projected[:, hidden:])
-    return h + _plus_adapters(gated @ down_proj, gated, loras, scales, MLP[2:], (x.shape[1],))
+    return h + _plus_adapters(gated @ down_proj, gated, loras, scales, per_row, MLP[2:], (x.shape[1],))
 
 
 @functools.lru_cache(maxsize=64)
@@ -186,9 +193,10 @@ class Decoder:
     the compiled path, anything else through the model itself. Made for one batch: the adapter
     laid over the model stays as it is while the batch runs (tasks/generate.py)."""
 
-    def __init__(self, model: nn.Module, fused: Fused, adapters: list[tuple[Any, ...]]):
+    def __init__(self, model: nn.Module, fused: Fused, adapters: list[tuple[Any, ...]], mixture: Mixture | None):
         self.model = model
         self.fused = fused
+        self.mixture = mixture  # adapters side by side: each row's, set before each call
         inner = model.model
         first = inner.layers[0]
         attention = first.self_attn
@@ -204,7 +212,9 @@ class Decoder:
         self._blocks = []  # for each block: its two compiled halves and its adapter's (a, b) by name
         for loras in adapters:
             adapted = [(name, lora) for name, lora in zip(PROJECTIONS + MLP, loras, strict=True) if lora is not None]
-            scales = tuple((name, float(lora.scale)) for name, lora in adapted)
+            scales = tuple(
+                (name, None if type(lora) is MixedLoRALinear else float(lora.scale)) for name, lora in adapted
+            )
             before = _compiled(
                 _before_attention,
                 eps=first.input_layernorm.eps,
@@ -246,21 +256,23 @@ class Decoder:
         rows, _, width = h.shape
         h = h.reshape(rows, width)
         cos, sin = self._angles(cache[0].offset)
+        per_row = (self.mixture.mask, self.mixture.scale) if self.mixture is not None else ()
         for i, (layer, layer_cache, (before, after, loras)) in enumerate(zip(inner.layers, cache, self._blocks)):
-            queries, keys, values = before(h, layer.input_layernorm.weight, fused.qkv[i], cos, sin, loras)
+            queries, keys, values = before(h, layer.input_layernorm.weight, fused.qkv[i], cos, sin, loras, per_row)
             keys, values = layer_cache.update_and_fetch(keys, values)
             attended = scaled_dot_product_attention(
                 queries, keys, values, cache=layer_cache, scale=layer.self_attn.scale, mask=mask
             )
             norm = layer.post_attention_layernorm.weight
-            h = after(h, attended, fused.o_proj[i], norm, fused.gate_up[i], fused.down_proj[i], loras)
+            h = after(h, attended, fused.o_proj[i], norm, fused.gate_up[i], fused.down_proj[i], loras, per_row)
         return (self._final_norm(h, inner.norm.weight) @ fused.head).reshape(rows, 1, -1)
 
 
-def decoder(model: nn.Module, fused: Fused | None):
+def decoder(model: nn.Module, fused: Fused | None, mixture: Mixture | None = None):
     """What a batch should call: the compiled step where `fused` still holds the model's blocks'
-    weights (a LoRA adapter laid over them included), else the model itself."""
+    weights (a LoRA adapter laid over them, or the adapters of `mixture` beside each other,
+    included), else the model itself."""
     adapters = fused.adapters(model) if fused is not None else None
     if fused is None or adapters is None:
         return model
-    return Decoder(model, fused, adapters)
+    return Decoder(model, fused, adapters, mixture)

@@ -5,11 +5,13 @@ Loaded bases are cached, least recently used first out, within a memory budget. 
 is laid over its cached base in place (LoRA/DoRA layers wrap the base's own linear layers),
 so switching between adapters of one base never reloads the base weights.
 
-Concurrent generations of one model run as one batch (`Batcher`, over mlx-lm's continuous
+Concurrent generations of one base run as one batch (`Batcher`, over mlx-lm's continuous
 `BatchGenerator`): each decoding step reads the weights once for every chat in it, where one at
 a time read them once per chat (8 chats of SmolLM2-135M on 2 Zen 4 cores: about 2.5x the tokens/s
-in all, docs/benchmarks.md). Requests for another model (or another adapter of the same base,
-which is laid over it in place) wait until the batch before them ends, first come first served.
+in all, docs/benchmarks.md). Requests for different LoRA adapters of the base, and for the base
+alone, share the batch, as LoRAX serves them: the adapters are laid side by side and each row adds
+its own (tasks/mixing.py). Requests for another base, or with an adapter that cannot be mixed
+(DoRA, a full fine-tune), wait until the batch before them ends, first come first served.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.generate import BatchGenerator, TextStateMachine
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load
 
 from .. import device
-from . import checks, decoding
+from . import checks, decoding, mixing
 
 log = logging.getLogger("mlx_lora_api")
 
@@ -58,6 +61,9 @@ def _strip_adapter(model) -> None:
     ]
     if restored:
         model.update_modules(tree_unflatten(restored))
+
+
+MIXED = "adapters side by side"  # an entry's `adapter` while a Mixture is laid over it
 
 
 def _is_full_fine_tune(adapter: str) -> bool:
@@ -102,6 +108,14 @@ class ModelCache:
         entry.model.eval()
         return entry.model, entry.tokenizer, decoding.decoder(entry.model, entry.fused)
 
+    def mixed(self, base_path: str):
+        """The base with nothing laid over it, its tokenizer, its fused weights (tasks/decoding.py)
+        and a Mixture to lay adapters over it side by side."""
+        model, tokenizer, _ = self.get(base_path)
+        entry = self._entries[(base_path, None)]
+        entry.adapter = MIXED  # the next `get` strips what the mixture lays
+        return model, tokenizer, entry.fused, mixing.Mixture(model)
+
     def _evict(self, keep) -> None:
         while sum(e.nbytes for e in self._entries.values()) > self.budget_bytes and len(self._entries) > 1:
             key = next(k for k in self._entries if k != keep)
@@ -141,6 +155,7 @@ class _Request:
     max_tokens: int
     sampler: Callable[[mx.array], mx.array]
     stop: list[str] | None
+    key: tuple[str, str | None] = ("", None)  # the batch it may join: (base, MIXED) or (base, adapter)
     prompt_tokens: int = 0
     generated: int = 0
     batch: int = 1  # the most requests decoding together while this one did
@@ -148,10 +163,6 @@ class _Request:
     detokenizer: Any = None
     stops: Any = None  # mlx-lm's matcher of stop strings on the decoded text, and its state
     stop_state: Any = None
-
-    @property
-    def model(self) -> tuple[str, str | None]:
-        return (self.base_path, self.adapter_path)
 
     def end(self, finish_reason: str) -> Event:
         return {
@@ -189,8 +200,10 @@ class Batcher:
         self.describe = describe  # an error as the user reads it
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}  # by the batch's uid
-        self._model: tuple[str, str | None] | None = None
+        self._key: tuple[str, str | None] | None = None  # the batch's (see _Request.key)
         self._batch: BatchGenerator | None = None
+        self._tokenizer: Any = None
+        self._mixed: _MixedStep | None = None  # a batch of adapters side by side: what it calls
 
     @property
     def busy(self) -> bool:
@@ -210,9 +223,9 @@ class Batcher:
         stop: list[str] | None = None,
     ) -> None:
         sampler = make_seeded_sampler(temperature, top_p, seed)
-        self._waiting.append(
-            _Request(request_id, base_path, adapter_path, prompt, messages, max_tokens, sampler, stop or None)
-        )
+        request = _Request(request_id, base_path, adapter_path, prompt, messages, max_tokens, sampler, stop or None)
+        request.key = (base_path, MIXED if adapter_path is None or _mixable(adapter_path) else adapter_path)
+        self._waiting.append(request)
 
     def cancel(self, request_id: int) -> None:
         """Drop a request whose client went away (no event: nobody reads them)."""
@@ -268,11 +281,11 @@ class Batcher:
         """Requests for the batch's model join it, in order, up to `max_batch`; once the batch has
         drained, the first waiting request's model gets the next one."""
         events: list[tuple[int, Event]] = []
-        if not self._running and self._waiting and self._waiting[0].model != self._model:
+        if not self._running and self._waiting and self._waiting[0].key != self._key:
             self._close()
         while self._waiting and len(self._running) < self.max_batch:
             request = self._waiting[0]
-            if self._model is not None and request.model != self._model:
+            if self._key is not None and request.key != self._key:
                 break  # its turn comes when this batch ends
             self._waiting.popleft()
             try:
@@ -285,34 +298,125 @@ class Batcher:
         return events
 
     def _start(self, request: _Request) -> None:
-        _, tokenizer, step = self.cache.get(request.base_path, request.adapter_path)
+        if self._batch is None:
+            self._open(request)
+        tokenizer = self._tokenizer
         if request.messages is not None:
             tokens = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
         else:
             tokens = tokenizer.encode(request.prompt)
         if not tokens:
             raise ValueError("the prompt is empty once tokenized")
-        if self._batch is None:
-            self._batch = BatchGenerator(
-                step,
-                stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                completion_batch_size=self.max_batch,
-                prefill_batch_size=self.max_batch,
-            )
-            self._model = request.model
+        slot = self._mixed.lay(request.adapter_path) if self._mixed is not None and request.adapter_path else None
         request.prompt_tokens = len(tokens)
         request.detokenizer = tokenizer.detokenizer
         if request.stop:
             request.stops = TextStateMachine({"normal": [(s, None) for s in request.stop]})
             request.stop_state = request.stops.make_state()
         request.started = time.perf_counter()
-        [uid] = self._batch.insert([tokens], [request.max_tokens], samplers=[request.sampler])
+        assert self._batch is not None
+        caches = [self._mixed.make_cache(slot)] if self._mixed is not None else None
+        [uid] = self._batch.insert([tokens], [request.max_tokens], caches=caches, samplers=[request.sampler])
         self._running[uid] = request
+
+    def _open(self, request: _Request) -> None:
+        """A batch for the request's base (and its adapter, where adapters cannot be mixed)."""
+        if request.key[1] == MIXED:
+            model, self._tokenizer, fused, mixture = self.cache.mixed(request.base_path)
+            self._mixed = step = _MixedStep(model, fused, mixture)
+        else:
+            _, self._tokenizer, step = self.cache.get(request.base_path, request.adapter_path)
+        self._batch = BatchGenerator(
+            step,
+            stop_tokens=[[t] for t in self._tokenizer.eos_token_ids],
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=self.max_batch,
+        )
+        self._key = request.key
 
     def _close(self) -> None:
         if self._batch is not None:
             self._batch.close()
-        self._batch, self._model = None, None
+        self._batch, self._key, self._tokenizer, self._mixed = None, None, None, None
+
+
+def _mixable(adapter_path: str) -> bool:
+    try:
+        return mixing.mixable(adapter_path)
+    except Exception:  # missing or broken files: the request's own batch reports them
+        return False
+
+
+class _Rows:
+    """Which adapter each row of a batch uses, carried as one more entry of the row's cache list:
+    mlx-lm's `BatchGenerator` merges, splits, filters and extends a batch's caches as its rows come
+    and go, so this entry's rows stay those of the caches beside it. `_MixedStep` takes it off
+    before the model sees the caches."""
+
+    def __init__(self, slots: list[int | None]):
+        self.slots = slots
+
+    def merge(self, caches: list[_Rows]) -> _Rows:
+        return _Rows([slot for cache in caches for slot in cache.slots])
+
+    def filter(self, keep: list[int]) -> None:
+        self.slots = [self.slots[i] for i in keep]
+
+    def extend(self, other: _Rows) -> None:
+        self.slots = self.slots + other.slots
+
+    def extract(self, idx: int) -> _Rows:
+        return _Rows([self.slots[idx]])
+
+    def prepare(self, **_) -> None:  # padding: the keys and values' concern
+        pass
+
+    def finalize(self) -> None:
+        pass
+
+    def empty(self) -> bool:
+        return False
+
+    def size(self) -> int:
+        return 0
+
+    @property
+    def state(self) -> list:  # nothing for mx.eval
+        return []
+
+    nbytes = 0
+
+
+class _MixedStep:
+    """What a batch of adapters side by side calls in the model's place: it sets each row's adapter
+    (tasks/mixing.py) from the caches' last entry (`_Rows`), then calls the decoding step (or the
+    model) with the model's own caches."""
+
+    def __init__(self, model, fused, mixture: mixing.Mixture):
+        self.model = model
+        self.fused = fused
+        self.mixture = mixture
+        self.step = decoding.decoder(model, fused, mixture)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self, slot: int | None = None) -> list:
+        return [*make_prompt_cache(self.model), _Rows([slot])]
+
+    def lay(self, adapter_path: str) -> int:
+        """The adapter's slot, laying it beside the others (and remaking the step) the first time."""
+        known = len(self.mixture.paths)
+        slot = self.mixture.slot(adapter_path)
+        if len(self.mixture.paths) != known:
+            self.step = decoding.decoder(self.model, self.fused, self.mixture)
+        return slot
+
+    def __call__(self, inputs, cache=None, **kwargs):
+        *layers, rows = cache
+        self.mixture.select(rows.slots)
+        return self.step(inputs, cache=layers, **kwargs)
 
 
 def generate(
