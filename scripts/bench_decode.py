@@ -10,7 +10,11 @@ Each round, engines alternating, on the bundled SmolLM2-135M-Instruct (greedy, t
   MLX_LORA_API_LEVERS=off (MLX's sgemm for every product);
 - --chats concurrent chats of 64 tokens: every answer's tokens over the wall time, the service
   decoding them as one batch, llama.cpp with as many parallel slots; and the service answering
-  the same chats one after another (what it did before it batched).
+  the same chats one after another (what it did before it batched);
+- the same chats spread over --adapters LoRA adapters of the model (rank 8 on every projection,
+  random weights: the speed is the point, tests/test_generation.py checks the answers), all at
+  once: the service decodes them as one batch, each row with its own adapter (tasks/mixing.py);
+  and one adapter's chats after another's (what it did before: a batch per adapter).
 llama.cpp (the xllamacpp wheel, 2 threads) runs the float16 GGUF the service's export job writes,
 and the same weights in float32 (written by the same exporter for this script: the service
 computes in float32 on the CPU). Prints a table with the machine and the command.
@@ -105,8 +109,8 @@ class Service:
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=600)
         self.chat(QUESTION, 4)  # loads the model in the generation process
 
-    def chat(self, messages: list[dict], tokens: int) -> tuple[int, float, float]:
-        body = {"model": MODEL, "messages": messages, "max_tokens": tokens, "stream": True}
+    def chat(self, messages: list[dict], tokens: int, model: str = MODEL) -> tuple[int, float, float]:
+        body = {"model": model, "messages": messages, "max_tokens": tokens, "stream": True}
         started = time.perf_counter()
         first = last = None
         end: dict = {}
@@ -162,11 +166,57 @@ def export_gguf(data_dir: Path) -> tuple[Path, Path]:
     return f16, next(f32.parent.glob("*.gguf"))
 
 
-def concurrent(engine, chats: int) -> tuple[int, float]:
+def make_adapters(data_dir: Path, count: int) -> list[str]:
+    """`count` LoRA adapters of the bundled model in the registry, rank 8 on every projection of
+    every block, random weights (a scale small enough to keep the answers readable)."""
+    code = (
+        "import json, sys, time, mlx.core as mx\n"
+        "from pathlib import Path\n"
+        "from mlx_lm.utils import load\n"
+        "from mlx_lora_api import registry\n"
+        "from mlx_lora_api.types import ModelMeta\n"
+        "model, _ = load(sys.argv[1])\n"
+        "for k, folder in enumerate(sys.argv[2:]):\n"
+        "    folder = Path(folder); folder.mkdir(parents=True)\n"
+        "    mx.random.seed(k); weights = {}\n"
+        "    for name, m in model.named_modules():\n"
+        "        if name.endswith(('_proj',)) and hasattr(m, 'weight'):\n"
+        "            out, inp = m.weight.shape\n"
+        "            weights[name + '.lora_a'] = mx.random.normal((inp, 8)) * 0.02\n"
+        "            weights[name + '.lora_b'] = mx.random.normal((8, out)) * 0.02\n"
+        "    mx.save_safetensors(str(folder / 'adapters.safetensors'), weights)\n"
+        "    config = {'fine_tune_type': 'lora', 'num_layers': len(model.layers),\n"
+        "              'lora_parameters': {'rank': 8, 'scale': 2.0, 'dropout': 0.0}}\n"
+        "    (folder / 'adapter_config.json').write_text(json.dumps(config))\n"
+        f"    registry.write_meta(folder, ModelMeta(kind='adapter', created_at=time.time(), base_model='{MODEL}'))\n"
+    )
+    names = [f"bench-adapter-{k}" for k in range(count)]
+    folders = [str(data_dir / "adapters" / name) for name in names]
+    subprocess.run([sys.executable, "-c", code, str(data_dir / "models" / MODEL), *folders], check=True)
+    return names
+
+
+def concurrent(engine, chats: int, models: list[str] | None = None) -> tuple[int, float]:
+    """`chats` chats at once (over `models` in turn: the service's adapters)."""
     started = time.perf_counter()
     with ThreadPoolExecutor(chats) as pool:
-        results = list(pool.map(lambda m: engine.chat(m, 64), CHATS[:chats]))
+        if models:
+            asks = [(m, models[i % len(models)]) for i, m in enumerate(CHATS[:chats])]
+            results = list(pool.map(lambda ask: engine.chat(ask[0], 64, ask[1]), asks))
+        else:
+            results = list(pool.map(lambda m: engine.chat(m, 64), CHATS[:chats]))
     return sum(r[0] for r in results), time.perf_counter() - started
+
+
+def adapter_after_adapter(engine, chats: int, models: list[str]) -> tuple[int, float]:
+    """Each adapter's share of `chats` at once, one adapter after another."""
+    started = time.perf_counter()
+    generated = 0
+    for k, model in enumerate(models):
+        mine = [m for i, m in enumerate(CHATS[:chats]) if i % len(models) == k]
+        with ThreadPoolExecutor(len(mine)) as pool:
+            generated += sum(r[0] for r in pool.map(lambda m: engine.chat(m, 64, model), mine))
+    return generated, time.perf_counter() - started
 
 
 def sequential(engine, chats: int) -> tuple[int, float]:
@@ -180,9 +230,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--chats", type=int, default=8)
+    parser.add_argument("--adapters", type=int, default=4, help="0: leave the adapters' rows out")
     args = parser.parse_args()
     data_dir = bundled_data_dir("bench-decode-")
     f16, f32 = export_gguf(data_dir)
+    adapters = make_adapters(data_dir, args.adapters) if args.adapters else []
     single: dict[str, list[tuple[int, float, float]]] = {}
     many: dict[str, list[tuple[int, float]]] = {}
     for round_ in range(args.rounds):
@@ -200,6 +252,14 @@ def main() -> None:
                 if name == "service":
                     many.setdefault(f"service: {args.chats} one after another", []).append(
                         sequential(engine, args.chats)
+                    )
+                if name == "service" and adapters:
+                    over = f"over {len(adapters)} adapters"
+                    many.setdefault(f"service: {args.chats} {over}, at once (one batch)", []).append(
+                        concurrent(engine, args.chats, adapters)
+                    )
+                    many.setdefault(f"service: {args.chats} {over}, one adapter's after another's", []).append(
+                        adapter_after_adapter(engine, args.chats, adapters)
                     )
             finally:
                 engine.close()

@@ -135,9 +135,11 @@ class Mixture:
                 if name in pairs
                 else (mx.zeros((inputs, rank)), mx.zeros((rank, outputs)))
             )
+            # Kept as transposed views of contiguous arrays, as the base's weights are: a product of a
+            # few rows by them is accel/gemv.c's `few_rows` on the CPU, not a threaded sgemm.
             laid[name] = (
-                mx.concatenate([a, new_a.astype(a.dtype)], axis=1),
-                mx.concatenate([b, new_b.astype(b.dtype)]),
+                mx.concatenate([a.T, new_a.T.astype(a.dtype)]).T,
+                mx.concatenate([b.T, new_b.T.astype(b.dtype)], axis=1).T,
             )
         replaced = []
         for name, (a, b) in laid.items():
