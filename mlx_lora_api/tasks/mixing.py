@@ -10,9 +10,11 @@ scale. A layer then computes, for all rows at once,
     y + row_scale * (((x @ a) * mask) @ b)
 
 which for a row with adapter k is `y + scale_k * (x @ a_k) @ b_k`, mlx-lm's `LoRALinear`, up to
-the order in which the product over the columns adds the other adapters' zeros: the same tokens,
-logits within float rounding (tests/test_generation.py). With one adapter the mask is all ones
-and the result is mlx-lm's bit for bit. A row of the base alone has a zero scale: exactly `y`.
+the order in which the product over the columns adds the other adapters' zeros (and, on the CPU,
+which kernel multiplies: the matrices are kept as transposed views, as the base's weights are, so
+that a few rows' products go to accel/gemv.c's `few_rows` rather than a threaded `sgemm`): the
+same tokens, logits within float rounding (tests/test_generation.py: bit for bit on its tiny
+model). A row of the base alone has a zero scale: exactly `y`.
 
 Adapters that are not plain LoRA over linear layers (DoRA, an adapted embedding, a full
 fine-tune) are not mixed: tasks/generate.py gives them a batch of their own.
