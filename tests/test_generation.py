@@ -1,3 +1,5 @@
+import shutil
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import BatchKVCache
@@ -91,7 +93,6 @@ def test_the_compiled_decoding_step_gives_the_models_own_logits(tmp_path, tiny_m
 @pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")
 def test_the_compiled_decoding_step_takes_llama_3s_scaled_rotation(tmp_path, tiny_model_template):
     import json
-    import shutil
 
     base = tmp_path / "llama3"
     shutil.copytree(tiny_model_template, base)
@@ -116,7 +117,6 @@ def test_the_compiled_decoding_step_takes_llama_3s_scaled_rotation(tmp_path, tin
 
 def test_the_cache_unloads_the_least_recently_used_model_past_its_budget(tmp_path, tiny_model_template):
     other = tmp_path / "other"
-    import shutil
 
     shutil.copytree(tiny_model_template, other)
     cache = generation.ModelCache(budget_bytes=1)  # room for one model only
@@ -324,11 +324,12 @@ def test_different_adapters_of_one_base_share_a_batch_with_the_answers_they_get_
     )
     finetune.train_adapter(str(tiny_model_template), "tiny-base", request, second)
     base = greedy_args(tiny_model_template, "The")
+    # Rows leave at different steps (max_tokens), so the batch drops rows from between others.
     asks = [
-        {**base, "adapter_path": first},
-        {**base, "adapter_path": str(second), "prompt": "Question: what is"},
-        {**base, "prompt": "def add(a, b):"},
-        {**base, "adapter_path": str(second), "prompt": "def add(a, b):"},
+        {**base, "adapter_path": first, "max_tokens": 30},
+        {**base, "adapter_path": str(second), "prompt": "Question: what is", "max_tokens": 12},
+        {**base, "prompt": "def add(a, b):", "max_tokens": 24},
+        {**base, "adapter_path": str(second), "prompt": "def add(a, b):", "max_tokens": 30},
     ]
     for levers in ("on", "off"):
         monkeypatch.setenv("MLX_LORA_API_LEVERS", levers)
@@ -340,8 +341,19 @@ def test_different_adapters_of_one_base_share_a_batch_with_the_answers_they_get_
         events, _ = run(batcher, asks)
         for i, want in enumerate(alone):
             assert texts(events[i])[0] == want, (levers, i)
-        assert [events[i][-1]["batch"] for i in range(4)] == [3, 3, 3, 3]  # the fourth took the first's place
+        assert [events[i][-1]["batch"] for i in range(4)] == [3, 3, 3, 3]  # the fourth took the second's place
         assert cache.loads == 1
+        # An adapter that cannot be laid over this base (another base's shapes) fails alone.
+        other = tmp_path / f"other-{levers}"
+        shutil.copytree(first, other)
+        weights = mx.load(str(other / "adapters.safetensors"))
+        mx.save_safetensors(
+            str(other / "adapters.safetensors"), {k: mx.concatenate([v, v]) for k, v in weights.items()}
+        )
+        batcher = generation.Batcher(cache, max_batch=3, describe=str)
+        events, _ = run(batcher, [asks[0], {**asks[1], "adapter_path": str(other)}, asks[2]])
+        assert "do not fit this base's layer" in events[1][0]["message"] and len(events[1]) == 1
+        assert texts(events[0])[0] == alone[0] and texts(events[2])[0] == alone[2]
 
 
 @pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")
