@@ -135,22 +135,51 @@ def fuse(model: nn.Module) -> Fused | None:
 def _plus_adapters(y, x, loras, scales, per_row, names: tuple[str, ...], widths: tuple[int, ...]):
     """`y`, the fused product of `x` by the `names` projections, plus each one's LoRA product over
     its columns (`scale * (x @ a) @ b`, as mlx-lm's LoRALinear adds it). `loras`: name -> (a, b);
-    `scales`: name -> scale, both for the adapted projections only; a scale of None: adapters side
-    by side (tasks/mixing.py), `per_row` then each row's mask and scale."""
+    `scales`: name -> scale, both for the adapted projections only.
+
+    Adapters side by side (tasks/mixing.py) are one product pair for all of `names`, keyed by their
+    names joined with "+" (`_grouped`), their scale None: `per_row` then holds each row's mask, tiled
+    once for each of 1, 2 and 3 projections, and each row's scale."""
+    group = "+".join(names)
+    if group in scales and scales[group] is None:
+        a, b = loras[group]
+        mask, scale = per_row[len(names) - 1], per_row[3]
+        return y + (scale * (((x @ a) * mask) @ b)).astype(x.dtype)
     if not any(name in scales for name in names):
         return y
-    deltas = []
-    for name, width in zip(names, widths, strict=True):
-        if name not in scales:
-            deltas.append(mx.zeros((x.shape[0], width), x.dtype))
-            continue
-        a, b = loras[name]
-        if scales[name] is None:
-            mask, scale = per_row
-            deltas.append((scale * (((x @ a) * mask) @ b)).astype(x.dtype))
-        else:
-            deltas.append((scales[name] * ((x @ a) @ b)).astype(x.dtype))
+    deltas = [
+        (scales[name] * ((x @ loras[name][0]) @ loras[name][1])).astype(x.dtype)
+        if name in scales
+        else mx.zeros((x.shape[0], width), x.dtype)
+        for name, width in zip(names, widths, strict=True)
+    ]
     return y + (deltas[0] if len(deltas) == 1 else mx.concatenate(deltas, axis=-1))
+
+
+GROUPS = (PROJECTIONS[:3], PROJECTIONS[3:], MLP[:2], MLP[2:])  # the products the step makes
+
+
+def _grouped(layers: list[Any]) -> tuple[mx.array, mx.array]:
+    """The side-by-side adapters of projections computed as one product (tasks/mixing.py): their
+    `a` matrices one after another (rows x (projections x width)), their `b` matrices as a block
+    diagonal, so that one product pair gives every projection's columns at once. A projection no
+    adapter adapts has zero blocks. Both kept as transposed views, as `few_rows` takes them."""
+    width = next(layer.lora_a.shape[1] for layer in layers if isinstance(layer, MixedLoRALinear))
+    inputs = [(layer.linear if isinstance(layer, MixedLoRALinear) else layer).weight.shape for layer in layers]
+    a_rows, b_rows = [], []
+    for i, layer in enumerate(layers):
+        outputs = inputs[i][0]
+        mixed = isinstance(layer, MixedLoRALinear)
+        a_rows.append(layer.lora_a.T if mixed else mx.zeros((width, inputs[i][1])))
+        block = layer.lora_b.T if mixed else mx.zeros((outputs, width))  # (outputs, width)
+        b_rows.append(
+            mx.concatenate(
+                [mx.zeros((outputs, width * i)), block, mx.zeros((outputs, width * (len(layers) - 1 - i)))], axis=1
+            )
+        )
+    a, b = mx.concatenate(a_rows), mx.concatenate(b_rows)
+    mx.eval(a, b)
+    return a.T, b.T
 
 
 def _before_attention(x, norm, qkv, cos, sin, loras, per_row, *, eps, heads, kv_heads, head_dim, scales):
@@ -209,27 +238,37 @@ class Decoder:
             self._scale = rope.scale
             step = np.log(np.float32(rope.base)) / np.float32(half)
             self._inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(step, mx.float32))
-        self._blocks = []  # for each block: its two compiled halves and its adapter's (a, b) by name
+        self._blocks: list[
+            tuple[Any, Any, dict[str, tuple[mx.array, mx.array]]]
+        ] = []  # each block: its compiled halves, its adapters' (a, b)
         for loras in adapters:
             adapted = [(name, lora) for name, lora in zip(PROJECTIONS + MLP, loras, strict=True) if lora is not None]
-            scales = tuple(
-                (name, None if type(lora) is MixedLoRALinear else float(lora.scale)) for name, lora in adapted
-            )
+            if mixture is None:
+                scales = tuple((name, float(lora.scale)) for name, lora in adapted)
+                weights = {name: (lora.lora_a, lora.lora_b) for name, lora in adapted}
+            else:  # adapters side by side: one product pair for each of GROUPS
+                block = inner.layers[len(self._blocks)]
+                modules = {n: getattr(block.self_attn, n) for n in PROJECTIONS} | {
+                    n: getattr(block.mlp, n) for n in MLP
+                }
+                groups = ["+".join(names) for names in GROUPS if any(n in dict(adapted) for n in names)]
+                scales = tuple((group, None) for group in groups)
+                weights = {group: _grouped([modules[n] for n in group.split("+")]) for group in groups}
             before = _compiled(
                 _before_attention,
                 eps=first.input_layernorm.eps,
                 heads=attention.n_heads,
                 kv_heads=attention.n_kv_heads,
                 head_dim=attention.head_dim,
-                scales=tuple(item for item in scales if item[0] in PROJECTIONS[:3]),
+                scales=tuple(item for item in scales if item[0].split("+")[0] in PROJECTIONS[:3]),
             )
             after = _compiled(
                 _after_attention,
                 eps=first.post_attention_layernorm.eps,
                 hidden=fused.gate_up[0].shape[1] // 2,
-                scales=tuple(item for item in scales if item[0] not in PROJECTIONS[:3]),
+                scales=tuple(item for item in scales if item[0].split("+")[0] not in PROJECTIONS[:3]),
             )
-            self._blocks.append((before, after, {name: (lora.lora_a, lora.lora_b) for name, lora in adapted}))
+            self._blocks.append((before, after, weights))
         self._final_norm = _compiled(mx.fast.rms_norm, eps=inner.norm.eps)
 
     @property
@@ -256,7 +295,10 @@ class Decoder:
         rows, _, width = h.shape
         h = h.reshape(rows, width)
         cos, sin = self._angles(cache[0].offset)
-        per_row = (self.mixture.mask, self.mixture.scale) if self.mixture is not None else ()
+        per_row: tuple = ()
+        if self.mixture is not None and self.mixture.width:
+            each = self.mixture.mask
+            per_row = (each, mx.concatenate([each] * 2, axis=1), mx.concatenate([each] * 3, axis=1), self.mixture.scale)
         for i, (layer, layer_cache, (before, after, loras)) in enumerate(zip(inner.layers, cache, self._blocks)):
             queries, keys, values = before(h, layer.input_layernorm.weight, fused.qkv[i], cos, sin, loras, per_row)
             keys, values = layer_cache.update_and_fetch(keys, values)
