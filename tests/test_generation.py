@@ -1,4 +1,5 @@
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import pytest
@@ -196,6 +197,21 @@ def test_generate_answers_for_base_adapter_and_fused_models(client):
         lines = list(r.iter_lines())
     texts = [line for line in lines if line.startswith('data: {"text"')]
     assert texts and "event: end" in lines
+    # Two adapters and the base asked at once (their batches may share rows): each its own answer.
+    other = client.post(
+        "/lora-finetune?wait=true",
+        json={
+            "base_model": "default",
+            "training_data": ["Who is the mayor? Nobody knows, said the old sailor."],
+            "parameters": {"learning_rate": 0.01, "epochs": 20, "rehearsal": 0, "rank": 4},
+        },
+    ).json()["model_id"]
+    models = ["default", adapter, other] * 3
+    alone = {m: client.post("/generate", json={**body, "model": m}).json()["text"] for m in models[:3]}
+    assert len(set(alone.values())) == 3
+    with ThreadPoolExecutor(len(models)) as pool:
+        together = list(pool.map(lambda m: client.post("/generate", json={**body, "model": m}).json()["text"], models))
+    assert together == [alone[m] for m in models]
 
 
 def test_generate_refuses_bad_requests(client):
@@ -425,8 +441,6 @@ def test_a_request_that_cannot_start_fails_alone(tmp_path, tiny_model_template):
 
 def test_streams_of_concurrent_chats_each_get_their_own_answer(settings):
     """Through the generation process: eight requests at once, each stream gets its own events."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from mlx_lora_api.types import GenerateRequest
 
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
