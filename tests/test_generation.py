@@ -15,12 +15,12 @@ from mlx_lora_api.types import FinetuneRequest, Parameters
 from mlx_lora_api.web.app import create_app
 
 
-def train(base, out, text, kind="lora"):
+def train(base, out, text, kind="lora", **parameters):
     out.mkdir()
     request = FinetuneRequest(
         base_model="tiny-base",
         training_data=[text],
-        parameters=Parameters(learning_rate=2e-3, epochs=5, fine_tune_type=kind),
+        parameters=Parameters(learning_rate=2e-3, epochs=5, fine_tune_type=kind, **parameters),
     )
     finetune.train_adapter(str(base), "tiny-base", request, out)
     return str(out)
@@ -323,6 +323,9 @@ def run(batcher, asks, cancel=None) -> tuple[dict[int, list], list[int]]:
     return events, order
 
 
+CODE = "def add(a, b):\n    return a + b\n"
+
+
 def test_different_adapters_of_one_base_share_a_batch_with_the_answers_they_get_alone(
     tmp_path, tiny_model_template, monkeypatch
 ):
@@ -331,21 +334,14 @@ def test_different_adapters_of_one_base_share_a_batch_with_the_answers_they_get_
     adapter laid while the batch runs. Each answer is the one it gets alone, with the adapter laid
     over the base as mlx-lm lays it; and so with the levers off (mlx-lm's model, no compiled step)."""
     first = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
-    second = tmp_path / "b"
-    second.mkdir()
-    request = FinetuneRequest(
-        base_model="tiny-base",
-        training_data=["def add(a, b):\n    return a + b\n"],
-        parameters=Parameters(learning_rate=2e-3, epochs=5, rank=4, scale=10.0, num_layers=1),
-    )
-    finetune.train_adapter(str(tiny_model_template), "tiny-base", request, second)
+    second = train(tiny_model_template, tmp_path / "b", CODE, rank=4, scale=10.0, num_layers=1)  # the last block
     base = greedy_args(tiny_model_template, "The")
     # Rows leave at different steps (max_tokens), so the batch drops rows from between others.
     asks = [
         {**base, "adapter_path": first, "max_tokens": 30},
-        {**base, "adapter_path": str(second), "prompt": "Question: what is", "max_tokens": 12},
+        {**base, "adapter_path": second, "prompt": "Question: what is", "max_tokens": 12},
         {**base, "prompt": "def add(a, b):", "max_tokens": 24},
-        {**base, "adapter_path": str(second), "prompt": "def add(a, b):", "max_tokens": 30},
+        {**base, "adapter_path": second, "prompt": "def add(a, b):", "max_tokens": 30},
     ]
     for levers in ("on", "off"):
         monkeypatch.setenv("MLX_LORA_API_LEVERS", levers)
@@ -379,23 +375,16 @@ def test_adapters_side_by_side_give_each_row_the_logits_of_its_adapter_laid_alon
     none). Equal up to the order in which products add other adapters' zeros (bit for bit here)."""
     base = str(tiny_model_template)
     first = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
-    second = tmp_path / "b"
-    second.mkdir()
-    request = FinetuneRequest(
-        base_model="tiny-base",
-        training_data=["def add(a, b):\n    return a + b\n"],
-        parameters=Parameters(learning_rate=2e-3, epochs=5, rank=4, scale=10.0, num_layers=1),
-    )
-    finetune.train_adapter(base, "tiny-base", request, second)
+    second = train(tiny_model_template, tmp_path / "b", CODE, rank=4, scale=10.0, num_layers=1)  # the last block
     model, _, fused, mixture = generation.ModelCache(budget_bytes=1 << 30).mixed(base)
-    slots = [mixture.slot(first), mixture.slot(str(second)), None]
+    slots = [mixture.slot(first), mixture.slot(second), None]
     assert slots == [0, 1] + [None] and mixture.slot(first) == 0  # laid once
     step = decoding.decoder(model, fused, mixture)
     assert isinstance(step, decoding.Decoder)
     prompts = [[5, 9, 30, 2, 7, 7], [3], [11, 12, 13]]
     mixture.select(slots)
     got = greedy_logits(step, model, prompts, 24)
-    for row, (prompt, adapter) in enumerate(zip(prompts, [first, str(second), None])):
+    for row, (prompt, adapter) in enumerate(zip(prompts, [first, second, None])):
         reference, _ = load(base, adapter_path=adapter)
         reference.set_dtype(mx.float32)
         want = greedy_logits(reference, reference, [prompt], 24)
@@ -430,13 +419,17 @@ def test_a_request_that_cannot_start_fails_alone(tmp_path, tiny_model_template):
     batcher.add(0, **greedy_args(tiny_model_template, "The"))
     batcher.add(1, **{**greedy_args(tiny_model_template, "The"), "base_path": str(tmp_path / "gone")})
     batcher.add(2, **greedy_args(tiny_model_template, ""))
-    events: dict[int, list] = {i: [] for i in range(3)}
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    batcher.add(3, **{**greedy_args(tiny_model_template, "The"), "adapter_path": str(tmp_path / "broken")})
+    events: dict[int, list] = {i: [] for i in range(4)}
     while batcher.busy:
         for request_id, event in batcher.step():
             events[request_id].append(event)
     assert events[0][-1]["type"] == "end" and texts(events[0])[0]
     assert events[1] == [{"type": "error", "message": events[1][0]["message"]}] and "gone" in events[1][0]["message"]
     assert events[2] == [{"type": "error", "message": "the prompt is empty once tokenized"}]
+    assert len(events[3]) == 1 and "adapter_config.json" in events[3][0]["message"], events[3]
 
 
 def test_streams_of_concurrent_chats_each_get_their_own_answer(settings):

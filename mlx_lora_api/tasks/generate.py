@@ -80,6 +80,8 @@ class ModelCache:
     def get(self, base_path: str, adapter_path: str | None = None):
         """The model (with the adapter laid over it), its tokenizer, and what a batch calls to
         decode with it: the model itself, or the compiled step of tasks/decoding.py."""
+        if adapter_path:
+            checks.check_adapter_folder(Path(adapter_path))  # first: its errors name the file
         # A full fine-tune overwrites base weights, so it gets an entry of its own.
         full = adapter_path if adapter_path and _is_full_fine_tune(adapter_path) else None
         key = (base_path, full)
@@ -89,7 +91,6 @@ class ModelCache:
             model, tokenizer = load(base_path)
             device.cast_for_compute(model)
             if full:
-                checks.check_adapter_folder(Path(full))
                 load_adapters(model, full)
                 device.cast_for_compute(model)
             self.loads += 1
@@ -101,7 +102,6 @@ class ModelCache:
         if entry.adapter != adapter_path:
             _strip_adapter(entry.model)
             if adapter_path:
-                checks.check_adapter_folder(Path(adapter_path))
                 load_adapters(entry.model, adapter_path)
                 device.cast_for_compute(entry.model)
             entry.adapter = adapter_path
@@ -224,7 +224,7 @@ class Batcher:
     ) -> None:
         sampler = make_seeded_sampler(temperature, top_p, seed)
         request = _Request(request_id, base_path, adapter_path, prompt, messages, max_tokens, sampler, stop or None)
-        request.key = (base_path, MIXED if adapter_path is None or _mixable(adapter_path) else adapter_path)
+        request.key = (base_path, MIXED if adapter_path is None or mixing.mixable(adapter_path) else adapter_path)
         self._waiting.append(request)
 
     def cancel(self, request_id: int) -> None:
@@ -338,13 +338,6 @@ class Batcher:
         if self._batch is not None:
             self._batch.close()
         self._batch, self._key, self._tokenizer, self._mixed = None, None, None, None
-
-
-def _mixable(adapter_path: str) -> bool:
-    try:
-        return mixing.mixable(adapter_path)
-    except Exception:  # missing or broken files: the request's own batch reports them
-        return False
 
 
 class _Rows:

@@ -37,15 +37,19 @@ from . import checks
 
 def mixable(adapter_path: str) -> bool:
     """A LoRA adapter whose every weight belongs to a linear layer, read from its config and its
-    weights file's header (no weights loaded)."""
+    weights file's header (no weights loaded). False for missing or broken files too: laid over
+    the base on its own (tasks/generate.py), the adapter's checks then say what is wrong."""
     folder = Path(adapter_path)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    if config.get("fine_tune_type", "lora") != "lora" or config.get("use_dora"):
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if not isinstance(config, dict) or config.get("fine_tune_type", "lora") != "lora" or config.get("use_dora"):
+            return False
+        with open(folder / "adapters.safetensors", "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            names = [name for name in json.loads(f.read(length)) if name != "__metadata__"]
+        return all(name.endswith((".lora_a", ".lora_b")) and "embed" not in name for name in names)
+    except (OSError, ValueError, struct.error, TypeError, AttributeError):
         return False
-    with open(folder / "adapters.safetensors", "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        names = [name for name in json.loads(f.read(length)) if name != "__metadata__"]
-    return all(name.endswith((".lora_a", ".lora_b")) and "embed" not in name for name in names)
 
 
 def _dimensions(linear: nn.Module) -> tuple[int, int]:
