@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx_lm.generate import generate
 from mlx_lm.utils import load
 from starlette.testclient import TestClient
 
@@ -61,6 +62,18 @@ def test_quantize_then_qlora_then_fuse_dequantized(client, data_dir):
     assert (
         job["progress"]["train_loss"] < client.get(f"/jobs/{tuned['job_id']}/metrics").json()["train"][0]["train_loss"]
     )
+
+    # Generation with the QLoRA adapter over its quantized base (laid beside any others, tasks/mixing.py):
+    # mlx-lm's own greedy answer with the adapter loaded.
+    answer = client.post("/generate", json={"model": tuned["model_id"], "prompt": "The mayor of", "max_tokens": 8})
+    assert answer.status_code == 200, answer.text
+    reference, tokenizer = load(
+        str(data_dir / "models" / quantized), adapter_path=str(data_dir / "adapters" / tuned["model_id"])
+    )
+    want = generate(reference, tokenizer, tokenizer.encode("The mayor of"), max_tokens=8)
+    assert answer.json()["text"] == want
+    bare = client.post("/generate", json={"model": quantized, "prompt": "The mayor of", "max_tokens": 8}).json()
+    assert bare["text"] != want  # the adapter is in the answer
 
     requantized = client.post("/lora-fuse?wait=true", json={"base_model": quantized, "lora_adapter": tuned["model_id"]})
     assert requantized.status_code == 500 and "fuse with dequantize" in requantized.json()["message"]

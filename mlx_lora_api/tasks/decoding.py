@@ -15,11 +15,13 @@ as their fallbacks, 15 and 5 operations each, so a token of SmolLM2-135M through
   the cache and the attention are mlx-lm's, called as its model calls them, so a batch's padding
   and masks are what they would be.
 
-A LoRA adapter laid over the base (tasks/generate.py lays it in place) adds its own products to the
-fused ones, each as mlx-lm's `LoRALinear` computes it. A step of more than one token a row (a prompt)
-is the model's own; so is everything with a DoRA adapter or one that adapts the embedding, on another
-device (where these are kernels), and with `MLX_LORA_API_LEVERS=off`. The logits are the model's own,
-bit for bit (tests/test_generation.py).
+A LoRA adapter laid over the base (`ModelCache.get` lays it in place) adds its own products to the
+fused ones, each as mlx-lm's `LoRALinear` computes it: the logits are the model's own, bit for bit
+(tests/test_generation.py). Adapters side by side (tasks/mixing.py, a batch's usual case) add each
+row's own, one product pair for each group of fused projections: the same tokens, the logits within
+float rounding. A step of more than one token a row (a prompt) is the model's own; so is everything
+with a DoRA adapter or one that adapts the embedding, on another device (where these are kernels),
+and with `MLX_LORA_API_LEVERS=off`.
 """
 
 from __future__ import annotations
@@ -238,16 +240,14 @@ class Decoder:
             self._scale = rope.scale
             step = np.log(np.float32(rope.base)) / np.float32(half)
             self._inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(step, mx.float32))
-        self._blocks: list[
-            tuple[Any, Any, dict[str, tuple[mx.array, mx.array]]]
-        ] = []  # each block: its compiled halves, its adapters' (a, b)
-        for loras in adapters:
+        # For each block: its two compiled halves, and its adapters' (a, b) by projection (or group).
+        self._blocks: list[tuple[Any, Any, dict[str, tuple[mx.array, mx.array]]]] = []
+        for block, loras in zip(inner.layers, adapters, strict=True):
             adapted = [(name, lora) for name, lora in zip(PROJECTIONS + MLP, loras, strict=True) if lora is not None]
             if mixture is None:
                 scales = tuple((name, float(lora.scale)) for name, lora in adapted)
                 weights = {name: (lora.lora_a, lora.lora_b) for name, lora in adapted}
             else:  # adapters side by side: one product pair for each of GROUPS
-                block = inner.layers[len(self._blocks)]
                 modules = {n: getattr(block.self_attn, n) for n in PROJECTIONS} | {
                     n: getattr(block.mlp, n) for n in MLP
                 }
