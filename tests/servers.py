@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -70,3 +71,41 @@ def running_server(data_dir: Path, log_path: Path, *extra: str, env: dict | None
         if process.poll() is None:
             process.terminate()
             process.wait(timeout=30)
+
+
+# A hook every Python process of a test's server loads (sitecustomize): the process stops itself
+# (SIGSTOP) once it has written a checkpoint file, so that a test can kill it there, however fast
+# the machine, instead of racing the job's end. STOP_AFTER_RANK: only that rank of a data-parallel job.
+STOP_AFTER = """
+import os, signal
+
+_file, _rank = os.environ.get("STOP_AFTER_FILE"), os.environ.get("STOP_AFTER_RANK")
+if _file and (_rank is None or os.environ.get("MLX_RANK") == _rank):
+    _replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        _replace(src, dst, *args, **kwargs)
+        if str(dst).endswith(_file):
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    os.replace = replace
+"""
+
+
+def stopping_after(env: dict, folder: Path, iteration: int, rank: int | None = None) -> dict:
+    """`env` for a server whose job process (or one rank) stops itself once the checkpoint of
+    `iteration` is on disk (its optimizer state, the file written last)."""
+    hook = folder / "stop-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(STOP_AFTER)
+    path = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    extra = {"STOP_AFTER_FILE": f"{iteration:07d}_state.safetensors"}
+    if rank is not None:
+        extra["STOP_AFTER_RANK"] = str(rank)
+    return {**env, "PYTHONPATH": path, **extra}
+
+
+def stopped(pid: int) -> bool:
+    """Stopped by a signal (SIGSTOP): "T" in /proc's state."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] == "T"

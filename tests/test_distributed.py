@@ -15,7 +15,7 @@ import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
-from servers import job_of, running_server, wait_for
+from servers import job_of, running_server, stopped, stopping_after, wait_for
 
 from mlx_lora_api import registry
 from mlx_lora_api.jobs import cluster
@@ -89,12 +89,6 @@ def alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def stopped(pid: int) -> bool:
-    """Stopped by a signal (SIGSTOP): "T" in /proc's state."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ", 1)[1][0] == "T"
 
 
 @pytest.fixture
@@ -186,34 +180,11 @@ def test_a_dpo_run_on_two_ranks_is_the_run_on_one(data_dir, env, tmp_path):
 LONG = {**PARAMETERS, "learning_rate": 1e-4, "epochs": 100, "batch_size": 2, "save_every": 10}
 
 
-# Rank 1 stops itself (SIGSTOP) once its step-10 checkpoint is on disk, so the job cannot end
-# before the test kills it, however fast the machine: rank 0 then waits for it at step 11's
-# gradients. Loaded by every Python process of the first server (sitecustomize); only rank 1 acts.
-STOP_RANK_1 = """
-import os, signal
-
-if os.environ.get("MLX_RANK") == "1":
-    _replace = os.replace
-
-    def replace(src, dst, *args, **kwargs):
-        _replace(src, dst, *args, **kwargs)
-        if str(dst).endswith("0000010_state.safetensors"):
-            os.kill(os.getpid(), signal.SIGSTOP)
-
-    os.replace = replace
-"""
-
-
-def stopping_rank_1(env, tmp_path):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(STOP_RANK_1)
-    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))}
-
-
 def test_a_killed_rank_fails_the_job_and_one_rank_resumes_it_exactly(data_dir, env, tmp_path):
+    """Rank 1 stops itself once its step-10 checkpoint is on disk (servers.stopping_after), so the
+    job cannot end before the kill: rank 0 then waits for it at step 11's gradients."""
     with running_server(
-        data_dir, tmp_path / "server.log", "--ranks", "2", env=stopping_rank_1(env, tmp_path)
+        data_dir, tmp_path / "server.log", "--ranks", "2", env=stopping_after(env, tmp_path, 10, rank=1)
     ) as server:
         job = finetune(server.url, LONG, wait=False)
         pids = events(server.url, job["job_id"], "distributed", first=True)[0]["pids"]
@@ -242,7 +213,7 @@ def test_a_killed_rank_fails_the_job_and_one_rank_resumes_it_exactly(data_dir, e
 def test_cancel_stops_every_rank(data_dir, env, tmp_path):
     """Even one stopped by a signal (rank 1 at step 10, as above)."""
     with running_server(
-        data_dir, tmp_path / "server.log", "--ranks", "2", env=stopping_rank_1(env, tmp_path)
+        data_dir, tmp_path / "server.log", "--ranks", "2", env=stopping_after(env, tmp_path, 10, rank=1)
     ) as server:
         job = finetune(server.url, LONG, wait=False)
         pids = events(server.url, job["job_id"], "distributed", first=True)[0]["pids"]
