@@ -80,6 +80,18 @@ class ModelCache:
     def get(self, base_path: str, adapter_path: str | None = None):
         """The model (with the adapter laid over it), its tokenizer, and what a batch calls to
         decode with it: the model itself, or the compiled step of tasks/decoding.py."""
+        entry = self._entry(base_path, adapter_path)
+        return entry.model, entry.tokenizer, decoding.decoder(entry.model, entry.fused)
+
+    def mixed(self, base_path: str):
+        """The base with nothing laid over it, its tokenizer, its fused weights (tasks/decoding.py)
+        and a Mixture to lay adapters over it side by side."""
+        entry = self._entry(base_path, None)
+        entry.adapter = MIXED  # the next `get` strips what the mixture lays
+        return entry.model, entry.tokenizer, entry.fused, mixing.Mixture(entry.model)
+
+    def _entry(self, base_path: str, adapter_path: str | None) -> _Entry:
+        """The cached base (loaded if need be) with the adapter laid over it in place."""
         if adapter_path:
             checks.check_adapter_folder(Path(adapter_path))  # first: its errors name the file
         # A full fine-tune overwrites base weights, so it gets an entry of its own.
@@ -106,15 +118,7 @@ class ModelCache:
                 device.cast_for_compute(entry.model)
             entry.adapter = adapter_path
         entry.model.eval()
-        return entry.model, entry.tokenizer, decoding.decoder(entry.model, entry.fused)
-
-    def mixed(self, base_path: str):
-        """The base with nothing laid over it, its tokenizer, its fused weights (tasks/decoding.py)
-        and a Mixture to lay adapters over it side by side."""
-        model, tokenizer, _ = self.get(base_path)
-        entry = self._entries[(base_path, None)]
-        entry.adapter = MIXED  # the next `get` strips what the mixture lays
-        return model, tokenizer, entry.fused, mixing.Mixture(model)
+        return entry
 
     def _evict(self, keep) -> None:
         while sum(e.nbytes for e in self._entries.values()) > self.budget_bytes and len(self._entries) > 1:
