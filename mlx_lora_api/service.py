@@ -90,6 +90,8 @@ class Service:
         worker_args = (str(self.settings.data_dir), self.settings.default_model, msgspec.json.encode(self.cluster))
         self._runner = Runner(self._store, worker_args)
         self._runner.start()
+        if self.registry.is_model(self.settings.default_model):  # what most fine-tunes count their tokens with
+            self.tokenizers.warm(str(self.registry.model_dir(self.settings.default_model)))
 
     def stop(self) -> None:
         self.generator.stop()

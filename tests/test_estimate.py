@@ -122,3 +122,28 @@ def test_auto_values_follow_the_rules_openais_api_has_here(client):
     assert (parameters["epochs"], parameters["learning_rate"], parameters["batch_size"]) == (10, 1e-4, 4)
     bad = client.post("/lora-finetune", json={**body, "parameters": {"epochs": "many"}})
     assert bad.status_code == 422 and "parameters.epochs" in bad.json()["message"]
+
+
+def test_the_default_models_tokenizer_is_loaded_at_start_not_at_the_first_request(settings, monkeypatch):
+    """Where torch is installed, transformers imports it with the first tokenizer: 3 to 5 s that
+    the first POST /lora-finetune waited for (a 5-s client timeout hit it on a CUDA machine)."""
+    import threading
+
+    from mlx_lora_api.service import Service
+
+    loaded: list[str] = []
+    done = threading.Event()
+    get = estimate.Tokenizers.get
+
+    def recording(self, folder):
+        tokenizer = get(self, folder)
+        loaded.append(folder)
+        done.set()
+        return tokenizer
+
+    monkeypatch.setattr(estimate.Tokenizers, "get", recording)
+    service = Service(settings)
+    with TestClient(create_app(settings, service), base_url="http://127.0.0.1:8000"):
+        assert done.wait(120), "the tokenizer was not loaded"
+        assert loaded == [str(settings.data_dir / "models" / "tiny-base")]
+        assert service.tokenizers.get(loaded[0]) is service.tokenizers.get(loaded[0])  # kept, not loaded again

@@ -25,6 +25,7 @@ and the safetensors headers.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -38,6 +39,8 @@ from typing import Any
 import msgspec
 
 from ..types import DatasetCheck, FinetuneRequest, SampleIn, to_records
+
+log = logging.getLogger("mlx_lora_api")
 
 CALIBRATION_FILE = "calibration.json"  # in the data folder
 PAD_MULTIPLE = 8  # tuner/datasets.py's
@@ -104,6 +107,19 @@ class Tokenizers:
         self._keep = keep
         self._loaded: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+
+    def warm(self, folder: str) -> None:
+        """Load `folder`'s tokenizer in a thread of its own, so that the first fine-tune on it
+        does not wait for it: importing transformers takes a second here, and 3 to 5 where torch
+        is installed (transformers then imports it too), which is a request's whole wait."""
+
+        def load() -> None:
+            try:
+                self.get(folder)
+            except Exception as e:  # the request that needs it says why
+                log.info("the tokenizer of %s was not loaded ahead: %s", folder, e)
+
+        threading.Thread(target=load, name="tokenizer-warm", daemon=True).start()
 
     def get(self, folder: str) -> Any:
         with self._lock:
