@@ -92,7 +92,8 @@ def test_peft_loads_the_export_and_gives_mlxs_logits(tmp_path, tiny_model_templa
     ours = np.array(model(mx.array(TOKENS)).astype(mx.float32))
     theirs = peft_logits(torch_python, tiny_model_template, out, tmp_path)
     assert np.abs(theirs["tuned"] - theirs["base"]).max() > 1e-2  # the adapter changes the logits
-    np.testing.assert_allclose(theirs["tuned"], ours, atol=2e-4, rtol=1e-4)
+    # float32 through different kernels: 2.9e-4 at most apart on a Zen 4 with AVX-512 (logits up to 3.4)
+    np.testing.assert_allclose(theirs["tuned"], ours, atol=5e-4, rtol=1e-4)
 
 
 def test_what_peft_cannot_hold_is_refused_by_name(tmp_path, tiny_model_template):

@@ -281,19 +281,25 @@ def test_checkpoints_keep_best_and_early_stopping_work_for_a_preference_run(tmp_
         learning_rate=0.05,
         epochs=10,
         steps_per_eval=2,
-        save_every=4,
+        save_every=2,
         keep="best",
         early_stopping_patience=1,
         early_stopping_min_delta=0.05,
     )
     metrics = finetune.train_adapter(str(tiny_model_template), "tiny-base", request, tmp_path, events.append)
     saved = [e["iteration"] for e in events if e["type"] == "checkpoint"]
-    assert saved and all(it % 4 == 0 for it in saved)
-    assert all((tmp_path / "checkpoints").glob("*.safetensors"))
     vals = {e["iteration"]: e["val_loss"] for e in events if e["type"] == "val"}
+    # Adam at 0.05 overshoots after a step or two (validation loss 0.54 at 2, 0.67 at 4 on a Zen 4 with
+    # AVX-512; 0.39 at 4, 0.56 at 6 on a Zen 4 without): where depends on the CPU's rounding, so the
+    # rule is replayed on the losses the run saw. One evaluation without a fall of 0.05 ends it.
+    low, stop = None, None
+    for iteration in sorted(vals):
+        if low is not None and vals[iteration] >= low - 0.05:
+            stop = iteration
+            break
+        low = vals[iteration]
+    assert stop is not None and f"stopped early at iteration {stop}:" in metrics["stopped_early"] and max(vals) == stop
+    assert saved == list(range(2, stop, 2)) and saved  # every 2 steps until the stop
+    assert all((tmp_path / "checkpoints").glob("*.safetensors"))
+    assert metrics["best_iteration"] == min(vals, key=vals.get) < stop  # the published adapter is not the last
     assert metrics["kept"] == f"best (iteration {metrics['best_iteration']})"
-    assert vals[metrics["best_iteration"]] == min(vals.values())
-    # Adam at 0.05 overshoots at step 6 (validation loss 0.39 at 4, 0.56 at 6): one evaluation
-    # without a fall of 0.05 ends the run, and the adapter of step 4 is the one published.
-    assert "stopped early at iteration 6" in metrics["stopped_early"] and max(vals) == 6
-    assert metrics["best_iteration"] == 4
