@@ -126,6 +126,8 @@ def run_service(
             marks["loss"] = event["train_loss"]
         if event["type"] == "info" and "cpu_bfloat16 does not apply" in event["message"]:
             raise SystemExit(event["message"])  # a float32 run must not be reported as bfloat16
+        if event["type"] == "info" and event["message"].startswith("cpu_bfloat16"):
+            print(event["message"], file=sys.stderr)  # which matmuls, and what was timed
 
     parameters = {
         "learning_rate": LEARNING_RATE,
@@ -366,7 +368,8 @@ def run_once(engine: str, model_dir: Path, name: str, python: str, data: Path | 
     if process.returncode != 0:
         last = stderr.strip().splitlines()[-1:] or [""]
         return {"error": f"exit status {process.returncode}: {last[0]}"}
-    return {**json.loads(stdout.strip().splitlines()[-1]), "wall_seconds": wall}
+    notes = [line for line in stderr.splitlines() if line.startswith("cpu_bfloat16")]
+    return {**json.loads(stdout.strip().splitlines()[-1]), "wall_seconds": wall, "notes": notes}
 
 
 def machine() -> str:
@@ -438,6 +441,7 @@ def main() -> None:
     print()
     chart: dict[str, dict[str, float]] = {}
     overheads: dict[str, float] = {}
+    notes: list[str] = []  # what cpu_bfloat16 put in bfloat16, and what it timed
     print("| workload | engine | tokens/s | wall s | peak MiB | mean loss | of roofline | vs service |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.workloads.split(","):
@@ -479,8 +483,11 @@ def main() -> None:
                 f"| {name} ({epochs} ep, {tokens} tok) | {engine} | {m['tps']:.0f} | {m['wall']:.1f} | {m['peak']:.0f} | "
                 f"{m['loss']:.4f} | {m['tps'] * per_token / (roofline * 1e9):.0%} | {ratio} |"
             )
+        for engine, runs in results.items():
+            notes.extend(f"{name}, {engine}: {n}" for n in dict.fromkeys(n for r in runs for n in r.get("notes", [])))
         if "service_plain" in medians and "mlx_lm" in medians:
             overheads[name] = medians["mlx_lm"]["tps"] / medians["service_plain"]["tps"] - 1
+    print(*notes, sep="\n")
     for name, overhead in overheads.items():
         print(
             f"{name}: the service with every lever off trains {overhead:+.1%} slower than mlx-lm's trainer "

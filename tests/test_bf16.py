@@ -1,5 +1,7 @@
 """cpu_bfloat16: the frozen weights' matmuls in bfloat16 (the AVX-512 BF16 kernel, oneMKL), against float32."""
 
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -79,7 +81,14 @@ def train(tmp_path, template, name, **params):
         base_model="tiny-base",
         training_data=SAMPLES,
         parameters=Parameters(
-            learning_rate=0.05, optimizer="sgd", epochs=3, batch_size=2, num_layers=1, steps_per_report=1, **params
+            learning_rate=0.05,
+            optimizer="sgd",
+            epochs=3,
+            batch_size=2,
+            num_layers=1,
+            steps_per_report=1,
+            rehearsal=0,  # the five samples alone: their losses fall epoch after epoch
+            **params,
         ),
     )
     finetune.train_adapter(str(template), "tiny-base", request, out, events.append)
@@ -87,16 +96,66 @@ def train(tmp_path, template, name, **params):
     return mx.load(str(out / "adapters.safetensors")), losses, events
 
 
+def timed(tmp_path, monkeypatch, pays=lambda n, k, transpose: True):
+    """Timings kept in tmp_path, each shape's from `pays` (bfloat16 twice as fast, or half as fast)
+    rather than measured: the same decisions on any CPU that has the instructions. Returns the
+    shapes asked for."""
+    asked = []
+
+    def measure(m, n, k, transpose):
+        asked.append((m, n, k, transpose))
+        return {"float32": 2.0, "avx512": 1.0 if pays(n, k, transpose) else 4.0}
+
+    monkeypatch.setattr(bf16.timings, "measure_product", measure)
+    monkeypatch.setattr(bf16, "default_path", lambda: tmp_path / "timings.json")
+    return asked
+
+
 @needs_bf16
 def test_training_with_bfloat16_matmuls_follows_the_float32_run(tmp_path, tiny_model_template, monkeypatch):
-    monkeypatch.setattr(bf16, "slower", lambda: None)  # the numbers, on any CPU that has the instructions
+    timed(tmp_path, monkeypatch)
     exact, exact_losses, _ = train(tmp_path, tiny_model_template, "fp32")
     fast, fast_losses, events = train(tmp_path, tiny_model_template, "bf16", cpu_bfloat16=True)
     # q, k, v, o, gate, up, down of both blocks (the trained one's under LoRA) and the tied output layer
-    assert any("15 frozen weights multiply in bfloat16" in e.get("message", "") for e in events)
+    assert any("15 of 15 frozen weights multiply in bfloat16" in e.get("message", "") for e in events)
     assert sum(fast_losses[-3:]) < 0.9 * sum(fast_losses[:3])  # it learned: the last epoch against the first
     assert fast_losses == pytest.approx(exact_losses, rel=2e-2) and fast_losses != exact_losses
     assert all(close(fast[k], exact[k], 5e-2) for k in exact)
+
+
+@needs_bf16
+def test_each_layer_group_multiplies_in_bfloat16_only_where_its_shapes_are_faster_so(
+    tmp_path, tiny_model_template, monkeypatch
+):
+    """The tiny model's shapes (n, k): q, k and v (128, 64), o (64, 64), gate and up (256, 64),
+    down (64, 128), the output layer (384, 64) and its gradient (64, 384)."""
+    asked = timed(tmp_path, monkeypatch, pays=lambda n, k, transpose: max(n, k) >= 128 and n != 128)
+    exact, exact_losses, _ = train(tmp_path, tiny_model_template, "fp32")
+    mixed, losses, events = train(tmp_path, tiny_model_template, "mixed", cpu_bfloat16=True)
+    messages = [e["message"] for e in events if e["type"] == "info"]
+    converted = next(m for m in messages if "frozen weights multiply in bfloat16" in m)
+    # down, gate and up, the output layer (both ways); not q, k and v, o
+    assert converted.startswith("cpu_bfloat16: 7 of 15 frozen weights multiply in bfloat16 (the service's AVX-512")
+    kept = converted.split("; float32 is as fast here for ")[1].split(", ")
+    assert sorted(kept) == ["k_proj (2)", "o_proj (2)", "q_proj (2)", "v_proj (2)"]
+    # Timed once per shape, at the job's rows a step (2 samples of at most 16 tokens: the 64-row bucket)
+    assert sorted({(n, k, t) for _, n, k, t in asked}) == [
+        (64, 64, True),
+        (64, 128, True),
+        (64, 384, False),
+        (128, 64, True),
+        (256, 64, True),
+        (384, 64, True),
+    ]
+    assert {m for m, *_ in asked} == {64} and len(asked) == 6
+    assert "cpu_bfloat16: timed 6 matmul shapes on this CPU, once" in messages
+    assert losses != exact_losses and losses == pytest.approx(exact_losses, rel=2e-2)
+    # The next job reads the figures kept for this CPU: nothing timed again, the same choice.
+    _, again, events = train(tmp_path, tiny_model_template, "again", cpu_bfloat16=True)
+    assert len(asked) == 6 and again == losses
+    assert not any("timed" in e.get("message", "") for e in events)
+    stored = json.loads((tmp_path / "timings.json").read_text())
+    assert stored["cpu"]["cores"] >= 1 and len(stored["seconds"]) == 6
 
 
 def test_where_bfloat16_does_not_apply_training_says_so_and_runs_in_float32(tmp_path, tiny_model_template, monkeypatch):
@@ -111,32 +170,43 @@ def test_where_bfloat16_does_not_apply_training_says_so_and_runs_in_float32(tmp_
 
 
 @needs_bf16
-def test_where_bfloat16_matmuls_are_not_faster_than_float32_training_stays_in_float32(
-    tmp_path, tiny_model_template, monkeypatch
-):
-    timings = []
-    monkeypatch.setattr(bf16.matmul, "_timed", {})
-    monkeypatch.setattr(bf16.matmul, "_measure", lambda: timings.append(1) or ({"mkl": 220.0, "avx512": 260.0}, 450.0))
+def test_where_no_matmul_is_faster_in_bfloat16_training_stays_in_float32(tmp_path, tiny_model_template, monkeypatch):
+    timed(tmp_path, monkeypatch, pays=lambda n, k, transpose: False)
     exact, exact_losses, _ = train(tmp_path, tiny_model_template, "fp32")
     same, losses, events = train(tmp_path, tiny_model_template, "asked", cpu_bfloat16=True)
     assert {
         "type": "info",
-        "message": "cpu_bfloat16 does not apply (the service's AVX-512 BF16 kernel multiplies in "
-        "bfloat16 at 260 GFLOP/s on this CPU, float32 at 450: not the 1.2x it takes to pay off): training in "
-        "float32",
+        "message": "cpu_bfloat16 does not apply (no matmul of this model is 1.1x faster in bfloat16 on this CPU: "
+        "at best 0.50x): training in float32",
     } in events
+    assert not any("frozen weights multiply" in e.get("message", "") for e in events)
     assert losses == exact_losses and all(mx.array_equal(same[k], exact[k]).item() for k in exact)
-    assert bf16.slower() is not None and timings == [1]  # timed once a process, not at every run
-    monkeypatch.setattr(bf16.matmul, "_timed", {})
-    monkeypatch.setattr(bf16.matmul, "_measure", lambda: ({"mkl": 900.0, "avx512": 600.0}, 450.0))
-    assert bf16.slower() is None and bf16.engine() == "mkl"
+
+
+def test_timings_are_kept_per_cpu_and_an_unreadable_file_is_timed_again(tmp_path):
+    from collections import Counter
+
+    calls = []
+    path = tmp_path / "t.json"
+    path.write_text("{not json")
+    timings = bf16.Timings(path, measure=lambda m, n, k, t: calls.append(m) or {"float32": 3.0, "avx512": 1.0})
+    engine, float32, fastest = timings.choose([(2048, 2048, True)], Counter({700: 3, 40: 1}))
+    # 700 rows: the 1024 bucket would be over 8 GFLOP a call, so 512 is timed and scaled by rows
+    assert calls == [512, 64] and engine == "avx512"
+    assert float32 == pytest.approx(3 * 3.0 * 700 / 512 + 3.0 * 40 / 64) and fastest == pytest.approx(float32 / 3)
+    assert json.loads(path.read_text())["version"] == bf16.timings.VERSION
+    again = bf16.Timings(path, measure=lambda *a: pytest.fail("timed again"))
+    assert again.choose([(2048, 2048, True)], Counter({700: 3, 40: 1}))[0] == "avx512"
+    assert bf16.default_path().parent == bf16.timings.native.cache_folder()
+    assert bf16.default_path().name.startswith("bf16-timings-")
 
 
 @needs_bf16
 def test_the_timing_measures_every_gemm_that_runs_here():
-    rates, fp32_gflops = bf16.matmul._measure(64, 128, 96, repeats=1)
-    assert fp32_gflops > 0 and rates and all(r > 0 for r in rates.values())
-    assert set(rates) == {name for name, why in bf16.engines().items() if why is None}
+    seconds = bf16.timings.measure_product(64, 128, 96, True, repeats=1)
+    assert set(seconds) == {"float32"} | {name for name, why in bf16.engines().items() if why is None}
+    assert all(s > 0 for s in seconds.values())
+    assert set(bf16.timings.measure_product(64, 128, 96, False, repeats=1)) == set(seconds)
 
 
 @pytest.mark.parametrize("engine", ["avx512", "mkl"])

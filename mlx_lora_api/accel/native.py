@@ -41,8 +41,12 @@ def target(name: str, sources: Sequence[Path], flags: Sequence[str], cc: str | N
     key = hashlib.sha256()
     for part in (*(s.read_bytes() for s in sources), _version(cc).encode(), " ".join(flags).encode()):
         key.update(hashlib.sha256(part).digest())
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-lora-api"
-    return cache / f"{name}-{key.hexdigest()[:16]}.so"
+    return cache_folder() / f"{name}-{key.hexdigest()[:16]}.so"
+
+
+def cache_folder() -> Path:
+    """The user's cache folder for what belongs to this machine: builds, and timings (bf16/timings.py)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-lora-api"
 
 
 def build(name: str, sources: Sequence[Path], flags: Sequence[str]) -> Path:

@@ -197,7 +197,9 @@ def train_adapter(
         chosen = lever_switches.plan_preference(model, params, train_set, plan, levers, on_event, val_set)
     else:
         chosen = lever_switches.plan_loss(model, params, train_set, plan, on_event, levers, val_set)
-    chosen = lever_switches.use_bfloat16(model, params, chosen, on_event)
+    size = group.size() if group is not None else 1
+    rows = datasets.step_rows(lengths, plan, params.max_seq_length, chosen.pad_multiple, 2 if preferring else 1, size)
+    chosen = lever_switches.use_bfloat16(model, params, chosen, on_event, rows)
     references: dict[str, Any] = {"train": None, "val": None}  # DPO's, computed below
 
     def validate() -> tuple[float, dict[str, float]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import types
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
@@ -110,6 +111,24 @@ def item_lengths(dataset) -> list[int]:
 
 def padded_tokens(lengths: Sequence[int], batches: list[list[int]], pad_multiple: int = PAD_MULTIPLE) -> int:
     return sum(len(b) * (1 + pad_multiple * math.ceil(max(lengths[i] for i in b) / pad_multiple)) for b in batches)
+
+
+def step_rows(
+    lengths: Sequence[int],
+    plan: list[list[int]],
+    max_seq_length: int,
+    pad_multiple: int,
+    sequences: int = 1,
+    ranks: int = 1,
+) -> Counter[int]:
+    """{rows that a step's matmuls multiply: steps}: each batch's items (`sequences` each: a
+    preference pair's two answers) times its padded width, as `collate` pads it, shared by `ranks`."""
+    rows: Counter[int] = Counter()
+    for batch in plan:
+        longest = min(max(lengths[i] for i in batch), max_seq_length)
+        width = min(1 + pad_multiple * math.ceil(longest / pad_multiple), max_seq_length)
+        rows[max(1, sequences * len(batch) * width // ranks)] += 1
+    return rows
 
 
 def make_iterate_batches(

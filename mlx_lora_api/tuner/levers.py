@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -251,9 +252,12 @@ def plan_loss(
     return _checked(chosen, plain, got, expected, keep, on_event)
 
 
-def use_bfloat16(model: nn.Module, params: Parameters, chosen: LossPlan, on_event: EventSink) -> LossPlan:
-    """The frozen weights in bfloat16 where the user asked for it and it applies (accel/bf16);
-    else an event that says why not. Returns the plan to train with."""
+def use_bfloat16(
+    model: nn.Module, params: Parameters, chosen: LossPlan, on_event: EventSink, rows: Counter[int]
+) -> LossPlan:
+    """The frozen weights in bfloat16 where the user asked for it, it applies, and it is faster
+    for their shapes on this CPU (accel/bf16/timings.py: timed once per CPU model, at `rows`,
+    {rows a step: steps}); else an event that says why not. Returns the plan to train with."""
     if not params.cpu_bfloat16:
         return chosen
     reason = None if device.on_cpu() else "off the CPU the model trains in its own dtype"
@@ -263,11 +267,29 @@ def use_bfloat16(model: nn.Module, params: Parameters, chosen: LossPlan, on_even
         reason = bf16.unavailable() or (
             None if chosen.eager else "it needs eager steps (the cpu_head or cpu_ops lever)"
         )
-        reason = reason or bf16.slower()
     if reason:
         on_event({"type": "info", "message": f"cpu_bfloat16 does not apply ({reason}): training in float32"})
         return chosen
-    head_weight = bf16.convert(model, anatomy.output_weight(model), on_event)
+    timings = bf16.Timings(bf16.default_path())
+    gains: list[float] = []
+
+    def choose(products: bf16.Products) -> str:
+        engine, float32, fastest = timings.choose(products, rows)
+        gains.append(float32 / fastest)
+        return engine
+
+    head_weight = bf16.convert(model, anatomy.output_weight(model), on_event, choose)
+    if timings.measured:
+        on_event({"type": "info", "message": f"cpu_bfloat16: timed {timings.measured} matmul shapes on this CPU, once"})
+    if max(gains, default=0.0) < bf16.MIN_GAIN:
+        best = f"at best {max(gains):.2f}x" if gains else "none to convert"
+        on_event(
+            {
+                "type": "info",
+                "message": f"cpu_bfloat16 does not apply (no matmul of this model is {bf16.MIN_GAIN}x faster in"
+                f" bfloat16 on this CPU: {best}): training in float32",
+            }
+        )
     if chosen.head is not None and head_weight is not None:
         from ..accel import kernels  # the CPU fast path, as above
 

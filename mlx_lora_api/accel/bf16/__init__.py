@@ -11,25 +11,31 @@ accumulation and result) can do it here (gemms.py):
 - oneMKL's `cblas_gemm_bf16bf16f32` (PyPI's `mkl` wheel, the project's `bf16` extra): 600-1,800
   GFLOP/s with AMX on a 2-core Sapphire Rapids, but about 210 on that AMD CPU.
 
-`slower` times each against float32 once per process and picks the fastest; where none is at
-least `MIN_GAIN` faster, training stays float32. `convert` then puts them in place (matmul.py).
+Which pays differs by matmul shape and CPU: `timings.Timings` times each of a model's product
+shapes once per CPU model, float32 against each gemm, and keeps the figures; `convert` then
+puts the fastest in place, layer group by layer group (matmul.py), and leaves float32 where
+no gemm is at least `MIN_GAIN` faster.
 """
 
-from .gemms import ENGINES, MIN_GAIN, cpu_has_bf16, engines, unavailable
-from .matmul import GROUPS, Group, Weight, bits, convert, engine, linear, slower
+from .gemms import ENGINES, cpu_has_bf16, engines, unavailable
+from .matmul import FLOAT32, GROUPS, Group, Products, Weight, bits, convert, engine, linear
+from .timings import MIN_GAIN, Timings, default_path
 
 __all__ = [
     "ENGINES",
+    "FLOAT32",
     "GROUPS",
     "MIN_GAIN",
     "Group",
+    "Products",
+    "Timings",
     "Weight",
     "bits",
     "convert",
     "cpu_has_bf16",
+    "default_path",
     "engine",
     "engines",
     "linear",
-    "slower",
     "unavailable",
 ]

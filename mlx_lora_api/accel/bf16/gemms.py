@@ -15,7 +15,6 @@ from ... import device
 from . import build
 
 MKL_ENV = "MLX_LORA_API_MKL"  # path of libmkl_rt.so, or "none"
-MIN_GAIN = 1.2  # bfloat16 is used where its matmul is at least this much faster than float32's
 ENGINES = {"avx512": "the service's AVX-512 BF16 kernel", "mkl": "oneMKL"}
 _libs: dict[str, Any] = {}  # a loaded library, or the OSError that says why it cannot load
 

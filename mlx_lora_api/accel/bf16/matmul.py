@@ -12,7 +12,7 @@ significant bits), so losses move in the third decimal.
 from __future__ import annotations
 
 import ctypes
-import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -22,62 +22,18 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from .gemms import ENGINES, MIN_GAIN, engines, kernel, mkl
+from .gemms import ENGINES, engines, kernel, mkl
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-_timed: dict[str, Any] = {}
-
-
-def slower() -> str | None:
-    """Why bfloat16 matmuls would not speed training up here, or None; chooses the fastest
-    bfloat16 gemm that can run here (`engine`). Each is timed against MLX's float32 one once
-    per process on a block-sized product (about 0.2 s)."""
-    if "slower" not in _timed:
-        rates, fp32_gflops = _measure()
-        best = max(rates, key=rates.get)
-        _timed["engine"] = best
-        _timed["gflops"] = (rates[best], fp32_gflops)
-        _timed["slower"] = (
-            None
-            if rates[best] >= MIN_GAIN * fp32_gflops
-            else (
-                f"{ENGINES[best]} multiplies in bfloat16 at {rates[best]:.0f} GFLOP/s on this CPU, float32 at "
-                f"{fp32_gflops:.0f}: not the {MIN_GAIN}x it takes to pay off"
-            )
-        )
-    return _timed["slower"]
+FLOAT32 = "float32"  # a group left as it is: its float32 matmul is as fast here (timings.py)
+# (n, k, transpose) of a product made once a step: (rows, k) @ W.T with W (n, k), or @ W with W (k, n)
+Products = list[tuple[int, int, bool]]
+Chooser = Callable[[Products], str]
 
 
 def engine() -> str:
-    """The bfloat16 gemm in use: the one `slower` found fastest, else the first that runs here."""
-    if "engine" not in _timed:
-        _timed["engine"] = next(name for name, why in engines().items() if why is None)
-    return _timed["engine"]
-
-
-def _measure(m: int = 512, n: int = 1536, k: int = 1024, repeats: int = 5) -> tuple[dict[str, float], float]:
-    """GFLOP/s of (m, k) x (k, n) in bfloat16 through each gemm that runs here, and in float32
-    through MLX, each the best of `repeats` after 50 ms of warm-up calls (thread pools, buffers,
-    clocks: a fresh process's first calls measured up to 55% slow)."""
-
-    a, w = mx.random.normal((m, k)), mx.random.normal((n, k))
-    mx.eval(a, w)
-    weight = Weight(w)
-
-    def rate(step) -> float:
-        warm = time.perf_counter() + 0.05
-        while time.perf_counter() < warm:
-            step()
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            step()
-            best = min(best, time.perf_counter() - started)
-        return 2 * m * n * k / best / 1e9
-
-    fp32 = rate(lambda: mx.eval(a @ w.T))  # first: oneMKL's threads spin on for a while after a call
-    rates = {name: rate(lambda: weight.product(a, True, name)) for name, why in engines().items() if why is None}
-    return rates, fp32
+    """The bfloat16 gemm a `Weight` uses unless told: the first that runs here (gemms.ENGINES)."""
+    return next(name for name, why in engines().items() if why is None)
 
 
 def bits(x) -> np.ndarray:
@@ -91,23 +47,25 @@ class Weight:
     """A frozen (out, in) float32 weight, kept in bfloat16 for `product`, and as it is too
     where gradients pass through it (`float32`; see `linear`)."""
 
-    def __init__(self, weight, float32: bool = False):
+    def __init__(self, weight, float32: bool = False, engine_name: str | None = None):
+        self.engine = engine_name or engine()
         self.bits: np.ndarray | None = np.ascontiguousarray(bits(weight))
         self.shape = tuple(weight.shape)
         self.float32 = weight if float32 else None
         self._packed: dict[bool, tuple] = {}
-        if engine() == "avx512":  # the packed copy is all it needs: the bits go (memory)
+        if self.engine == "avx512":  # the packed copy is all it needs: the bits go (memory)
             self._pack(True)
             self.bits = None
 
     def product(self, a, transpose: bool, engine_name: str | None = None) -> np.ndarray:
         """a (M, K) float32 (MLX or numpy) times W.T (transpose: K = in) or W (K = out), with
-        both rounded to bfloat16, accumulated in float32; a float32 numpy array."""
+        both rounded to bfloat16, accumulated in float32; a float32 numpy array. Through this
+        weight's engine, or `engine_name`."""
         out_features, in_features = self.shape
         m, k = a.shape
         if k != (in_features if transpose else out_features):
             raise ValueError(f"matmul of {a.shape} with a weight of {self.shape}")
-        if (engine_name or engine()) == "mkl":
+        if (engine_name or self.engine) == "mkl":
             return self._mkl(bits(mx.array(a) if isinstance(a, np.ndarray) else a), transpose)
         if isinstance(a, mx.array):
             mx.eval(a)
@@ -222,9 +180,9 @@ class Group:
     outputs are let go once every member has taken its own (holding them would hold the
     step's graph)."""
 
-    def __init__(self, weights: list, float32: bool = False):
+    def __init__(self, weights: list, float32: bool = False, engine_name: str | None = None):
         self.sizes = [w.shape[0] for w in weights]
-        self.weight = Weight(mx.concatenate(weights) if len(weights) > 1 else weights[0], float32)
+        self.weight = Weight(mx.concatenate(weights) if len(weights) > 1 else weights[0], float32, engine_name)
         self._input = None
         self._outputs: list = []
         self._waiting: set[int] = set()
@@ -276,17 +234,24 @@ def _frozen_linears(model) -> list[tuple]:
 
 
 def convert(
-    model: nn.Module, output_weight: mx.array | None = None, on_event: Callable[[dict[str, Any]], None] = lambda e: None
+    model: nn.Module,
+    output_weight: mx.array | None = None,
+    on_event: Callable[[dict[str, Any]], None] = lambda e: None,
+    choose: Chooser = lambda products: engine(),
 ) -> Weight | None:
     """Make `model`'s frozen linear layers multiply in bfloat16 (see the module's doc), layers
-    that share their input (`GROUPS`) in one matmul; returns the output layer's frozen weight
-    (`output_weight`, where the caller has one) as a `Weight` for the loss's head. One way: the
-    frozen layers' float32 weights are let go (memory), so the model is for this training run
-    only afterwards; the trainable parameters, which the adapter file holds, stay float32."""
+    that share their input (`GROUPS`) in one matmul, each group through the gemm `choose` names
+    for its products, or left in float32 where it names FLOAT32 (timings.py decides, by shape);
+    returns the output layer's frozen weight (`output_weight`, where the caller has one) as a
+    `Weight` for the loss's head, or None where it stays float32. One way: the converted layers'
+    float32 weights are let go (memory), so the model is for this training run only
+    afterwards; the trainable parameters, which the adapter file holds, stay float32."""
     layers = _frozen_linears(model)
     by_owner: dict[int, dict[str, tuple]] = {}
     for owner, role, parent, name, backward in layers:
         by_owner.setdefault(id(owner), {})[role] = (parent, name, backward)
+    kept: Counter[str] = Counter()
+    used: Counter[str] = Counter()
     for roles in by_owner.values():
         sets = [g for g in GROUPS if all(r in roles for r in g)]
         sets += [(r,) for r in roles if not any(r in g for g in sets)]
@@ -295,19 +260,31 @@ def convert(
             if len({o.weight.shape[1] for o in originals}) > 1:
                 sets += [(r,) for r in members]
                 continue
-            group = Group([o.weight for o in originals], float32=roles[members[0]][2])
+            out_features = sum(o.weight.shape[0] for o in originals)
+            chosen = choose([(out_features, originals[0].weight.shape[1], True)])
+            if chosen == FLOAT32:
+                kept.update(members)
+                continue
+            used[chosen] += len(members)
+            group = Group([o.weight for o in originals], float32=roles[members[0]][2], engine_name=chosen)
             for i, (r, original) in enumerate(zip(members, originals)):
                 parent, name, _ = roles[r]
                 parent[name] = Member(group, i, original)
-    head = Weight(output_weight) if output_weight is not None else None
-    count = len(layers) + (head is not None)
-    timing = ""
-    if "gflops" in _timed:
-        timing = ", {:.0f} GFLOP/s against float32's {:.0f}".format(*_timed["gflops"])
-    on_event(
-        {
-            "type": "info",
-            "message": f"cpu_bfloat16: {count} frozen weights multiply in bfloat16 ({ENGINES[engine()]}{timing})",
-        }
-    )
+    head = None
+    if output_weight is not None:
+        vocabulary, hidden = output_weight.shape
+        chosen = choose([(vocabulary, hidden, True), (hidden, vocabulary, False)])  # logits, then their gradient
+        if chosen == FLOAT32:
+            kept["the output layer"] += 1
+        else:
+            used[chosen] += 1
+            head = Weight(output_weight, engine_name=chosen)
+    if not used:
+        return None  # the caller says why
+    count = len(layers) + (output_weight is not None)
+    engines_used = " and ".join(ENGINES[e] for e in used)
+    message = f"cpu_bfloat16: {sum(used.values())} of {count} frozen weights multiply in bfloat16 ({engines_used})"
+    if kept:
+        message += "; float32 is as fast here for " + ", ".join(f"{r} ({n})" if n > 1 else r for r, n in kept.items())
+    on_event({"type": "info", "message": message})
     return head
