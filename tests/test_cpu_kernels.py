@@ -5,10 +5,11 @@ import sys
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx_lm.models.activations import swiglu as mlx_swiglu
 
-from mlx_lora_api.accel import blas, kernels
+from mlx_lora_api.accel import blas, kernels, softmax
 
 
 def grads(fn, *args):
@@ -23,12 +24,12 @@ def test_swiglu_matches_mlx_with_its_gradients():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("kv_heads", [1, 3])
-def test_attention_matches_mlx_fast_sdpa_with_its_gradients(causal, kv_heads):
+@pytest.mark.parametrize("kv_heads, kv_length", [(1, 9), (3, 9), (3, 13)])
+def test_attention_matches_mlx_fast_sdpa_with_its_gradients(causal, kv_heads, kv_length):
     q, k, v = (
         mx.random.normal((2, 6, 9, 16)),
-        mx.random.normal((2, kv_heads, 9, 16)),
-        mx.random.normal((2, kv_heads, 9, 16)),
+        mx.random.normal((2, kv_heads, kv_length, 16)),
+        mx.random.normal((2, kv_heads, kv_length, 16)),
     )
     mask = "causal" if causal else None
 
@@ -41,6 +42,33 @@ def test_attention_matches_mlx_fast_sdpa_with_its_gradients(causal, kv_heads):
     assert mx.allclose(ours(q, k, v), reference(q, k, v), atol=1e-5).item()
     for a, b in zip(grads(ours, q, k, v), grads(reference, q, k, v)):
         assert mx.allclose(a, b, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_the_softmax_kernel_is_a_float64_softmax_to_float32_precision(built, monkeypatch):
+    """Rows of attention scores under the causal window (4 queries, the last of 7 keys) and of
+    logits with their log-sum-exp; without the library built, numpy computes the same."""
+    if not built:
+        monkeypatch.setattr(softmax, "_lib", [None])
+    elif softmax.library() is None:
+        pytest.fail(f"the softmax kernel is not built ({softmax.target().name}): ./scripts/setup builds it")
+    rng = np.random.default_rng(0)
+    scores = (rng.normal(size=(2, 3, 4, 7)) * 20).astype(np.float32)
+    expected = scores.astype(np.float64)
+    visible = np.arange(7)[None] <= np.arange(4)[:, None] + 3
+    expected = np.exp(
+        np.where(visible, expected - np.where(visible, expected, -np.inf).max(-1, keepdims=True), -np.inf)
+    )
+    expected /= expected.sum(-1, keepdims=True)
+    assert softmax.softmax(scores, 4) is None
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-7)
+    assert (scores[..., 0, 4:] == 0).all() and (scores[..., 3, :] > 0).all()
+    logits = (rng.normal(size=(5, 3001)) * 30).astype(np.float32)
+    exact = logits.astype(np.float64)
+    lse = np.log(np.exp(exact - exact.max(-1, keepdims=True)).sum(-1)) + exact.max(-1)
+    got = softmax.softmax(logits, lse=True)
+    np.testing.assert_allclose(got, lse, rtol=1e-6)
+    np.testing.assert_allclose(logits, np.exp(exact - lse[:, None]), rtol=2e-6, atol=1e-12)
 
 
 def test_cpu_head_is_mlx_cross_entropy_over_the_counted_rows():
