@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.activations import swiglu as mlx_swiglu
 
-from mlx_lora_api.accel import blas, kernels, softmax
+from mlx_lora_api.accel import blas, elementwise, kernels
 
 
 def grads(fn, *args):
@@ -49,9 +49,9 @@ def test_the_softmax_kernel_is_a_float64_softmax_to_float32_precision(built, mon
     """Rows of attention scores under the causal window (4 queries, the last of 7 keys) and of
     logits with their log-sum-exp; without the library built, numpy computes the same."""
     if not built:
-        monkeypatch.setattr(softmax, "_lib", [None])
-    elif softmax.library() is None:
-        pytest.fail(f"the softmax kernel is not built ({softmax.target().name}): ./scripts/setup builds it")
+        monkeypatch.setattr(elementwise, "_lib", [None])
+    elif elementwise.library() is None:
+        pytest.fail(f"the softmax kernel is not built ({elementwise.target().name}): ./scripts/setup builds it")
     rng = np.random.default_rng(0)
     scores = (rng.normal(size=(2, 3, 4, 7)) * 20).astype(np.float32)
     expected = scores.astype(np.float64)
@@ -60,15 +60,28 @@ def test_the_softmax_kernel_is_a_float64_softmax_to_float32_precision(built, mon
         np.where(visible, expected - np.where(visible, expected, -np.inf).max(-1, keepdims=True), -np.inf)
     )
     expected /= expected.sum(-1, keepdims=True)
-    assert softmax.softmax(scores, 4) is None
+    assert elementwise.softmax(scores, 4) is None
     np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-7)
     assert (scores[..., 0, 4:] == 0).all() and (scores[..., 3, :] > 0).all()
     logits = (rng.normal(size=(5, 3001)) * 30).astype(np.float32)
     exact = logits.astype(np.float64)
     lse = np.log(np.exp(exact - exact.max(-1, keepdims=True)).sum(-1)) + exact.max(-1)
-    got = softmax.softmax(logits, lse=True)
+    got = elementwise.softmax(logits, lse=True)
     np.testing.assert_allclose(got, lse, rtol=1e-6)
     np.testing.assert_allclose(logits, np.exp(exact - lse[:, None]), rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_the_swiglu_kernel_is_silu_times_x_to_float32_precision(built, monkeypatch):
+    if not built:
+        monkeypatch.setattr(elementwise, "_lib", [None])
+    rng = np.random.default_rng(1)
+    gate = np.concatenate([rng.normal(size=40000) * 10, [-100.0, -88.0, 0.0, 88.0, 100.0]]).astype(np.float32)
+    x = rng.normal(size=gate.size).astype(np.float32)
+    sigmoid = 1 / (1 + np.exp(-gate.astype(np.float64)))
+    out, got = elementwise.swiglu(gate, x)
+    np.testing.assert_allclose(got, sigmoid, rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(out, gate * sigmoid * x, rtol=2e-6, atol=1e-30)
 
 
 def test_cpu_head_is_mlx_cross_entropy_over_the_counted_rows():

@@ -1,12 +1,12 @@
-"""What `./scripts/setup` builds (accel/native.py): the matrix-vector shim (gemv.py), the softmax
-kernel (softmax.py), and on x86 the AVX-512 BF16 kernel (bf16/build.py)."""
+"""What `./scripts/setup` builds (accel/native.py): the matrix-vector shim (gemv.py), the training's
+element-wise kernels (elementwise.py), and on x86 the AVX-512 BF16 kernel (bf16/build.py)."""
 
 from __future__ import annotations
 
 import platform
 import sys
 
-from . import gemv, softmax
+from . import elementwise, gemv
 from .bf16 import build as bf16
 from .native import BuildError
 
@@ -15,7 +15,7 @@ def main() -> int:
     """Build what this machine can use; an optional speed-up missing never stops the set-up."""
     wanted = [
         (gemv.build, "matrix-vector shim (fast decoding)", gemv.WITHOUT),
-        (softmax.build, "softmax kernel (training)", softmax.WITHOUT),
+        (elementwise.build, "element-wise kernels (training)", elementwise.WITHOUT),
     ]
     if platform.machine() in ("x86_64", "AMD64"):
         wanted.append((bf16.build, "AVX-512 BF16 kernel", "cpu_bfloat16 will use oneMKL or float32"))

@@ -1,6 +1,6 @@
-"""Softmax over rows on every core (softmax.c), for attention and the output layer's
-cross-entropy in training on the CPU (kernels.py): built at set-up (accel/prebuild.py); where it
-is not, numpy does the same, single-threaded."""
+"""Training's element-wise work with exp on every core (elementwise.c): the softmax over rows of
+attention and of the output layer's cross-entropy, and SwiGLU (kernels.py). Built at set-up
+(accel/prebuild.py); where it is not, numpy does the same, single-threaded."""
 
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ import numpy as np
 
 from . import native
 
-SOURCE = Path(__file__).with_name("softmax.c")
+SOURCE = Path(__file__).with_name("elementwise.c")
 # no trapping math: the clamp in exp then vectorizes (a select, not a branch); errno is never read
 FLAGS = ("-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC")
-WITHOUT = "numpy takes training's softmaxes on one core"
+WITHOUT = "numpy takes training's softmaxes and SwiGLU on one core"
 _lib: list[ctypes.CDLL | None] = []
 
 
 def target() -> Path:
-    return native.target("softmax", (SOURCE,), FLAGS)
+    return native.target("elementwise", (SOURCE,), FLAGS)
 
 
 def build() -> Path:
-    return native.build("softmax", (SOURCE,), FLAGS)
+    return native.build("elementwise", (SOURCE,), FLAGS)
 
 
 def library() -> ctypes.CDLL | None:
@@ -35,6 +35,7 @@ def library() -> ctypes.CDLL | None:
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as for the other kernels (bf16/gemms.py)
             lib = ctypes.CDLL(str(path))
             lib.mlx_lora_api_softmax.restype = None
+            lib.mlx_lora_api_swiglu.restype = None
             _lib.append(lib)
         else:
             _lib.append(None)
@@ -60,6 +61,33 @@ def softmax(x: np.ndarray, length: int = 0, lse: bool = False) -> np.ndarray | N
         ctypes.c_void_p(out.ctypes.data) if out is not None else None,
     )
     return out
+
+
+def swiglu(gate: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(silu(gate) * x, sigmoid(gate)) of two float32 arrays of one shape."""
+    lib = library()
+    if lib is None or not (gate.flags.c_contiguous and x.flags.c_contiguous) or gate.shape != x.shape:
+        return _numpy_swiglu(gate, x)
+    gate, x = gate.astype(np.float32, copy=False), x.astype(np.float32, copy=False)
+    out, sigmoid = np.empty_like(gate), np.empty_like(gate)
+    address = ctypes.c_void_p
+    lib.mlx_lora_api_swiglu(
+        address(gate.ctypes.data),
+        address(x.ctypes.data),
+        address(out.ctypes.data),
+        address(sigmoid.ctypes.data),
+        ctypes.c_long(gate.size),
+    )
+    return out, sigmoid
+
+
+def _numpy_swiglu(gate: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.negative(gate)
+    with np.errstate(over="ignore"):  # exp(-gate) = inf below -88: sigmoid is 0, as it should
+        np.exp(s, out=s)
+    s += 1.0
+    np.reciprocal(s, out=s)  # sigmoid(gate)
+    return gate * s * x, s
 
 
 def _numpy(x: np.ndarray, length: int, lse: bool) -> np.ndarray | None:

@@ -1,9 +1,10 @@
-/* Softmax over rows, in place, on every core: attention's probabilities and the output layer's
- * cross-entropy when training on the CPU (accel/kernels.py). numpy took five single-threaded
- * passes for it (mask, max, exp, sum, divide): at 4 x 512 tokens, 8 of a step's 10 seconds in
- * SmolLM2's attention were those passes (docs/benchmarks.md). Here each row is one read for its
- * maximum and one for exp and sum, then one scaling, rows split over OpenMP threads, and exp is a
- * polynomial the compiler vectorizes (AVX-512, AVX2 or SSE2: the CPU picks the clone at load).
+/* Training's element-wise work with exp on every core (accel/kernels.py): the softmax over rows of
+ * attention's probabilities and of the output layer's cross-entropy, and SwiGLU's sigmoid. numpy
+ * took five or six single-threaded passes for each (mask, max, exp, sum, divide): at 4 x 512
+ * tokens, most of a step's attention time in SmolLM2 (docs/benchmarks.md). Here a softmax row is
+ * one read for its maximum and one for exp and sum, then one scaling; SwiGLU one pass; the work
+ * split over OpenMP threads, and exp a polynomial the compiler vectorizes (AVX-512, AVX2 or SSE2:
+ * the CPU picks the clone at load).
  *
  * exp: Cephes' expf (range reduction by ln 2 in two parts, a degree-5 polynomial) for the arguments
  * a softmax makes (x - max <= 0); below -87.3 (e^-87.3 = 1.2e-38) it is clamped, where the true
@@ -66,5 +67,26 @@ void mlx_lora_api_softmax(float *x, long rows, long cols, long length, float *ls
         seen = seen < 0 ? 0 : (seen > cols ? cols : seen);
         const float total = softmax_row(x + r * cols, seen, cols);
         if (lse) lse[r] = total;
+    }
+}
+
+/* SwiGLU's silu(gate) * x, and sigmoid(gate) for its gradient, over n values. */
+CLONES static void swiglu_run(const float *gate, const float *x, float *out, float *sigmoid, long n) {
+#pragma omp simd
+    for (long i = 0; i < n; i++) {
+        const float g = gate[i];
+        const float e = exp_poly(g < 0.0f ? g : -g); /* exp(-|g|) <= 1 */
+        const float s = (g < 0.0f ? e : 1.0f) / (1.0f + e);
+        sigmoid[i] = s;
+        out[i] = g * s * x[i];
+    }
+}
+
+void mlx_lora_api_swiglu(const float *gate, const float *x, float *out, float *sigmoid, long n) {
+    const long chunk = 16384;
+#pragma omp parallel for schedule(static)
+    for (long start = 0; start < n; start += chunk) {
+        const long count = n - start < chunk ? n - start : chunk;
+        swiglu_run(gate + start, x + start, out + start, sigmoid + start, count);
     }
 }
