@@ -82,6 +82,14 @@ def test_the_swiglu_kernel_is_silu_times_x_to_float32_precision(built, monkeypat
     out, got = elementwise.swiglu(gate, x)
     np.testing.assert_allclose(got, sigmoid, rtol=1e-6, atol=1e-30)
     np.testing.assert_allclose(out, gate * sigmoid * x, rtol=2e-6, atol=1e-30)
+    # the halves of one stacked projection (rows 2 x 45 apart), as training's grouped gate and up give them
+    stacked = np.concatenate([gate[-2025:].reshape(5, 9, 45), x[-2025:].reshape(5, 9, 45)], -1)
+    halves = stacked[..., :45], stacked[..., 45:]
+    assert not halves[0].flags.c_contiguous
+    out, got = elementwise.swiglu(*halves)
+    expected = 1 / (1 + np.exp(-halves[0].astype(np.float64)))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(out, halves[0] * expected * halves[1], rtol=2e-6, atol=1e-30)
 
 
 def test_cpu_head_is_mlx_cross_entropy_over_the_counted_rows():

@@ -82,11 +82,11 @@ CLONES static void swiglu_run(const float *gate, const float *x, float *out, flo
     }
 }
 
-void mlx_lora_api_swiglu(const float *gate, const float *x, float *out, float *sigmoid, long n) {
-    const long chunk = 16384;
+/* gate and x: rows x cols with rows `gate_stride` and `x_stride` floats apart (the halves of a
+ * stacked gate and up projection, say); out and sigmoid: rows x cols, contiguous. */
+void mlx_lora_api_swiglu(const float *gate, long gate_stride, const float *x, long x_stride, float *out,
+                         float *sigmoid, long rows, long cols) {
 #pragma omp parallel for schedule(static)
-    for (long start = 0; start < n; start += chunk) {
-        const long count = n - start < chunk ? n - start : chunk;
-        swiglu_run(gate + start, x + start, out + start, sigmoid + start, count);
-    }
+    for (long r = 0; r < rows; r++)
+        swiglu_run(gate + r * gate_stride, x + r * x_stride, out + r * cols, sigmoid + r * cols, cols);
 }

@@ -64,19 +64,26 @@ def softmax(x: np.ndarray, length: int = 0, lse: bool = False) -> np.ndarray | N
 
 
 def swiglu(gate: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(silu(gate) * x, sigmoid(gate)) of two float32 arrays of one shape."""
+    """(silu(gate) * x, sigmoid(gate)) of two float32 arrays of one shape, each with its last axis
+    contiguous (rows may lie apart: views of one stacked projection's halves are not copied)."""
     lib = library()
-    if lib is None or not (gate.flags.c_contiguous and x.flags.c_contiguous) or gate.shape != x.shape:
+    cols = gate.shape[-1] if gate.ndim else 1
+    rows = gate.size // cols if cols else 0
+    flat = [np.reshape(a, (rows, cols)) for a in (gate, x)] if gate.shape == x.shape and rows else []
+    if lib is None or not flat or any(a.dtype != np.float32 or a.strides[1] != 4 for a in flat):
         return _numpy_swiglu(gate, x)
-    gate, x = gate.astype(np.float32, copy=False), x.astype(np.float32, copy=False)
-    out, sigmoid = np.empty_like(gate), np.empty_like(gate)
+    (g, gate_stride), (v, x_stride) = ((a, a.strides[0] // 4) for a in flat)
+    out, sigmoid = np.empty(gate.shape, np.float32), np.empty(gate.shape, np.float32)
     address = ctypes.c_void_p
     lib.mlx_lora_api_swiglu(
-        address(gate.ctypes.data),
-        address(x.ctypes.data),
+        address(g.ctypes.data),
+        ctypes.c_long(gate_stride),
+        address(v.ctypes.data),
+        ctypes.c_long(x_stride),
         address(out.ctypes.data),
         address(sigmoid.ctypes.data),
-        ctypes.c_long(gate.size),
+        ctypes.c_long(rows),
+        ctypes.c_long(cols),
     )
     return out, sigmoid
 
