@@ -84,13 +84,18 @@ def _spread(items: list[int], parts: int) -> list[list[int]]:
     return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
 
+def padded_width(longest: int, max_seq_length: int, pad_multiple: int) -> int:
+    """The columns `collate` gives a batch whose longest item (at most max_seq_length) has `longest` tokens."""
+    return min(1 + pad_multiple * math.ceil(longest / pad_multiple), max_seq_length)
+
+
 def collate(items: Sequence[tuple], max_seq_length: int, pad_multiple: int = PAD_MULTIPLE):
     """Pad one batch; returns (tokens, [[offset, length], ...]) as mx arrays.
 
     Items are (tokens, offset), or (tokens, offset, mark) from a `Joined` set with marks: then
     every row gets a third column, its mark (0 for unmarked items)."""
     lengths = [min(len(item[0]), max_seq_length) for item in items]
-    width = min(1 + pad_multiple * math.ceil(max(lengths) / pad_multiple), max_seq_length)
+    width = padded_width(max(lengths), max_seq_length, pad_multiple)
     array = np.zeros((len(items), width), np.int32)
     for row, (item, length) in enumerate(zip(items, lengths)):
         array[row, :length] = item[0][:length]
@@ -125,8 +130,7 @@ def step_rows(
     preference pair's two answers) times its padded width, as `collate` pads it, shared by `ranks`."""
     rows: Counter[int] = Counter()
     for batch in plan:
-        longest = min(max(lengths[i] for i in batch), max_seq_length)
-        width = min(1 + pad_multiple * math.ceil(longest / pad_multiple), max_seq_length)
+        width = padded_width(min(max(lengths[i] for i in batch), max_seq_length), max_seq_length, pad_multiple)
         rows[max(1, sequences * len(batch) * width // ranks)] += 1
     return rows
 

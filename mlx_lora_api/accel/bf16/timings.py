@@ -17,6 +17,7 @@ rounding to bfloat16, the threads' wake-up and the copy of the result into an ML
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from typing import Any
 import mlx.core as mx
 
 from ...accel import blas, native
-from .gemms import ENGINES, engines
+from .gemms import engines
 from .matmul import FLOAT32, Products, Weight
 
 MIN_GAIN = 1.1  # bfloat16 is used for a matmul where it is at least this much faster than float32
@@ -49,8 +50,10 @@ def bucket(rows: int, n: int, k: int) -> int:
     return timed
 
 
+@functools.cache
 def cpu() -> dict[str, Any]:
-    """What the timings depend on, besides the shapes."""
+    """What the timings depend on, besides the shapes (once a process: it asks the C compiler
+    its version for the kernel's build key)."""
     info: dict[str, Any] = {"machine": platform.machine(), "cores": len(os.sched_getaffinity(0))}
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -163,7 +166,3 @@ def measure_product(m: int, n: int, k: int, transpose: bool, repeats: int = 5) -
             call()
             seconds[name].append(time.perf_counter() - started)
     return {name: statistics.median(s) for name, s in seconds.items()}
-
-
-def describe(engine: str) -> str:
-    return ENGINES.get(engine, engine)
