@@ -166,7 +166,7 @@ def test_training_processes_keep_freed_memory_on_glibc():
     assert given_back < 8 << 20  # glibc's default: a block this large is unmapped when freed
 
 
-# -- one-row products through the BLAS's sgemv (accel/gemv.c) ----------------------------------
+# -- products of 1 to 8 rows through the shim (accel/gemv.c) -----------------------------------
 
 linux_blas = pytest.mark.skipif(
     not sys.platform.startswith("linux") or blas.find_blas() is None, reason="the shim is for Linux's OpenBLAS"
@@ -248,6 +248,65 @@ def test_a_few_rows_through_a_linear_layers_weight_match_numpy(rows):
                 assert np.isnan(c[:, n:]).all()  # nothing written past each row's n values
             used = shim.mlx_lora_api_few_rows_count() - before
             assert used == (1 if rows <= 8 and shim.mlx_lora_api_few_rows(-1) else 0)
+
+
+@linux_blas
+@pytest.mark.parametrize("kind", ["float16", "bfloat16"])
+def test_products_through_a_weights_half_copy_are_float32_products(kind):
+    """A weight whose values are all float16 (or bfloat16) values gets a copy in that type, which
+    products of 1 to 8 rows read, through the whole weight or rows of it (a view, as a block's
+    q/k/v are views into their stacked weight); the result is float32's product with the same order of
+    sums, bit for bit. A weight with other values gets no copy; a copy whose weight changed under it
+    is not read; once dropped, none is."""
+    import ctypes
+    import gc
+
+    import numpy as np
+
+    from mlx_lora_api.accel import gemv
+
+    shim = blas._shim[0] if blas._shim else None
+    if shim is None or not shim.mlx_lora_api_few_rows(-1):
+        pytest.skip("the few-rows kernels need the shim, AVX2 and FMA")
+    rng = np.random.default_rng(1)
+    k, n, f = 77, 34, ctypes.c_float
+
+    def product(x, w, rows_from=0, rows=None):
+        rows = rows or w.shape[0] - rows_from
+        c = np.full((x.shape[0], rows), np.nan, np.float32)
+        shim.cblas_sgemm(
+            101, 111, 112, x.shape[0], rows, k, f(1.0), x.ctypes.data_as(ctypes.c_void_p), k,
+            ctypes.c_void_p(w.ctypes.data + 4 * rows_from * k), k, f(0.0), c.ctypes.data_as(ctypes.c_void_p), rows,
+        )  # fmt: skip
+        return c
+
+    exact = rng.standard_normal((n, k), dtype=np.float32)
+    if kind == "float16":
+        exact = exact.astype(np.float16).astype(np.float32)
+    else:  # bfloat16 values, some under float16's range
+        exact = (exact.view(np.uint32) & 0xFFFF0000).view(np.float32) * np.float32(2.0**-20)
+    twin = exact.copy()  # the same values, no copy registered: the float32 kernel
+    shadows = gemv.Shadows(shim, [exact, rng.standard_normal((n, k), dtype=np.float32)])
+    assert (shadows.count, shadows.kinds, shadows.nbytes) == (1, [kind], n * k * 2)
+    for rows in range(1, 9):
+        x = rng.standard_normal((rows, k), dtype=np.float32)
+        for start, width in ((0, n), (5, 20), (33, 1)):
+            before = shim.mlx_lora_api_shadow_count()
+            got = product(x, exact, start, width)
+            assert shim.mlx_lora_api_shadow_count() == before + 1
+            np.testing.assert_array_equal(got, product(x, twin, start, width))
+            np.testing.assert_allclose(got, x.astype(np.float64) @ exact[start : start + width].T, rtol=1e-5, atol=1e-5)
+
+    x = rng.standard_normal((3, k), dtype=np.float32)
+    exact[0, 0] = 1.0 + twin[0, 0]  # changed under its copy (MLX never does; freed memory reused might)
+    before = shim.mlx_lora_api_shadow_count()
+    np.testing.assert_allclose(product(x, exact), x @ exact.T, rtol=1e-5, atol=1e-5)
+    assert shim.mlx_lora_api_shadow_count() == before
+    exact[0, 0] = twin[0, 0]
+    del shadows
+    gc.collect()
+    np.testing.assert_array_equal(product(x, exact), product(x, twin))
+    assert shim.mlx_lora_api_shadow_count() == before
 
 
 GREEDY_DECODE = """

@@ -116,6 +116,52 @@ def test_the_compiled_decoding_step_takes_llama_3s_scaled_rotation(tmp_path, tin
         assert all(mx.array_equal(a, b).item() for a, b in zip(want, got)), prompts
 
 
+@pytest.mark.skipif(not device.on_cpu(), reason="the half copies are the CPU's (accel/gemv.c)")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_model_stored_in_half_precision_decodes_from_half_copies_with_its_own_logits(
+    tmp_path, tiny_model_template, monkeypatch, dtype
+):
+    """Every weight of a model stored in float16 (or bfloat16) is one in float32 too, so the products
+    that read the half copies compute what float32 computes: the logits bit for bit the model's own,
+    alone and as a batch; the copies count in the cache's budget; `no-half_weights` leaves them out."""
+    from mlx_lm.utils import save_model
+
+    from mlx_lora_api.accel import blas
+
+    base = tmp_path / dtype
+    shutil.copytree(tiny_model_template, base)
+    stored, _ = load(str(base))
+    stored.set_dtype(getattr(mx, dtype))
+    if dtype == "bfloat16":  # values below float16's range: the block's q/k/v read a bfloat16 copy
+        attention = stored.layers[0].self_attn
+        attention.q_proj.weight = attention.q_proj.weight * 1e-6
+    save_model(base, stored)
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    model, _, step = cache.get(str(base))
+    assert isinstance(step, decoding.Decoder)
+    half = step.fused.half
+    if half is None:
+        pytest.skip("no shim, or a CPU without AVX2, FMA and F16C")
+    layers = len(model.layers)
+    assert half.count == 4 * layers + 1  # q/k/v, o, gate/up, down; the output layer
+    # bfloat16 values that are float16 values too are read as float16 (one instruction to widen)
+    assert half.kinds == (["float16"] if dtype == "float16" else ["bfloat16", "float16"])
+    entry = next(iter(cache._entries.values()))
+    assert entry.nbytes == generation._nbytes(model) + half.nbytes
+    reference, _ = load(str(base))
+    reference.set_dtype(mx.float32)
+    before = blas.shadow_products()
+    for prompts in ([[5, 9, 30, 2]], [[5, 9, 30, 2, 7, 7], [3], [11, 12, 13]]):
+        want = greedy_logits(reference, reference, prompts, 24)
+        got = greedy_logits(step, model, prompts, 24)
+        assert all(mx.array_equal(a, b).item() for a, b in zip(want, got)), prompts
+    assert blas.shadow_products() - before >= 2 * 23 * (4 * layers + 1)  # every step but the prompt's
+
+    monkeypatch.setenv("MLX_LORA_API_LEVERS", "no-half_weights")
+    _, _, step = generation.ModelCache(budget_bytes=1 << 30).get(str(base))
+    assert isinstance(step, decoding.Decoder) and step.fused.half is None
+
+
 def test_the_cache_unloads_the_least_recently_used_model_past_its_budget(tmp_path, tiny_model_template):
     other = tmp_path / "other"
 

@@ -328,8 +328,12 @@ def test_levers_switched_off_by_the_environment_train_on_mlx_lms_plain_path(tmp_
 
     assert levers.from_environment({"MLX_LORA_API_LEVERS": "off"}) == levers.PLAIN
     assert levers.from_environment({}) == levers.Levers()
-    with pytest.raises(ValueError, match="MLX_LORA_API_LEVERS='sometimes': use on or off"):
+    with pytest.raises(ValueError, match="MLX_LORA_API_LEVERS='sometimes': use on, off, or no-<lever>"):
         levers.from_environment({"MLX_LORA_API_LEVERS": "sometimes"})
+    some = levers.from_environment({"MLX_LORA_API_LEVERS": "no-half_weights, no-cpu_head"})
+    assert some == levers.Levers(half_weights=False, cpu_head=False)
+    with pytest.raises(ValueError, match=r"no-<lever>.* of prefix_cache, cpu_head"):
+        levers.from_environment({"MLX_LORA_API_LEVERS": "no-pad_multiple"})
     called = []
     for name in ("cross_entropy", "swiglu", "attention"):
         monkeypatch.setattr(kernels, name, lambda *args, _name=name: called.append(_name))

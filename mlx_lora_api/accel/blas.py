@@ -13,7 +13,14 @@ import ctypes.util
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .gemv import Shadows
 
 log = logging.getLogger("mlx_lora_api")
 
@@ -97,6 +104,19 @@ def _load_shim(library: ctypes.CDLL, decoding: bool) -> str | None:
 def vector_products() -> int | None:
     """How many one-row products went to the BLAS's sgemv in this process (None: no shim)."""
     return _shim[0].mlx_lora_api_gemv_count() if _shim else None
+
+
+def shadow_products() -> int | None:
+    """How many products read a weight's half-precision copy (gemv.py's `Shadows`; None: no shim)."""
+    return _shim[0].mlx_lora_api_shadow_count() if _shim else None
+
+
+def half_shadows(weights: Iterable[np.ndarray]) -> Shadows | None:
+    """Exact half-precision copies of these float32 weights for the shim's few-rows products
+    (gemv.py), or None where the shim is not loaded."""
+    from . import gemv
+
+    return gemv.Shadows(_shim[0], weights) if _shim else None
 
 
 def keep_freed_memory() -> bool:

@@ -6,12 +6,22 @@
  * packing the weight costs more than the product (0.4 ms for 1 to 16 rows through SmolLM2's
  * 1536 x 576 MLP weight, on 2 Zen 4 cores).
  *
- * This library exports `cblas_sgemm` ahead of OpenBLAS (accel/blas.py loads it first): a product
- * with one row goes to the BLAS's sgemv; 2 to 8 rows through a weight stored as MLX's Linear
- * layers store it (x @ W.T), on a CPU with AVX2 and FMA, to `few_rows` below, which streams the
- * weight once and multiplies each of its rows with every input row while it is in L1; any other
- * product to the BLAS's sgemm. Row-major only, as MLX calls it. */
+ * This library exports `cblas_sgemm` ahead of OpenBLAS (accel/blas.py loads it first): 1 to 8 rows
+ * through a weight stored as MLX's Linear layers store it (x @ W.T), on a CPU with AVX2 and FMA, go
+ * to `few_rows` below, which streams the weight once and multiplies each of its rows with every
+ * input row while it is in L1; other one-row products to the BLAS's sgemv; any other product to
+ * the BLAS's sgemm. Row-major only, as MLX calls it.
+ *
+ * Half-precision shadows. A model stored in float16 or bfloat16 (most are) computes in float32 on
+ * the CPU, so every token reads twice the bytes the file holds. The decoding step registers, for
+ * each of its float32 weights whose every value is exactly a float16 (or a bfloat16), a copy in
+ * that type (`mlx_lora_api_shadow_add`); a product of 1 to 8 rows through such a weight then reads
+ * the copy, widens each value to float32 in registers (F16C's vcvtph2ps, or a 16-bit shift) and
+ * multiplies in float32 as before: the same values, half the memory traffic. Only the order of the
+ * sums differs from the BLAS's. */
+#include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float, float *,
@@ -24,12 +34,56 @@ static sgemm_fn blas_sgemm;
 static sgemv_fn blas_sgemv;
 static long vector_products;
 static long few_row_products;
+static long shadow_products;
 static int have_avx2_fma = -1;
+static int have_f16c = -1;
 
 enum { FEW_ROWS = 8, LANES = 8, BLOCK = 4, COLUMNS = 3 };
+enum { FLOAT32 = 0, FLOAT16 = 1, BFLOAT16 = 2 }; /* how a weight is stored: `kind` below */
+
+/* A float32 weight (rows x cols, row-major, as a Linear layer holds it) and its exact copy in half
+ * precision. Read under the lock for the whole product, so that removing one (the model unloaded)
+ * waits for a product reading it to end before Python frees the copy. */
+typedef struct {
+    const float *weight;
+    const uint16_t *half;
+    long rows, cols;
+    int kind;
+} shadow_t;
+
+enum { SHADOWS = 4096 };
+static shadow_t shadows[SHADOWS];
+static int shadow_count;
+static pthread_rwlock_t shadow_lock = PTHREAD_RWLOCK_INITIALIZER;
+
+int mlx_lora_api_few_rows(int enable);
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+/* Eight weight values from `w` (of `kind`) at element `at`, as float32. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8(const int kind, const void *w,
+                                                                                   size_t at) {
+    if (kind == FLOAT16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + at)));
+    if (kind == BFLOAT16)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + at))), 16));
+    return _mm256_loadu_ps((const float *)w + at);
+}
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline float load1(const int kind, const void *w,
+                                                                                  size_t at) {
+    if (kind == FLOAT16) return _cvtsh_ss(((const uint16_t *)w)[at]);
+    if (kind == BFLOAT16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)w)[at] << 16;
+        float value;
+        memcpy(&value, &bits, sizeof value);
+        return value;
+    }
+    return ((const float *)w)[at];
+}
+
+static inline size_t element_size(int kind) { return kind == FLOAT32 ? sizeof(float) : sizeof(uint16_t); }
 
 __attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -43,24 +97,29 @@ __attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
  * input vector: the 16 AVX registers). ROWS and COLS are constants where it is inlined, so the
  * accumulators stay in registers. The next tile's weight rows are prefetched as this one streams
  * its own: with the arithmetic in between, the core's own prefetching fetches about half of what
- * the memory can give (8 rows of SmolLM2's output layer: 34 -> 78 GFLOP/s on 2 Zen 4 cores). */
-__attribute__((target("avx2,fma"), always_inline)) static inline void tile(
-    const int ROWS, const int COLS, int k, float alpha, const float *a, int lda, const float *w, int ldw,
-    const float *next, float beta, float *c, int ldc) {
+ * the memory can give (8 rows of SmolLM2's output layer: 34 -> 78 GFLOP/s on 2 Zen 4 cores). Into
+ * L2, not L1 (hint T1): L1's few miss buffers held the streams back (all of SmolLM2's blocks'
+ * weights, 8 rows: 28.5 -> 17.1 ms; one row from float16 copies: 12.8 -> 8.7 ms; Zen 4). */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void tile(
+    const int ROWS, const int COLS, const int kind, int k, float alpha, const float *a, int lda, const void *w,
+    int ldw, const void *next, float beta, float *c, int ldc) {
     int full = k - k % LANES;
+    const size_t size = element_size(kind);
     __m256 acc[BLOCK][COLUMNS];
 #pragma GCC unroll 4
     for (int i = 0; i < ROWS; i++)
 #pragma GCC unroll 3
         for (int j = 0; j < COLS; j++) acc[i][j] = _mm256_setzero_ps();
     for (int p = 0; p < full; p += LANES) {
-        if (next && !(p & 15)) {
+        /* one prefetch a cache line of each next row: every 16 float32 values, or 32 halves */
+        if (next && !(p & (size == 4 ? 15 : 31))) {
 #pragma GCC unroll 3
-            for (int j = 0; j < COLUMNS; j++) _mm_prefetch((const char *)(next + (size_t)j * ldw + p), _MM_HINT_T0);
+            for (int j = 0; j < COLUMNS; j++)
+                _mm_prefetch((const char *)next + ((size_t)j * ldw + p) * size, _MM_HINT_T1);
         }
         __m256 weights[COLUMNS];
 #pragma GCC unroll 3
-        for (int j = 0; j < COLS; j++) weights[j] = _mm256_loadu_ps(w + (size_t)j * ldw + p);
+        for (int j = 0; j < COLS; j++) weights[j] = load8(kind, w, (size_t)j * ldw + p);
 #pragma GCC unroll 4
         for (int i = 0; i < ROWS; i++) {
             __m256 in = _mm256_loadu_ps(a + (size_t)i * lda + p);
@@ -73,16 +132,15 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void tile(
         const float *in = a + (size_t)i * lda;
 #pragma GCC unroll 3
         for (int j = 0; j < COLS; j++) {
-            const float *row = w + (size_t)j * ldw;
             float sum = hsum(acc[i][j]);
-            for (int p = full; p < k; p++) sum += row[p] * in[p];
+            for (int p = full; p < k; p++) sum = __builtin_fmaf(load1(kind, w, (size_t)j * ldw + p), in[p], sum);
             float *out = c + (size_t)i * ldc + j;
             *out = beta == 0.0f ? alpha * sum : alpha * sum + beta * *out;
         }
     }
 }
 
-#define TILE(R, C) tile(R, C, k, alpha, in, lda, w0, ldw, next, beta, c + (size_t)i0 * ldc + j, ldc)
+#define TILE(R, C) tile(R, C, kind, k, alpha, in, lda, w0, ldw, next, beta, c + (size_t)i0 * ldc + j, ldc)
 #define ROWS_OF(R)                   \
     case R:                          \
         if (cols == 3) TILE(R, 3);   \
@@ -90,28 +148,56 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void tile(
         else TILE(R, 1);             \
         break;
 
-/* c[i][j] = alpha * sum_k a[i][k] * w[j][k] + beta * c[i][j], for i < m (2..FEW_ROWS), j < n: groups of
- * three weight rows shared out between threads, each read once; the input rows stay in L1/L2. */
-__attribute__((target("avx2,fma"))) static void few_rows(int m, int n, int k, float alpha, const float *a, int lda,
-                                                          const float *w, int ldw, float beta, float *c, int ldc) {
-    int groups = (n + COLUMNS - 1) / COLUMNS;
-#pragma omp parallel for schedule(static)
-    for (int g = 0; g < groups; g++) {
-        int j = g * COLUMNS;
-        int cols = n - j < COLUMNS ? n - j : COLUMNS;
-        const float *w0 = w + (size_t)j * ldw;
-        for (int i0 = 0; i0 < m; i0 += BLOCK) {
-            const float *in = a + (size_t)i0 * lda;
-            /* the next group's rows, while this group's first tile streams from memory */
-            const float *next = i0 == 0 && j + 2 * COLUMNS <= n ? w0 + (size_t)COLUMNS * ldw : 0;
-            switch (m - i0 < BLOCK ? m - i0 : BLOCK) {
-                ROWS_OF(1)
-                ROWS_OF(2)
-                ROWS_OF(3)
-                ROWS_OF(4)
-            }
-        }
+/* c[i][j] = alpha * sum_k a[i][k] * w[j][k] + beta * c[i][j], for i < m (1..FEW_ROWS), j < n, `w` stored
+ * as KIND: groups of three weight rows shared out between threads, each read once; the input rows stay
+ * in L1/L2. */
+#define FEW_ROWS_OF(NAME, KIND)                                                                                   \
+    __attribute__((target("avx2,fma,f16c"))) static void NAME(int m, int n, int k, float alpha, const float *a,   \
+                                                              int lda, const void *w, int ldw, float beta,        \
+                                                              float *c, int ldc) {                                \
+        int groups = (n + COLUMNS - 1) / COLUMNS;                                                                 \
+        _Pragma("omp parallel for schedule(static)") for (int g = 0; g < groups; g++) {                           \
+            const int kind = KIND; /* a constant where the tiles are inlined */                                  \
+            const size_t size = element_size(kind);                                                               \
+            int j = g * COLUMNS;                                                                                  \
+            int cols = n - j < COLUMNS ? n - j : COLUMNS;                                                         \
+            const char *w0 = (const char *)w + (size_t)j * ldw * size;                                            \
+            for (int i0 = 0; i0 < m; i0 += BLOCK) {                                                               \
+                const float *in = a + (size_t)i0 * lda;                                                           \
+                /* the next group's rows, while this group's first tile streams from memory */                    \
+                const char *next = i0 == 0 && j + 3 * COLUMNS <= n ? w0 + (size_t)2 * COLUMNS * ldw * size : 0;      \
+                switch (m - i0 < BLOCK ? m - i0 : BLOCK) {                                                        \
+                    ROWS_OF(1)                                                                                    \
+                    ROWS_OF(2)                                                                                    \
+                    ROWS_OF(3)                                                                                    \
+                    ROWS_OF(4)                                                                                    \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
     }
+
+FEW_ROWS_OF(few_rows, FLOAT32)
+FEW_ROWS_OF(few_rows_float16, FLOAT16)
+FEW_ROWS_OF(few_rows_bfloat16, BFLOAT16)
+
+/* The shadow of the weight `b` points into (a registered float32 weight, read as x @ W.T with its
+ * own row length), with the half copy's pointer at the same element; takes the read lock, which the
+ * caller releases after the product. NULL (and no lock held) where there is none. */
+__attribute__((target("avx2,fma,f16c"))) static const shadow_t *shadow_of(const float *b, int ldb, int n, int k, const uint16_t **half) {
+    pthread_rwlock_rdlock(&shadow_lock);
+    int count = __atomic_load_n(&shadow_count, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < count; i++) {
+        const shadow_t *s = &shadows[i];
+        if (!s->weight || b < s->weight || b >= s->weight + s->rows * s->cols || ldb != s->cols) continue;
+        size_t at = (size_t)(b - s->weight);
+        if ((long)(at % s->cols) + k > s->cols || (long)(at / s->cols) + n > s->rows) continue;
+        /* the copy is of these values: a spot check against a weight freed and its memory reused */
+        if (load1(s->kind, s->half, at) != b[0] || load1(s->kind, s->half, at + (size_t)k - 1) != b[k - 1]) continue;
+        *half = s->half + at;
+        return s;
+    }
+    pthread_rwlock_unlock(&shadow_lock);
+    return 0;
 }
 #endif
 
@@ -120,9 +206,43 @@ void mlx_lora_api_gemv_use(sgemm_fn sgemm, sgemv_fn sgemv) {
     blas_sgemv = sgemv;
 }
 
-/* How many products went to sgemv, and to `few_rows` (the tests check that decoding does). */
+/* How many one-row products the shim took (to sgemv or its own kernels), and how many products went to
+ * `few_rows` (the tests check that decoding does). */
 long mlx_lora_api_gemv_count(void) { return __atomic_load_n(&vector_products, __ATOMIC_RELAXED); }
 long mlx_lora_api_few_rows_count(void) { return __atomic_load_n(&few_row_products, __ATOMIC_RELAXED); }
+long mlx_lora_api_shadow_count(void) { return __atomic_load_n(&shadow_products, __ATOMIC_RELAXED); }
+
+/* Register `half`, an exact copy of the float32 weight at `weight` (rows x cols, row-major) stored as
+ * `kind`; returns 1, or 0 where this CPU cannot read it (no AVX2, FMA and F16C) or the table is full.
+ * The caller keeps both alive until `mlx_lora_api_shadow_remove`. */
+int mlx_lora_api_shadow_add(const float *weight, const uint16_t *half, long rows, long cols, int kind) {
+    if (kind != FLOAT16 && kind != BFLOAT16) return 0;
+#if defined(__x86_64__)
+    if (have_f16c < 0) have_f16c = __builtin_cpu_supports("f16c");
+    if (!have_f16c || !mlx_lora_api_few_rows(-1)) return 0;
+    int added = 0;
+    pthread_rwlock_wrlock(&shadow_lock);
+    for (int i = 0; i < SHADOWS && !added; i++) {
+        if (shadows[i].weight) continue;
+        shadows[i] = (shadow_t){weight, half, rows, cols, kind};
+        if (i >= shadow_count) __atomic_store_n(&shadow_count, i + 1, __ATOMIC_RELEASE);
+        added = 1;
+    }
+    pthread_rwlock_unlock(&shadow_lock);
+    return added;
+#else
+    (void)weight, (void)half, (void)rows, (void)cols;
+    return 0;
+#endif
+}
+
+/* Forget the shadow of `weight`; returns once no product reads it. */
+void mlx_lora_api_shadow_remove(const float *weight) {
+    pthread_rwlock_wrlock(&shadow_lock);
+    for (int i = 0; i < shadow_count; i++)
+        if (shadows[i].weight == weight) shadows[i].weight = 0;
+    pthread_rwlock_unlock(&shadow_lock);
+}
 
 /* Whether `few_rows` runs here (AVX2 and FMA); set to 0 by the tests to compare with sgemm. */
 int mlx_lora_api_few_rows(int enable) {
@@ -138,9 +258,22 @@ int mlx_lora_api_few_rows(int enable) {
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
                  const float *b, int ldb, float beta, float *c, int ldc) {
+    if (order == ROW_MAJOR && m == 1 && n > 0 && k > 0) __atomic_add_fetch(&vector_products, 1, __ATOMIC_RELAXED);
 #if defined(__x86_64__)
-    if (order == ROW_MAJOR && m > 1 && m <= FEW_ROWS && trans_a == NO_TRANS && trans_b == TRANS && n > 0 && k > 0 &&
+    if (order == ROW_MAJOR && m >= 1 && m <= FEW_ROWS && trans_a == NO_TRANS && trans_b == TRANS && n > 0 && k > 0 &&
         (have_avx2_fma >= 0 ? have_avx2_fma : mlx_lora_api_few_rows(-1))) {
+        const uint16_t *half;
+        const shadow_t *shadow = __atomic_load_n(&shadow_count, __ATOMIC_RELAXED) ? shadow_of(b, ldb, n, k, &half) : 0;
+        if (shadow) {
+            __atomic_add_fetch(&shadow_products, 1, __ATOMIC_RELAXED);
+            if (shadow->kind == FLOAT16)
+                few_rows_float16(m, n, k, alpha, a, lda, half, ldb, beta, c, ldc);
+            else
+                few_rows_bfloat16(m, n, k, alpha, a, lda, half, ldb, beta, c, ldc);
+            pthread_rwlock_unlock(&shadow_lock);
+            return;
+        }
+        /* one row too: with its prefetching, faster than OpenBLAS's sgemv (docs/benchmarks.md) */
         __atomic_add_fetch(&few_row_products, 1, __ATOMIC_RELAXED);
         few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
@@ -150,7 +283,6 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         blas_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }
-    __atomic_add_fetch(&vector_products, 1, __ATOMIC_RELAXED);
     /* c (1 x n) = alpha * a (1 x k) . op(b) (k x n) + beta * c: with op(b) = b, c = b^T a; with
      * op(b) = b^T (b stored n x k), c = b a. `a` is a row, or a column of a stored k x 1. */
     int inc_a = trans_a == NO_TRANS ? 1 : lda;

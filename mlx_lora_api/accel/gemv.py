@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
+from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
 
 from . import native
 
@@ -45,4 +49,54 @@ def load(blas: ctypes.CDLL, decoding: bool = False) -> ctypes.CDLL:
     shim.mlx_lora_api_gemv_use(ctypes.cast(blas.cblas_sgemm, address), ctypes.cast(blas.cblas_sgemv, address))
     shim.mlx_lora_api_gemv_count.restype = ctypes.c_long
     shim.mlx_lora_api_few_rows_count.restype = ctypes.c_long
+    shim.mlx_lora_api_shadow_count.restype = ctypes.c_long
+    shim.mlx_lora_api_shadow_add.argtypes = [address, address, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    shim.mlx_lora_api_shadow_remove.argtypes = [address]
     return shim
+
+
+FLOAT16, BFLOAT16 = 1, 2  # gemv.c's kinds
+
+
+def half_copy(weight: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """`weight` (float32) stored as float16 or bfloat16 (as 16-bit words), where every value is
+    exactly one of that type (a model stored in it, computed in float32); None where not."""
+    half = weight.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), weight):
+        return FLOAT16, half.view(np.uint16)
+    bits = weight.view(np.uint32)
+    if not np.any(bits & 0xFFFF):
+        return BFLOAT16, (bits >> 16).astype(np.uint16)
+    return None
+
+
+class Shadows:
+    """Exact half-precision copies of float32 weights, which the shim reads in their place for
+    products of 1 to 8 rows (gemv.c): what decoding a token reads from memory, halved. Each weight
+    is a row-major float32 array over the very buffer MLX multiplies (a view, not a copy); a weight
+    that is not exactly representable gets none. Kept until this object goes: the shim forgets them
+    first (waiting for a product that reads one), then the copies and weights are let go."""
+
+    def __init__(self, shim: ctypes.CDLL, weights: Iterable[np.ndarray]):
+        kept: list[tuple[np.ndarray, np.ndarray]] = []
+        kinds = set()
+        for weight in weights:
+            if weight.dtype != np.float32 or weight.ndim != 2 or not weight.flags.c_contiguous:
+                continue
+            copy = half_copy(weight)
+            if copy is None:
+                continue
+            kind, half = copy
+            rows, cols = weight.shape
+            if shim.mlx_lora_api_shadow_add(weight.ctypes.data, half.ctypes.data, rows, cols, kind):
+                kept.append((weight, half))
+                kinds.add("float16" if kind == FLOAT16 else "bfloat16")
+        self.count = len(kept)
+        self.nbytes = sum(half.nbytes for _, half in kept)
+        self.kinds = sorted(kinds)
+        weakref.finalize(self, _forget, shim, kept)
+
+
+def _forget(shim: ctypes.CDLL, kept: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for weight, _ in kept:
+        shim.mlx_lora_api_shadow_remove(weight.ctypes.data)

@@ -13,7 +13,10 @@ as their fallbacks, 15 and 5 operations each, so a token of SmolLM2-135M through
   and the weights transposed once, so that no product reshapes or transposes;
 - what lies between two attention lookups compiled (`mx.compile` fuses element-wise operations);
   the cache and the attention are mlx-lm's, called as its model calls them, so a batch's padding
-  and masks are what they would be.
+  and masks are what they would be;
+- where the model is stored in float16 or bfloat16 (computed in float32 on the CPU), each weight's
+  exact copy in that type, which the products of 1 to 8 rows read instead (accel/gemv.c): half
+  the bytes a token reads, the same values (`levers.half_weights`).
 
 A LoRA adapter laid over the base (`ModelCache.get` lays it in place) adds its own products to the
 fused ones, each as mlx-lm's `LoRALinear` computes it: the logits are the model's own, bit for bit
@@ -106,6 +109,10 @@ class Fused:
         embed = model.model.embed_tokens
         self.head = (embed.weight if model.args.tie_word_embeddings else model.lm_head.weight).T
         mx.eval(model.parameters(), self.qkv, self.gate_up, self.o_proj, self.down_proj, self.head)
+        # A model stored in half precision: its products of a few rows read a copy in that type.
+        stored = [w.T for w in (*self.qkv, *self.gate_up, *self.o_proj, *self.down_proj, self.head)]
+        self.half = levers.half_weights(stored)
+        self.nbytes = self.half.nbytes if self.half is not None else 0  # beyond the model's own
 
     def adapters(self, model: nn.Module) -> list[tuple[Any, ...]] | None:
         """Each block's LoRA layers over these weights, in PROJECTIONS + MLP order (None where a

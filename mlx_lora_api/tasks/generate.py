@@ -106,7 +106,8 @@ class ModelCache:
                 load_adapters(model, full)
                 device.cast_for_compute(model)
             self.loads += 1
-            entry = _Entry(model, tokenizer, _nbytes(model), decoding.fuse(model))
+            fused = decoding.fuse(model)
+            entry = _Entry(model, tokenizer, _nbytes(model) + (fused.nbytes if fused else 0), fused)
             entry.adapter = full
             self._entries[key] = entry
             self._evict(keep=key)

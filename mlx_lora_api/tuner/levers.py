@@ -22,6 +22,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import msgspec
+import numpy as np
 
 from .. import device
 from ..types import Parameters
@@ -43,17 +44,42 @@ class Levers(msgspec.Struct, frozen=True):
     cpu_head: bool = True  # the output layer's softmax in numpy (CPU only; accel/kernels.py)
     cpu_ops: bool = True  # attention's and SwiGLU's in numpy, eager steps; MLX's cross-entropy over the cores
     keep_freed_memory: bool = True  # glibc keeps freed memory (CPU only; accel/blas.py)
+    # Decoding reads a float16/bfloat16 copy of each weight that is exactly one (CPU; accel/gemv.c).
+    half_weights: bool = True
 
 
 PLAIN = Levers(pad_multiple=32, prefix_cache=False, cpu_head=False, cpu_ops=False, keep_freed_memory=False)
 
 
+SWITCHES = tuple(name for name in Levers.__struct_fields__ if name != "pad_multiple")
+
+
 def from_environment(environ: Mapping[str, str] = os.environ) -> Levers:
-    """Every lever, or none with `MLX_LORA_API_LEVERS=off`."""
+    """Every lever; none with `MLX_LORA_API_LEVERS=off`; all but some with `no-` and their names,
+    comma-separated (`MLX_LORA_API_LEVERS=no-half_weights`), to measure one against the rest."""
     value = environ.get(ENV, "on").strip().lower()
-    if value not in ("on", "off"):
-        raise ValueError(f"{ENV}={value!r}: use on or off")
-    return PLAIN if value == "off" else Levers()
+    if value in ("on", "off"):
+        return PLAIN if value == "off" else Levers()
+    switched_off = {}
+    for part in value.split(","):
+        name = part.strip().removeprefix("no-")
+        if not part.strip().startswith("no-") or name not in SWITCHES:
+            raise ValueError(f"{ENV}={value!r}: use on, off, or no-<lever>[,no-<lever>] of {', '.join(SWITCHES)}")
+        switched_off[name] = False
+    return Levers(**switched_off)
+
+
+def half_weights(weights: Sequence[mx.array]) -> Any:
+    """Exact half-precision copies of those float32 weights (2-D, row-major) whose every value is a
+    float16 or a bfloat16, which products of 1 to 8 rows then read in their place (accel/gemv.c):
+    what decoding reads from memory, halved, the values the same. Returns what keeps them (with
+    `count`, `nbytes` and `kinds`), to hold as long as the weights; None where none apply (the
+    lever off, not the CPU, no shim)."""
+    if not from_environment().half_weights or not device.on_cpu():
+        return None
+    from ..accel import blas
+
+    return blas.half_shadows(np.asarray(memoryview(w)) for w in weights)
 
 
 class LossPlan(msgspec.Struct):
