@@ -6,8 +6,9 @@
 Each round, engines alternating, on the bundled SmolLM2-135M-Instruct (greedy, the same chat):
 - one stream: a chat's answer of --tokens tokens, streamed; decode tokens/s from the first token
   to the last (llama.cpp's own `predicted_per_second`), and the whole request's wall time;
-  the service as it ships (one-row products through sgemv, accel/gemv.c) and with
-  MLX_LORA_API_LEVERS=off (MLX's sgemm for every product);
+  the service as it ships (the products of 1 to 8 rows in the shim's kernels, accel/gemv.c, reading
+  the float16 copies of the model's weights), with MLX_LORA_API_LEVERS=no-half_weights (the same
+  kernels over the float32 weights) and with MLX_LORA_API_LEVERS=off (MLX's sgemm for every product);
 - --chats concurrent chats of 64 tokens: every answer's tokens over the wall time, the service
   decoding them as one batch, llama.cpp with as many parallel slots; and the service answering
   the same chats one after another (what it did before it batched);
@@ -240,6 +241,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name, start in [
             ("service", lambda: Service(data_dir, "on")),
+            ("service, float32 weights (no-half_weights)", lambda: Service(data_dir, "no-half_weights")),
             ("service, levers off (sgemm)", lambda: Service(data_dir, "off")),
             ("llama.cpp float16 (the export)", lambda: Llama(f16, args.chats)),
             ("llama.cpp float32", lambda: Llama(f32, args.chats)),
@@ -249,7 +251,7 @@ def main() -> None:
                 single.setdefault(name, []).append(engine.chat(QUESTION, args.tokens))
                 if "levers off" not in name:
                     many.setdefault(f"{name}: {args.chats} at once", []).append(concurrent(engine, args.chats))
-                if name == "service":
+                if name == "service":  # batching's own gain
                     many.setdefault(f"service: {args.chats} one after another", []).append(
                         sequential(engine, args.chats)
                     )

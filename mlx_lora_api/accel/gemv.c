@@ -9,8 +9,11 @@
  * This library exports `cblas_sgemm` ahead of OpenBLAS (accel/blas.py loads it first): 1 to 8 rows
  * through a weight stored as MLX's Linear layers store it (x @ W.T), on a CPU with AVX2 and FMA, go
  * to `few_rows` below, which streams the weight once and multiplies each of its rows with every
- * input row while it is in L1; other one-row products to the BLAS's sgemv; any other product to
- * the BLAS's sgemm. Row-major only, as MLX calls it.
+ * input row while it is in L1; a small row by a matrix (attention's weights by its values) to
+ * `one_row_by_rows`, on the calling thread; other one-row products to the BLAS's sgemv; any other
+ * product to the BLAS's sgemm. Row-major only, as MLX calls it. Decoding then never wakes the BLAS's
+ * threads, which spin for a while after each call: on 2 cores, beside the kernels' own threads and
+ * the Python thread, one stream of SmolLM2 through the service fell to 4-42 tokens/s, erratic.
  *
  * Half-precision shadows. A model stored in float16 or bfloat16 (most are) computes in float32 on
  * the CPU, so every token reads twice the bytes the file holds. The decoding step registers, for
@@ -19,6 +22,7 @@
  * the copy, widens each value to float32 in registers (F16C's vcvtph2ps, or a 16-bit shift) and
  * multiplies in float32 as before: the same values, half the memory traffic. Only the order of the
  * sums differs from the BLAS's. */
+#include <omp.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -39,6 +43,7 @@ static int have_avx2_fma = -1;
 static int have_f16c = -1;
 
 enum { FEW_ROWS = 8, LANES = 8, BLOCK = 4, COLUMNS = 3 };
+enum { THREADED = 1 << 16 };
 enum { FLOAT32 = 0, FLOAT16 = 1, BFLOAT16 = 2 }; /* how a weight is stored: `kind` below */
 
 /* A float32 weight (rows x cols, row-major, as a Linear layer holds it) and its exact copy in half
@@ -60,6 +65,11 @@ int mlx_lora_api_few_rows(int enable);
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+/* How many threads a product through an n x k weight takes: the calling thread alone below 65,536
+ * weight values (attention's products of one query by a few hundred keys), where waking another
+ * costs more than it saves; else every core. */
+static int threads_for(int n, int k) { return (long)n * k < THREADED ? 1 : omp_get_max_threads(); }
 
 /* Eight weight values from `w` (of `kind`) at element `at`, as float32. */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8(const int kind, const void *w,
@@ -156,7 +166,9 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void tile(
                                                               int lda, const void *w, int ldw, float beta,        \
                                                               float *c, int ldc) {                                \
         int groups = (n + COLUMNS - 1) / COLUMNS;                                                                 \
-        _Pragma("omp parallel for schedule(static)") for (int g = 0; g < groups; g++) {                           \
+        int threads = threads_for(n, k);                                                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                        \
+        for (int g = 0; g < groups; g++) {                                                                        \
             const int kind = KIND; /* a constant where the tiles are inlined */                                  \
             const size_t size = element_size(kind);                                                               \
             int j = g * COLUMNS;                                                                                  \
@@ -179,6 +191,27 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void tile(
 FEW_ROWS_OF(few_rows, FLOAT32)
 FEW_ROWS_OF(few_rows_float16, FLOAT16)
 FEW_ROWS_OF(few_rows_bfloat16, BFLOAT16)
+
+/* c (1 x n) = alpha * a (1 x k) . b (k x n, row-major) + beta * c on the calling thread: attention's
+ * weights by its values, one query at a time (k keys, n = a head's width). Each of b's rows is added
+ * in turn, scaled by its weight, so that every output sums over the keys in order. Small enough that
+ * OpenBLAS's threads, which its sgemv wakes for it, would then spin where the few-rows kernel's
+ * threads need the cores. */
+__attribute__((target("avx2,fma"))) static void one_row_by_rows(int n, int k, float alpha, const float *a, int inc_a,
+                                                                const float *b, int ldb, float beta, float *c) {
+    enum { WIDE = 64 };
+    for (int j0 = 0; j0 < n; j0 += WIDE) {
+        int width = n - j0 < WIDE ? n - j0 : WIDE;
+        float sum[WIDE] = {0};
+        for (int p = 0; p < k; p++) {
+            const float weight = a[(size_t)p * inc_a];
+            const float *row = b + (size_t)p * ldb + j0;
+            for (int j = 0; j < width; j++) sum[j] = __builtin_fmaf(weight, row[j], sum[j]);
+        }
+        for (int j = 0; j < width; j++)
+            c[j0 + j] = beta == 0.0f ? alpha * sum[j] : alpha * sum[j] + beta * c[j0 + j];
+    }
+}
 
 /* The shadow of the weight `b` points into (a registered float32 weight, read as x @ W.T with its
  * own row length), with the half copy's pointer at the same element; takes the read lock, which the
@@ -276,6 +309,11 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         /* one row too: with its prefetching, faster than OpenBLAS's sgemv (docs/benchmarks.md) */
         __atomic_add_fetch(&few_row_products, 1, __ATOMIC_RELAXED);
         few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+    if (order == ROW_MAJOR && m == 1 && trans_b == NO_TRANS && n > 0 && k > 0 && (long)n * k < THREADED &&
+        (have_avx2_fma >= 0 ? have_avx2_fma : mlx_lora_api_few_rows(-1))) {
+        one_row_by_rows(n, k, alpha, a, trans_a == NO_TRANS ? 1 : lda, b, ldb, beta, c);
         return;
     }
 #endif
