@@ -124,6 +124,8 @@ def test_a_model_stored_in_half_precision_decodes_from_half_copies_with_its_own_
     """Every weight of a model stored in float16 (or bfloat16) is one in float32 too, so the products
     that read the half copies compute what float32 computes: the logits bit for bit the model's own,
     alone and as a batch; the copies count in the cache's budget; `no-half_weights` leaves them out."""
+    import gc
+
     from mlx_lm.utils import save_model
 
     from mlx_lora_api.accel import blas
@@ -156,6 +158,15 @@ def test_a_model_stored_in_half_precision_decodes_from_half_copies_with_its_own_
         got = greedy_logits(step, model, prompts, 24)
         assert all(mx.array_equal(a, b).item() for a, b in zip(want, got)), prompts
     assert blas.shadow_products() - before >= 2 * 23 * (4 * layers + 1)  # every step but the prompt's
+
+    shim = blas._shim[0]
+    assert shim.mlx_lora_api_shadows_held() >= half.count
+    held = shim.mlx_lora_api_shadows_held()
+    entry = model = step = half = None
+    cache.budget_bytes = 1
+    cache.get(str(tiny_model_template))  # another model, past the budget: the first is unloaded
+    gc.collect()
+    assert shim.mlx_lora_api_shadows_held() == held - (4 * layers + 1)
 
     monkeypatch.setenv("MLX_LORA_API_LEVERS", "no-half_weights")
     _, _, step = generation.ModelCache(budget_bytes=1 << 30).get(str(base))

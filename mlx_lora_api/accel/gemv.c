@@ -245,6 +245,15 @@ long mlx_lora_api_gemv_count(void) { return __atomic_load_n(&vector_products, __
 long mlx_lora_api_few_rows_count(void) { return __atomic_load_n(&few_row_products, __ATOMIC_RELAXED); }
 long mlx_lora_api_shadow_count(void) { return __atomic_load_n(&shadow_products, __ATOMIC_RELAXED); }
 
+/* How many weights have a registered copy now (the tests check that an unloaded model leaves none). */
+int mlx_lora_api_shadows_held(void) {
+    int held = 0;
+    pthread_rwlock_rdlock(&shadow_lock);
+    for (int i = 0; i < shadow_count; i++) held += shadows[i].weight != 0;
+    pthread_rwlock_unlock(&shadow_lock);
+    return held;
+}
+
 /* Register `half`, an exact copy of the float32 weight at `weight` (rows x cols, row-major) stored as
  * `kind`; returns 1, or 0 where this CPU cannot read it (no AVX2, FMA and F16C) or the table is full.
  * The caller keeps both alive until `mlx_lora_api_shadow_remove`. */
