@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
@@ -27,6 +28,13 @@ from .process import begin, describe_error
 
 log = logging.getLogger("mlx_lora_api")
 GENERATION_NICENESS = 5
+# An idle generation process that gets a request waits for more while they come at most 10 ms
+# apart, at most 30 ms in all: chats sent at once then read their prompts as one batch. Taken as
+# they came, the first chat's prompt went alone and the other seven's in a second pass, which the
+# first chat's step had kept waiting (8 chats of SmolLM2 on 2 Zen 4 cores, sent together, reached
+# the server's generation process within 12 ms, 6 ms between the first two: 154 + 880 ms of steps
+# before all 8 had a token, against 857 in one pass). A chat alone waits 10 ms more.
+GATHER = (0.010, 0.030)
 
 
 def default_budget() -> int:
@@ -188,8 +196,14 @@ def process_main(conn: Connection, budget_bytes: int, max_batch: int = 16) -> No
     batcher = generate.Batcher(generate.ModelCache(budget_bytes), max_batch, describe=describe_error)
     while True:
         try:
-            # Wait for work when there is none; otherwise take what came during the last step.
-            while not batcher.busy or conn.poll():
+            # Wait for work when there is none; otherwise take what came during the last step. Work
+            # that comes to an idle process is gathered for a moment first (`GATHER`), so that chats
+            # sent together start together.
+            idle = not batcher.busy
+            gathering_until = time.monotonic() + GATHER[1]
+            while not batcher.busy or conn.poll(
+                max(0.0, min(GATHER[0], gathering_until - time.monotonic())) if idle else 0
+            ):
                 message = msgspec.json.decode(conn.recv_bytes())
                 if "cancel" in message:
                     batcher.cancel(message["cancel"])
