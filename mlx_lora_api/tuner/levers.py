@@ -48,7 +48,9 @@ class Levers(msgspec.Struct, frozen=True):
     half_weights: bool = True
 
 
-PLAIN = Levers(pad_multiple=32, prefix_cache=False, cpu_head=False, cpu_ops=False, keep_freed_memory=False)
+PLAIN = Levers(
+    pad_multiple=32, prefix_cache=False, cpu_head=False, cpu_ops=False, keep_freed_memory=False, half_weights=False
+)
 
 
 SWITCHES = tuple(name for name in Levers.__struct_fields__ if name != "pad_multiple")
