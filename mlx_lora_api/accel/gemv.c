@@ -105,7 +105,7 @@ __attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
 /* Rows i0.. i0+ROWS-1 of c, columns j.. j+COLS-1: every weight value loaded once serves ROWS input
  * rows, every input value COLS weight rows (up to 4 x 3 = 12 accumulators, 3 weight vectors and an
  * input vector: the 16 AVX registers). ROWS and COLS are constants where it is inlined, so the
- * accumulators stay in registers. The next tile's weight rows are prefetched as this one streams
+ * accumulators stay in registers. The weight rows two tiles on are prefetched as this one streams
  * its own: with the arithmetic in between, the core's own prefetching fetches about half of what
  * the memory can give (8 rows of SmolLM2's output layer: 34 -> 78 GFLOP/s on 2 Zen 4 cores). Into
  * L2, not L1 (hint T1): L1's few miss buffers held the streams back (all of SmolLM2's blocks'
@@ -176,7 +176,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void tile(
             const char *w0 = (const char *)w + (size_t)j * ldw * size;                                            \
             for (int i0 = 0; i0 < m; i0 += BLOCK) {                                                               \
                 const float *in = a + (size_t)i0 * lda;                                                           \
-                /* the next group's rows, while this group's first tile streams from memory */                    \
+                /* the group after next's rows, while this group's first tile streams from memory */              \
                 const char *next = i0 == 0 && j + 3 * COLUMNS <= n ? w0 + (size_t)2 * COLUMNS * ldw * size : 0;      \
                 switch (m - i0 < BLOCK ? m - i0 : BLOCK) {                                                        \
                     ROWS_OF(1)                                                                                    \
