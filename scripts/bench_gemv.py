@@ -25,17 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_api import machine  # noqa: E402
 
 from mlx_lora_api.accel import blas, gemv  # noqa: E402
 
 SHAPES = [(576 + 2 * 192, 576), (576, 576), (2 * 1536, 576), (576, 1536)]  # SmolLM2-135M's (n, k)
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-
-
-def machine() -> str:
-    from bench_api import machine as describe
-
-    return describe()
 
 
 def main() -> None:
@@ -44,34 +42,18 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=30)
     args = parser.parse_args()
     path = blas.prepare(decoding=True)
-    if path is None or blas.describe()["gemv"] is None:
+    shim = blas.shim()
+    if path is None or shim is None:
         raise SystemExit("the shim is not loaded: run ./scripts/setup (Linux, OpenBLAS)")
     import numpy as np
 
-    shim = blas._shim[0]
     openblas = ctypes.CDLL(path)  # its own symbols, not the shim's ahead of it
-    pointer, f = ctypes.c_void_p, ctypes.c_float
+    pointer, f, integer = ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    # alpha, a, lda, b (or x), ldb (or incx), beta, c (or y), ldc (or incy): after 6 ints for sgemm, 4 for sgemv
+    operands = [f, pointer, integer, pointer, integer, f, pointer, integer]
     for function in (shim.cblas_sgemm, openblas.cblas_sgemm):
-        function.argtypes = [ctypes.c_int] * 6 + [
-            f,
-            pointer,
-            ctypes.c_int,
-            pointer,
-            ctypes.c_int,
-            f,
-            pointer,
-            ctypes.c_int,
-        ]
-    openblas.cblas_sgemv.argtypes = [ctypes.c_int] * 4 + [
-        f,
-        pointer,
-        ctypes.c_int,
-        pointer,
-        ctypes.c_int,
-        f,
-        pointer,
-        ctypes.c_int,
-    ]
+        function.argtypes = [integer] * 6 + operands
+    openblas.cblas_sgemv.argtypes = [integer] * 4 + operands
     rng = np.random.default_rng(0)
     weights = [
         rng.standard_normal((n, k), dtype=np.float32).astype(np.float16).astype(np.float32)
@@ -129,6 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "scripts"))
-    sys.path.insert(0, str(ROOT / "tests"))
     main()

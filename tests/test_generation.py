@@ -159,7 +159,7 @@ def test_a_model_stored_in_half_precision_decodes_from_half_copies_with_its_own_
         assert all(mx.array_equal(a, b).item() for a, b in zip(want, got)), prompts
     assert blas.shadow_products() - before >= 2 * 23 * (4 * layers + 1)  # every step but the prompt's
 
-    shim = blas._shim[0]
+    shim = blas.shim()
     assert shim.mlx_lora_api_shadows_held() >= half.count
     held = shim.mlx_lora_api_shadows_held()
     entry = model = step = half = None

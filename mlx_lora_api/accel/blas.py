@@ -106,6 +106,11 @@ def vector_products() -> int | None:
     return _shim[0].mlx_lora_api_gemv_count() if _shim else None
 
 
+def shim() -> ctypes.CDLL | None:
+    """The matrix-vector shim this process loaded ahead of the BLAS (gemv.py), or None."""
+    return _shim[0] if _shim else None
+
+
 def shadow_products() -> int | None:
     """How many products read a weight's half-precision copy (gemv.py's `Shadows`; None: no shim)."""
     return _shim[0].mlx_lora_api_shadow_count() if _shim else None

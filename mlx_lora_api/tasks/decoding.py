@@ -112,7 +112,11 @@ class Fused:
         # A model stored in half precision: its products of a few rows read a copy in that type.
         stored = [w.T for w in (*self.qkv, *self.gate_up, *self.o_proj, *self.down_proj, self.head)]
         self.half = levers.half_weights(stored)
-        self.nbytes = self.half.nbytes if self.half is not None else 0  # beyond the model's own
+
+    @property
+    def nbytes(self) -> int:
+        """What these weights hold beyond the model's own: the half-precision copies."""
+        return self.half.nbytes if self.half is not None else 0
 
     def adapters(self, model: nn.Module) -> list[tuple[Any, ...]] | None:
         """Each block's LoRA layers over these weights, in PROJECTIONS + MLP order (None where a
