@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_lora_api.accel import bf16, kernels
+from mlx_lora_api.accel import bf16, blas, kernels
 from mlx_lora_api.tasks import finetune
 from mlx_lora_api.types import FinetuneRequest, Parameters
 
@@ -40,8 +40,34 @@ def test_linear_and_its_gradient_match_float32_to_bfloat16_precision():
     cot = mx.random.normal((2, 7, 40))
     got = mx.grad(lambda x: (bf16.linear(x, weight)[0] * cot).sum())(x)
     assert got.shape == x.shape and close(got, cot @ w, 1e-2)
-    kept = bf16.Weight(w, float32=True)  # where gradients pass: MLX's float32 matmul, lazily
-    assert mx.array_equal(mx.grad(lambda x: (bf16.linear(x, kept)[0] * cot).sum())(x), cot @ w).item()
+
+
+@needs_bf16
+def test_where_gradients_pass_mlx_s_float32_product_goes_to_the_bfloat16_kernel():
+    """A weight that keeps its float32 copy (gradients pass through it): x's gradient is MLX's
+    lazy matmul with it, which the shim sends to the bfloat16 kernel (accel/gemv.c's routes)."""
+    shim = blas.shim()
+    if shim is None:
+        pytest.skip("the matrix-vector shim is not built")
+    x, w, cot = mx.random.normal((2, 7, 48)), mx.random.normal((40, 48)), mx.random.normal((2, 7, 40))
+    kept = bf16.Weight(w, float32=True)
+    assert shim.mlx_lora_api_routes_held() >= 1
+    before = shim.mlx_lora_api_routed_count()
+    got = mx.grad(lambda x: (bf16.linear(x, kept)[0] * cot).sum())(x)
+    mx.eval(got)
+    assert shim.mlx_lora_api_routed_count() == before + 1
+    rounded = cot.astype(mx.bfloat16).astype(mx.float32) @ w.astype(mx.bfloat16).astype(mx.float32)
+    assert close(got, rounded, 1e-5)  # bfloat16 inputs, float32 sums: only the order of the sums differs
+    assert not close(got, cot @ mx.array(np.array(w)), 1e-5)  # a copy of w: not routed, float32's product
+    few = mx.random.normal((8, 40))  # a few rows (decoding's) and a transposed weight: never routed
+    mx.eval(few @ w, x @ w.T)
+    assert shim.mlx_lora_api_routed_count() == before + 1
+    held = shim.mlx_lora_api_routes_held()
+    assert kept.routed is not None
+    kept.routed()  # what runs when the weight goes: the route is forgotten
+    assert shim.mlx_lora_api_routes_held() == held - 1
+    mx.eval(cot @ w)
+    assert shim.mlx_lora_api_routed_count() == before + 1
 
 
 @needs_bf16
@@ -63,12 +89,15 @@ def test_a_group_multiplies_its_members_together_and_computes_afresh_for_another
 
 
 @needs_bf16
-def test_output_layer_in_bfloat16_matches_float32():
+@pytest.mark.parametrize("chunk", [kernels.CHUNK, 4])
+def test_output_layer_in_bfloat16_matches_float32(chunk, monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK", chunk)  # 4: the 9 counted rows' logits in three chunks
     hidden, w = mx.random.normal((12, 16)), mx.random.normal((50, 16))
     targets, mask = mx.random.randint(0, 50, (12,)), mx.array([True] * 9 + [False] * 3)
-    ours = kernels.cross_entropy(hidden, bf16.Weight(w), targets, mask)
+    weight = bf16.Weight(w)
+    ours = kernels.cross_entropy(hidden, weight, targets, mask)
     assert close(ours, nn.losses.cross_entropy(hidden @ w.T, targets) * mask, 2e-2) and (ours[9:] == 0).all().item()
-    got = mx.grad(lambda h: kernels.cross_entropy(h, bf16.Weight(w), targets, mask).sum())(hidden)
+    got = mx.grad(lambda h: kernels.cross_entropy(h, weight, targets, mask).sum())(hidden)
     expected = mx.grad(lambda h: (nn.losses.cross_entropy(h @ w.T, targets) * mask).sum())(hidden)
     assert close(got, expected, 2e-2)
 

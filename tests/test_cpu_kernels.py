@@ -92,7 +92,9 @@ def test_the_swiglu_kernel_is_silu_times_x_to_float32_precision(built, monkeypat
     np.testing.assert_allclose(out, halves[0] * expected * halves[1], rtol=2e-6, atol=1e-30)
 
 
-def test_cpu_head_is_mlx_cross_entropy_over_the_counted_rows():
+@pytest.mark.parametrize("chunk", [kernels.CHUNK, 4])
+def test_cpu_head_is_mlx_cross_entropy_over_the_counted_rows(chunk, monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK", chunk)  # 4: the 9 counted rows' logits in three chunks
     hidden, weight = mx.random.normal((12, 16)), mx.random.normal((50, 16))
     targets = mx.random.randint(0, 50, (12,))
     mask = mx.array([True] * 9 + [False] * 3)
@@ -110,6 +112,10 @@ def test_cpu_head_is_mlx_cross_entropy_over_the_counted_rows():
     got = mx.grad(lambda h: (ours(h) * scale).sum())(hidden)
     assert mx.allclose(got, expected, atol=1e-5).item()
     assert (got[9:] == 0).all().item()
+    forward_only = kernels.head(weight).forward_only()
+    assert mx.array_equal(forward_only(hidden, targets, mask), ours(hidden)).item()
+    with pytest.raises(RuntimeError, match="without its gradient"):
+        mx.grad(lambda h: forward_only(h, targets, mask).sum())(hidden)
     nothing = mx.zeros((12,), mx.bool_)
     assert (kernels.cross_entropy(hidden, weight, targets, nothing) == 0).all().item()
     assert (mx.grad(lambda h: kernels.cross_entropy(h, weight, targets, nothing).sum())(hidden) == 0).all().item()

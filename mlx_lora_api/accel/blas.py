@@ -71,6 +71,13 @@ def prepare(decoding: bool = False) -> str | None:
     if path is None:
         log.warning("No optimized BLAS found: CPU training runs about 30x slower; %s", BLAS_HINT)
         return None
+    if not decoding and os.environ.get(LEVERS_ENV, "on").strip().lower() != "off":
+        # OpenBLAS's idle threads spin for 2^28 cycles (about 0.1 s) after each product before
+        # they sleep, taking a core from the OpenMP kernels that run next (bf16/, elementwise.c):
+        # a bfloat16 product took 10 ms or 19 ms by chance (1024 x 576 x 3072, 2 Zen 4 cores), and
+        # the per-CPU timings that choose it were as random. 2^16 cycles (tens of microseconds)
+        # still spans the gaps inside one of MLX's batched matmuls.
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")  # read when OpenBLAS loads, below
     try:
         library = ctypes.CDLL(path)  # privately first: the shim goes ahead of it (gemv.py)
     except OSError as e:

@@ -21,11 +21,19 @@
  * that type (`mlx_lora_api_shadow_add`); a product of 1 to 8 rows through such a weight then reads
  * the copy, widens each value to float32 in registers (F16C's vcvtph2ps, or a 16-bit shift) and
  * multiplies in float32 as before: the same values, half the memory traffic. Only the order of the
- * sums differs from the BLAS's. */
+ * sums differs from the BLAS's.
+ *
+ * bfloat16 routes (training with cpu_bfloat16; accel/bf16/matmul.py). The gradient with respect to
+ * a layer's input, through a frozen weight W of the blocks that train, is MLX's float32 product
+ * d @ W (many rows, W not transposed), in the middle of MLX's backward pass, where Python cannot run
+ * it. Such a weight is registered with W packed in bfloat16 and the bf16 kernel's entry point
+ * (`mlx_lora_api_route_add`); that product then goes to the kernel, as PyTorch's autocast runs the
+ * backward pass's matmuls in bfloat16. */
 #include <omp.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float, float *,
@@ -62,6 +70,26 @@ static int shadow_count;
 static pthread_rwlock_t shadow_lock = PTHREAD_RWLOCK_INITIALIZER;
 
 int mlx_lora_api_few_rows(int enable);
+
+/* accel/bf16/gemm.c's bf16_matmul: c (m x n) = round(a) (m x k float32) x packed b. */
+typedef void (*bf16_matmul_fn)(const float *, int, int, int, int, uint16_t *, const uint16_t *, int, int, float *,
+                               int);
+
+/* A float32 weight W (rows x cols, row-major) and W packed in bfloat16 for `fn` (K = rows padded to
+ * kp, N = cols padded to np). Read under its lock for the whole product, as the shadows are. */
+typedef struct {
+    const float *weight;
+    const uint16_t *packed;
+    long rows, cols;
+    int kp, np;
+    bf16_matmul_fn fn;
+} route_t;
+
+enum { ROUTES = 1024 };
+static route_t routes[ROUTES];
+static int route_count;
+static long routed_products;
+static pthread_rwlock_t route_lock = PTHREAD_RWLOCK_INITIALIZER;
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -234,6 +262,55 @@ __attribute__((target("avx2,fma,f16c"))) static const shadow_t *shadow_of(const 
 }
 #endif
 
+/* The route of a product a (m x k, rows of k) @ b (k x n, rows of ldb) through a registered weight
+ * itself (not a view into it); takes the read lock, which the caller releases after the product.
+ * NULL (and no lock held) where there is none. */
+static const route_t *route_of(const float *b, int ldb, int n, int k) {
+    pthread_rwlock_rdlock(&route_lock);
+    int count = __atomic_load_n(&route_count, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < count; i++) {
+        const route_t *r = &routes[i];
+        if (r->weight == b && r->rows == k && r->cols == n && ldb == n) return r;
+    }
+    pthread_rwlock_unlock(&route_lock);
+    return 0;
+}
+
+/* Send products d @ W through `weight` (rows x cols float32, row-major) to `fn` with `packed`, W
+ * packed for it; returns 1, or 0 where the table is full. The caller keeps both alive until
+ * `mlx_lora_api_route_remove`. */
+int mlx_lora_api_route_add(const float *weight, long rows, long cols, const uint16_t *packed, int kp, int np,
+                           bf16_matmul_fn fn) {
+    int added = 0;
+    pthread_rwlock_wrlock(&route_lock);
+    for (int i = 0; i < ROUTES && !added; i++) {
+        if (routes[i].weight) continue;
+        routes[i] = (route_t){weight, packed, rows, cols, kp, np, fn};
+        if (i >= route_count) __atomic_store_n(&route_count, i + 1, __ATOMIC_RELEASE);
+        added = 1;
+    }
+    pthread_rwlock_unlock(&route_lock);
+    return added;
+}
+
+/* Forget the route of `weight`; returns once no product takes it. */
+void mlx_lora_api_route_remove(const float *weight) {
+    pthread_rwlock_wrlock(&route_lock);
+    for (int i = 0; i < route_count; i++)
+        if (routes[i].weight == weight) routes[i].weight = 0;
+    pthread_rwlock_unlock(&route_lock);
+}
+
+long mlx_lora_api_routed_count(void) { return __atomic_load_n(&routed_products, __ATOMIC_RELAXED); }
+
+int mlx_lora_api_routes_held(void) {
+    int held = 0;
+    pthread_rwlock_rdlock(&route_lock);
+    for (int i = 0; i < route_count; i++) held += routes[i].weight != 0;
+    pthread_rwlock_unlock(&route_lock);
+    return held;
+}
+
 void mlx_lora_api_gemv_use(sgemm_fn sgemm, sgemv_fn sgemv) {
     blas_sgemm = sgemm;
     blas_sgemv = sgemv;
@@ -301,6 +378,22 @@ int mlx_lora_api_few_rows(int enable) {
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
                  const float *b, int ldb, float beta, float *c, int ldc) {
     if (order == ROW_MAJOR && m == 1 && n > 0 && k > 0) __atomic_add_fetch(&vector_products, 1, __ATOMIC_RELAXED);
+    if (order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == NO_TRANS && m > FEW_ROWS && n > 0 && k > 0 &&
+        lda == k && alpha == 1.0f && beta == 0.0f && __atomic_load_n(&route_count, __ATOMIC_RELAXED)) {
+        const route_t *route = route_of(b, ldb, n, k);
+        if (route) {
+            const int mp = (m + 7) / 8 * 8;
+            uint16_t *scratch = malloc((size_t)mp * route->kp * sizeof(uint16_t));
+            if (scratch) {
+                __atomic_add_fetch(&routed_products, 1, __ATOMIC_RELAXED);
+                route->fn(a, m, k, mp, route->kp, scratch, route->packed, n, route->np, c, ldc);
+                free(scratch);
+                pthread_rwlock_unlock(&route_lock);
+                return;
+            }
+            pthread_rwlock_unlock(&route_lock);
+        }
+    }
 #if defined(__x86_64__)
     if (order == ROW_MAJOR && m >= 1 && m <= FEW_ROWS && trans_a == NO_TRANS && trans_b == TRANS && n > 0 && k > 0 &&
         (have_avx2_fma >= 0 ? have_avx2_fma : mlx_lora_api_few_rows(-1))) {

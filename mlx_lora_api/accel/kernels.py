@@ -21,7 +21,6 @@ frozen (tuner/anatomy.py's `output_weight` checks it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import cast
 
 import mlx.core as mx
@@ -96,12 +95,23 @@ def attention(queries, keys, values, scale: float, causal: bool):
     return fn(queries, keys, values)
 
 
-def cross_entropy(hidden: mx.array, weight: mx.array | Weight, targets: mx.array, mask: mx.array) -> mx.array:
+# Rows of logits computed at a time: 256 x 49,152 float32 (50 MB) for SmolLM2's vocabulary, where
+# the whole batch's (4 x 512 tokens) took 400 MB, and again for their gradient.
+CHUNK = 256
+
+
+def cross_entropy(
+    hidden: mx.array, weight: mx.array | Weight, targets: mx.array, mask: mx.array, gradient: bool = True
+) -> mx.array:
     """Cross-entropy per position of logits `hidden @ weight.T` against `targets`: hidden
     (N, D) float32, weight (V, D) float32 or a `bf16.Weight` (its matmuls in bfloat16), targets
     (N,) token ids, mask (N,) which positions count.
     Positions outside the mask get 0 and no gradient; only `hidden` gets a gradient.
-    Evaluates its inputs (not compilable)."""
+
+    The logits are made CHUNK rows at a time, and never kept: each chunk's softmax, less the
+    one-hot target, is multiplied by the weight at once into the rows' gradient (N, D), which
+    the backward pass only scales by its cotangent. Without `gradient` (evaluation: nothing will
+    ask for it) that second product is skipped. Evaluates its inputs (not compilable)."""
     counted = np.flatnonzero(np.asarray(mask))
     if counted.size == 0:
         return mx.zeros(mask.shape, mx.float32) + 0 * hidden.sum(axis=1)  # keeps the graph to hidden
@@ -111,42 +121,76 @@ def cross_entropy(hidden: mx.array, weight: mx.array | Weight, targets: mx.array
 
     @mx.custom_function
     def head(hidden):
-        if isinstance(weight, Weight):
-            logits = weight.product(hidden[rows], transpose=True)
-        else:
-            logits = hidden[rows] @ weight.T
-            mx.eval(logits)
-            logits = np.asarray(logits)
-        picked = logits[np.arange(counted.size), wanted]  # a copy, taken before the softmax below
-        if not (logits.flags.c_contiguous and logits.flags.writeable):
-            logits = np.ascontiguousarray(logits, np.float32).copy()
-        lse = elementwise.softmax(logits, lse=True)  # in place: the logits' own buffer becomes the probabilities
-        assert lse is not None
+        picked_rows = hidden[rows]
+        mx.eval(picked_rows)
+        inputs = np.asarray(picked_rows)
         ce = np.zeros(mask.shape[0], np.float32)
-        ce[counted] = lse - picked
-        saved["probs"] = logits
+        grad = np.empty(inputs.shape, np.float32) if gradient else None
+        for begin in range(0, counted.size, CHUNK):
+            part = slice(begin, min(begin + CHUNK, counted.size))
+            logits, same = _logits(weight, picked_rows[part], inputs[part])  # (rows, V), this chunk's own
+            taken = (np.arange(logits.shape[0]), wanted[part])
+            picked = logits[taken]  # a copy, taken before the softmax below
+            lse = elementwise.softmax(logits, lse=True)  # in place: the logits become the probabilities
+            assert lse is not None
+            ce[counted[part]] = lse - picked
+            if grad is not None:
+                logits[taken] -= 1.0  # d ce / d logits = softmax - one-hot
+                grad[part] = _times_weight(weight, same)
+        saved["grad"] = grad
         return mx.array(ce)
 
     @head.vjp
     def _(hidden, cotangent, output):  # one primal: passed, and its gradient returned, as is
-        probs = saved.pop("probs")
-        probs[np.arange(counted.size), wanted] -= 1.0  # d ce / d logits = softmax - one-hot
-        probs *= np.asarray(cotangent)[counted][:, None]
+        if saved.get("grad") is None:
+            raise RuntimeError("this output layer was made without its gradient (gradient=False)")
         grad = mx.zeros(hidden.shape, hidden.dtype)
-        if isinstance(weight, Weight):
-            grad[rows] = mx.array(weight.product(probs, transpose=False))
-        else:
-            grad[rows] = mx.array(probs) @ weight
+        grad[rows] = mx.array(saved.pop("grad")) * cotangent[rows][:, None]
         return grad
 
     return cast(mx.array, head(hidden))  # mx.custom_function's stub returns object
 
 
-def head(weight: mx.array | Weight) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+def _logits(weight: mx.array | Weight, rows: mx.array, same_rows: np.ndarray) -> tuple[np.ndarray, object]:
+    """rows @ weight.T as a C-contiguous, writable float32 array (`same_rows`: the rows in numpy),
+    and that array as `_times_weight` takes it: for MLX's float32 product, MLX's own array, whose
+    fresh buffer the numpy one is (changed in place by the caller, then read without a copy)."""
+    if isinstance(weight, Weight):
+        logits = weight.product(same_rows, transpose=True)  # a fresh array
+        return logits, logits
+    product = rows @ weight.T
+    mx.eval(product)
+    logits = np.asarray(product)
+    if logits.flags.c_contiguous and logits.flags.writeable:
+        return logits, product
+    logits = np.ascontiguousarray(logits, np.float32).copy()
+    return logits, logits
+
+
+def _times_weight(weight: mx.array | Weight, a) -> np.ndarray:
+    """a @ weight, a (rows, V) from `_logits`."""
+    if isinstance(weight, Weight):
+        return weight.product(a, transpose=False)
+    product = (a if isinstance(a, mx.array) else mx.array(a)) @ weight
+    mx.eval(product)
+    return np.asarray(product)
+
+
+class OutputLayer:
     """The output layer of frozen `weight` with its cross-entropy, as the loss takes it
-    (tuner/losses.py's `Head`)."""
+    (tuner/losses.py's `Head`): computing the gradient with the loss, or (`forward_only()`,
+    for evaluation) not."""
 
-    def output_layer(hidden: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-        return cross_entropy(hidden, weight, targets, mask)
+    def __init__(self, weight: mx.array | Weight, gradient: bool = True):
+        self.weight, self.gradient = weight, gradient
 
-    return output_layer
+    def __call__(self, hidden: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+        return cross_entropy(hidden, self.weight, targets, mask, self.gradient)
+
+    def forward_only(self) -> OutputLayer:
+        return OutputLayer(self.weight, gradient=False)
+
+
+def head(weight: mx.array | Weight) -> OutputLayer:
+    """The output layer of frozen `weight` with its cross-entropy, as the loss takes it."""
+    return OutputLayer(weight)

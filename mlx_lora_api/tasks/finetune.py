@@ -201,13 +201,14 @@ def train_adapter(
     rows = datasets.step_rows(lengths, plan, params.max_seq_length, chosen.pad_multiple, 2 if preferring else 1, size)
     chosen = lever_switches.use_bfloat16(model, params, chosen, on_event, rows)
     references: dict[str, Any] = {"train": None, "val": None}  # DPO's, computed below
+    evaluating = chosen.evaluating()
 
     def validate() -> tuple[float, dict[str, float]]:
         if preferring:
             return preference.evaluate(
                 model,
                 val_set,
-                chosen.loss,
+                evaluating.loss,
                 references["val"],
                 params.batch_size,
                 params.val_batches,
@@ -221,7 +222,7 @@ def train_adapter(
             params.batch_size,
             params.val_batches,
             params.max_seq_length,
-            loss=chosen.loss,
+            loss=evaluating.loss,
             iterate_batches=datasets.make_iterate_batches(
                 plan, prefix_cache=chosen.cache, pad_multiple=chosen.pad_multiple
             ),
@@ -347,6 +348,7 @@ def dpo_references(model, train_set, val_set, params: Parameters, chosen, on_eve
     """DPO's reference log-probs of every answer, train and validation, in one pass before training
     (through the run's own forward pass: `chosen`, its LossPlan)."""
     started = time.perf_counter()
+    chosen = chosen.evaluating()
     forward = preference.Forward(chosen.start, chosen.cross_entropy, chosen.head)
     found = {
         name: preference.reference_logps(

@@ -108,6 +108,11 @@ class LossPlan(msgspec.Struct):
             return msgspec.structs.replace(self, head=head, loss=preference.make_loss(self.preference, forward))
         return msgspec.structs.replace(self, head=head, loss=_loss(self.start, self.cross_entropy, head))
 
+    def evaluating(self) -> LossPlan:
+        """This plan for passes that take no gradient (validation, DPO's reference): its output
+        layer then does not prepare one."""
+        return self.with_head(self.head.forward_only()) if self.head is not None else self
+
 
 def _loss(
     start: int, cross_entropy: TokenLoss | None, head: Head | None, kl: bool = False, eager: bool = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,8 +18,18 @@ from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
 # (N, V) logits and (N,) targets -> (N,) losses.
 TokenLoss = Callable[[mx.array, mx.array], mx.array]
-# (N, D) final hidden states, (N,) targets and (N,) mask -> (N,) losses, 0 outside the mask.
-Head = Callable[[mx.array, mx.array, mx.array], mx.array]
+
+
+class Head(Protocol):
+    """The output layer with its cross-entropy: (N, D) final hidden states, (N,) targets and (N,)
+    mask -> (N,) losses, 0 outside the mask; `forward_only()`, the same for evaluation, which
+    need not prepare a backward pass."""
+
+    def __call__(self, hidden: mx.array, targets: mx.array, mask: mx.array) -> mx.array: ...
+
+    def forward_only(self) -> Head: ...
+
+
 Loss = Callable[..., tuple[mx.array, mx.array]]
 
 

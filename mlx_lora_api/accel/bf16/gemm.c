@@ -98,3 +98,24 @@ void bf16_matmul(const float *a, int m, int k, int mp, int kp, uint16_t *scratch
         gemm(scratch, m, mp, kp, b, n, np, c, ldc);
     }
 }
+
+/* out = B (K x N bfloat16 bits, element (k, n) at b[k * sk + n * sn]) packed as gemm reads it
+ * (see the top): NP / 16 panels of KP / 2 row pairs of 16 lanes of 2, zero-padded. The same
+ * bits give W.T (sk 1, sn = W's row length) and W (sk = its row length, sn 1). Panels are
+ * split between the threads. */
+void bf16_pack(const uint16_t *b, long sk, long sn, int k, int n, int kp, int np, uint16_t *out) {
+    const int pairs = kp / 2;
+#pragma omp parallel for schedule(static)
+    for (int panel = 0; panel < np / 16; panel++) {
+        uint16_t *dst = out + (size_t)panel * pairs * 32;
+        for (int p = 0; p < pairs; p++, dst += 32) {
+            for (int lane = 0; lane < 16; lane++) {
+                const int col = panel * 16 + lane;
+                for (int j = 0; j < 2; j++) {
+                    const int row = 2 * p + j;
+                    dst[lane * 2 + j] = row < k && col < n ? b[row * sk + col * sn] : 0;
+                }
+            }
+        }
+    }
+}

@@ -51,6 +51,7 @@ def kernel() -> ctypes.CDLL:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when libgomp loads, just below
     lib = ctypes.CDLL(str(path))
     lib.bf16_matmul.restype = None
+    lib.bf16_pack.restype = None
     _libs["avx512"] = lib
     return lib
 

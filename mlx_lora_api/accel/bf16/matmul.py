@@ -12,6 +12,7 @@ significant bits), so losses move in the third decimal.
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
+from .. import blas
 from .gemms import ENGINES, engines, kernel, mkl
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
@@ -53,8 +55,11 @@ class Weight:
         self.shape = tuple(weight.shape)
         self.float32 = weight if float32 else None
         self._packed: dict[bool, tuple] = {}
-        if self.engine == "avx512":  # the packed copy is all it needs: the bits go (memory)
+        self.routed: weakref.finalize | None = None
+        if self.engine == "avx512":  # the packed copies are all it needs: the bits go (memory)
             self._pack(True)
+            if float32:
+                self.routed = _route(self)
             self.bits = None
 
     def product(self, a, transpose: bool, engine_name: str | None = None) -> np.ndarray:
@@ -92,15 +97,24 @@ class Weight:
 
     def _pack(self, transpose: bool) -> tuple:
         """B = W.T or W, as bf16_gemm.c reads it: zero-padded, in panels of 16 columns, row pairs
-        interleaved. Made on first use of each way."""
+        interleaved (its `bf16_pack`). Made on first use of each way."""
         if transpose not in self._packed:
-            b = self._bits().T if transpose else self._bits()
-            k, n = b.shape
+            w = self._bits()
+            rows, cols = w.shape  # (out, in) with strides
+            (k, n), (sk, sn) = ((cols, rows), (w.strides[1], w.strides[0])) if transpose else (w.shape, w.strides)
             k_padded, n_padded = k + k % 2, -(-n // 48) * 48
-            padded = np.zeros((k_padded, n_padded), np.uint16)
-            padded[:k, :n] = b
-            panels = padded.reshape(k_padded // 2, 2, n_padded // 16, 16).transpose(2, 0, 3, 1)
-            self._packed[transpose] = (np.ascontiguousarray(panels), k_padded, n_padded)
+            panels = np.empty((n_padded // 16, k_padded // 2, 16, 2), np.uint16)
+            kernel().bf16_pack(
+                ctypes.c_void_p(w.ctypes.data),
+                ctypes.c_long(sk // 2),
+                ctypes.c_long(sn // 2),
+                k,
+                n,
+                k_padded,
+                n_padded,
+                ctypes.c_void_p(panels.ctypes.data),
+            )
+            self._packed[transpose] = (panels, k_padded, n_padded)
         return self._packed[transpose]
 
     def _bits(self) -> np.ndarray:
@@ -139,15 +153,34 @@ class Weight:
         return c
 
 
+def _route(weight: Weight) -> weakref.finalize | None:
+    """MLX's float32 product d @ W through `weight`'s float32 copy (x's gradient, computed inside
+    MLX's backward pass: see `linear`), sent by the shim to the bfloat16 kernel with W packed for
+    it (accel/gemv.c's routes). Returns what forgets the route when the weight goes; None where
+    the shim is not loaded."""
+    shim = blas.shim()
+    if shim is None or weight.float32 is None:
+        return None
+    values = np.asarray(memoryview(weight.float32))  # evaluated: MLX's own buffer, which it passes to sgemm
+    panels, k_padded, n_padded = weight._pack(False)
+    rows, cols = weight.shape
+    entry = ctypes.cast(kernel().bf16_matmul, ctypes.c_void_p)
+    address = values.ctypes.data
+    if not shim.mlx_lora_api_route_add(address, rows, cols, panels.ctypes.data, k_padded, n_padded, entry):
+        return None
+    return weakref.finalize(weight, shim.mlx_lora_api_route_remove, address)
+
+
 def linear(x, weight: Weight, sizes: list[int] | None = None):
     """x @ weight.T with x's gradient (the weight is frozen); evaluates mid-graph (eager steps).
     With `sizes`, the weight is several layers' stacked (q, k and v, say): their outputs in one
     matmul.
 
-    x's gradient is MLX's float32 matmul where the weight keeps its float32 copy: evaluating
+    x's gradient is MLX's matmul with the weight's float32 copy where it keeps one: evaluating
     in the middle of the backward pass would keep every array of the step alive until its end
     (MLX keeps the graph of arrays it evaluates inside a transformation): at 4 x 488 tokens the
-    peak went from 3.7 to 6.4 GB, and the step got slower."""
+    peak went from 3.7 to 6.4 GB, and the step got slower. The shim then sends that product to
+    the bfloat16 kernel all the same (`_route`), from inside MLX's own sgemm call."""
     out_features, in_features = weight.shape
     sizes = sizes or [out_features]
     cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
