@@ -1,5 +1,6 @@
 """The CPU kernels against MLX's own ops: values and gradients."""
 
+import os
 import subprocess
 import sys
 
@@ -170,6 +171,29 @@ def test_training_processes_keep_freed_memory_on_glibc():
     assert applied == "True"
     assert kept >= 60 << 20  # the freed block stays with the process, for the next step to reuse
     assert given_back < 8 << 20  # glibc's default: a block this large is unmapped when freed
+
+
+SPIN_PROBE = """
+import os, sys
+from mlx_lora_api.accel import blas
+blas.prepare(decoding=sys.argv[1] == "decoding")
+print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or blas.find_blas() is None, reason="Linux's OpenBLAS")
+def test_job_processes_keep_openblas_threads_from_spinning_beside_the_kernels():
+    """In processes of their own: OpenBLAS reads it once, when it loads."""
+
+    def timeout(kind: str, **env: str) -> str:
+        environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"} | env
+        run = subprocess.run([sys.executable, "-c", SPIN_PROBE, kind], capture_output=True, text=True, env=environ)
+        return run.stdout.strip()
+
+    assert timeout("job") == "16"
+    assert timeout("decoding") == "None"  # the generation process: OpenBLAS's own default
+    assert timeout("job", OPENBLAS_THREAD_TIMEOUT="20") == "20"  # the user's setting stands
+    assert timeout("job", MLX_LORA_API_LEVERS="off") == "None"  # mlx-lm's plain path
 
 
 # -- products of 1 to 8 rows through the shim (accel/gemv.c) -----------------------------------
