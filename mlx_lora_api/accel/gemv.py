@@ -53,8 +53,16 @@ def load(blas: ctypes.CDLL, decoding: bool = False) -> ctypes.CDLL:
     shim.mlx_lora_api_shadow_add.argtypes = [address, address, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     shim.mlx_lora_api_shadow_remove.argtypes = [address]
     shim.mlx_lora_api_routed_count.restype = ctypes.c_long
-    route = [address, ctypes.c_long, ctypes.c_long, address, ctypes.c_int, ctypes.c_int, address]
-    shim.mlx_lora_api_route_add.argtypes = route  # weight, rows, cols, packed, kp, np, bf16_matmul
+    # weight, rows, cols, packed, kp, np, bf16_matmul
+    shim.mlx_lora_api_route_add.argtypes = [
+        address,
+        ctypes.c_long,
+        ctypes.c_long,
+        address,
+        ctypes.c_int,
+        ctypes.c_int,
+        address,
+    ]
     shim.mlx_lora_api_route_remove.argtypes = [address]
     return shim
 
