@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Fusing, side by side: the service's fuse (with its parity check) against `mlx_lm.fuse`.
+"""Fusing and quantizing, side by side: the service's fuse (with its parity check) against
+`mlx_lm.fuse`, and its quantize job's task against `mlx_lm.convert -q`.
 
     .venv/bin/python scripts/bench_fuse.py [--rounds 3]
 
@@ -7,7 +8,9 @@ Same base (the bundled SmolLM2-135M-Instruct) and the same rank-8 adapter on 16 
 a fresh process; wall time includes loading and saving; peak is the process's maximum RSS
 (VmHWM, printed by the process itself as it exits).
 Both keep the stored float16; the service checks each fused layer's output against the LoRA
-layer's in float32 (tasks/fuse.py), mlx_lm.fuse checks nothing.
+layer's in float32 (tasks/fuse.py), mlx_lm.fuse checks nothing. Quantizing is to 4 bits in groups
+of 64 both ways. The service saves one tensor at a time from a lazily loaded model
+(tasks/saving.py); mlx-lm holds the whole model.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ SERVICE = (
     "from mlx_lora_api.accel import blas; blas.prepare()\n"
     "from mlx_lora_api.tasks import fuse as fusing\n"
     "fusing.fuse_adapter(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))\n"
+)
+SERVICE_QUANTIZE = (
+    "import sys; from pathlib import Path\n"
+    "from mlx_lora_api.accel import blas; blas.prepare()\n"
+    "from mlx_lora_api.tasks import quantize as quantizing\n"
+    "quantizing.quantize(Path(sys.argv[1]), Path(sys.argv[2]), 4, 64)\n"
 )
 MLX_LM = "import runpy, sys; sys.argv[0] = 'mlx_lm'; runpy.run_module('mlx_lm', run_name='__main__')\n"
 # Each child prints its own peak: wait4's ru_maxrss would start from this parent's high-water mark
@@ -51,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+
+    from bench_retention import machine  # the CPU with its family (Zen 4 is 25, Zen 5 26)
 
     from mlx_lora_api.accel import blas
 
@@ -98,6 +109,28 @@ def main() -> None:
             "--save-path",
             out,
         ],
+        "service quantize (4 bits, groups of 64)": lambda out: [
+            sys.executable,
+            "-c",
+            PEAK + SERVICE_QUANTIZE,
+            str(base),
+            out,
+        ],
+        "mlx_lm.convert -q (4 bits, groups of 64)": lambda out: [
+            sys.executable,
+            "-c",
+            PEAK + MLX_LM,
+            "convert",
+            "--hf-path",
+            str(base),
+            "--mlx-path",
+            out,
+            "-q",
+            "--q-bits",
+            "4",
+            "--q-group-size",
+            "64",
+        ],
     }
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
     for _ in range(args.rounds):
@@ -105,6 +138,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as out:
                 results[name].append(run(command(str(Path(out) / "fused"))))
 
+    print(f"machine: {machine()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print()
     print("| engine | wall s (median) | peak MiB (median) | every run (s / MiB) |")

@@ -1,15 +1,17 @@
 """Fuse an adapter into its base with mlx-lm (each LoRA layer's `fuse()`), check that the fused
-model computes what base plus adapter computed, and save it with `mlx_lm.utils.save` in the base's
-own dtype.
+model computes what base plus adapter computed, and save it in the base's own dtype as
+`mlx_lm.utils.save` would.
 
-The check is made layer by layer, as each is fused: every fused layer's output on a fixed random
-batch against the LoRA layer's own, both computed in float32 (the layer's weights cast for that one
-layer), the fused weights rounded to the dtype they are saved in. So the model stays in its stored
-dtype throughout, with no float32 copy of it and no forward pass of the whole model twice: fusing
-takes what `mlx_lm.fuse` takes (scripts/bench_fuse.py). Each layer's result is exactly the quantity
-a whole-model check samples, and where the fused weights cannot hold the adapter (a quantized base
-re-quantized) its layers fail the check. LoRA layers of other kinds (mixture-of-experts) are checked
-as before: the whole model's logits on a few probes, before and after.
+The check is made layer by layer: every fused layer's output on a fixed random batch against the
+LoRA layer's own, both computed in float32 (the layer's weights cast for that one layer), the fused
+weights rounded to the dtype they are saved in. The base is loaded lazily and nothing is computed
+until the save (tasks/saving.py) evaluates each weight, with its layer's check, writes it and lets
+it go: the job never holds the whole model, no float32 copy of it and no forward pass of the whole
+model twice (less time and memory than `mlx_lm.fuse`: scripts/bench_fuse.py). A failed check
+leaves no weights behind. Each layer's result is exactly the quantity a whole-model check samples,
+and where the fused weights cannot hold the adapter (a quantized base re-quantized) its layers fail
+the check. LoRA layers of other kinds (mixture-of-experts) are checked as before: the whole model's
+logits on a few probes, before and after, in memory.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
-from mlx_lm.utils import dequantize_model, load, save
+from mlx_lm.utils import dequantize_model, get_total_parameters, load, save
 
 from .. import device
+from . import saving
 
 # Probes for the parity check: fixed, short, and in the shapes the model will see.
 PARITY_TEXTS = (
@@ -56,7 +59,6 @@ def _weights_dtype(model: nn.Module) -> str:
 # the fused weights are saved in (a weight rounded to float16 is off by 2^-11 of itself).
 LAYER_RTOL = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
 BATCH = 8  # rows of the fixed random batch each fused layer is checked on
-GROUP = 7  # layers fused and checked in one evaluation (a transformer block's)
 
 
 def _layer_check(module: nn.Module, dequantize: bool, stored: str, key: mx.array) -> tuple[nn.Module, mx.array] | None:
@@ -95,49 +97,55 @@ def fuse_adapter(
 ) -> dict[str, Any]:
     """Write the fused model into `out_dir` (which exists); returns the parity figures."""
     on_event({"type": "loading", "base_model": base_path, "adapter": str(adapter_path)})
-    model, tokenizer, config = load(base_path, adapter_path=str(adapter_path), return_config=True)
+    # Lazily: every weight stays a read from the base's file until it is saved (tasks/saving.py).
+    model, tokenizer, config = load(base_path, adapter_path=str(adapter_path), return_config=True, lazy=True)
     stored = _weights_dtype(model)  # as the base is on disk: the fused model is saved so too
     model.eval()
     on_event({"type": "fusing"})
     names = [name for name, module in model.named_modules() if hasattr(module, "fuse")]
     key = mx.random.key(0)
-    worst, checked = 0.0, True
-    pending: list[tuple[nn.Module, mx.array]] = []
-    for i, name in enumerate(names):
-        # A few layers at a time, holding no other reference to them or their inner layers: once
-        # evaluated and replaced, their weights and float32 copies are freed, and memory stays that
-        # of the model as stored.
+    differences: dict[str, mx.array] = {}
+    for name in names:
         done = _layer_check(_module_at(model, name), dequantize, stored, key)
-        if done is None:
-            checked = False
-            break
+        if done is None:  # a layer the check cannot drive: the whole model, before and after
+            model, tokenizer, config = load(base_path, adapter_path=str(adapter_path), return_config=True)
+            return _fuse_whole(model, tokenizer, config, base_path, out_dir, dequantize, stored, on_event)
         model.update_modules(tree_unflatten([(name, done[0])]))
-        pending.append(done)
-        if len(pending) == GROUP or i == len(names) - 1:
-            mx.eval([(layer.parameters(), difference) for layer, difference in pending])
-            worst = max([worst, *(float(difference.item()) for _, difference in pending)])
-            pending.clear()
-        del done
-    if not checked:  # a layer the check cannot drive: the whole model, before and after
-        model, tokenizer, config = load(base_path, adapter_path=str(adapter_path), return_config=True)
-        return _fuse_whole(model, tokenizer, config, base_path, out_dir, dequantize, stored, on_event)
+        differences[name] = done[1]
     if dequantize:
         model = dequantize_model(model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-    tolerance = LAYER_RTOL.get(stored, 3e-2)
     parity = {
         "measure": "each fused layer's output on a random batch, relative to its largest",
-        "max_diff": worst,
-        "tolerance": tolerance,
+        "max_diff": 0.0,
+        "tolerance": LAYER_RTOL.get(stored, 3e-2),
         "dtype": stored,
         "saved_dtype": stored,
         "fused_layers": len(names),
     }
-    _refuse_if(worst > tolerance, parity, config)
-    on_event({"type": "saving", **parity})
+
+    def check() -> None:  # once every weight is written, and every difference evaluated with its weight
+        parity["max_diff"] = max((float(difference.item()) for difference in differences.values()), default=0.0)
+        _refuse_if(parity["max_diff"] > parity["tolerance"], parity, config)
+
+    on_event({"type": "saving", "dtype": stored, "fused_layers": len(names)})
     config["torch_dtype"] = stored
-    save(out_dir, base_path, model, tokenizer, config, donate_model=False)
+    weights = dict(tree_flatten(model.parameters()))
+    total, vision = get_total_parameters(model), "vision_tower" in getattr(model, "model", {})
+    del model  # from here the weights are held only by `weights`, and freed as they are written
+    with_each = {f"{name}.weight": [difference] for name, difference in differences.items()}
+    saving.save(
+        out_dir,
+        Path(base_path),
+        weights,
+        tokenizer,
+        config,
+        total_parameters=total,
+        keep_vision_config=vision,
+        with_each=with_each,
+        before_commit=check,
+    )
     return parity
 
 
