@@ -8,7 +8,8 @@ makes them, for 1 to 8 rows:
 - OpenBLAS's `cblas_sgemm` called directly (what MLX calls without the shim; it packs the weight);
 - OpenBLAS's `cblas_sgemv` (one row only; the shim's one-row path before it took one row itself);
 - the shim's few-rows kernel over the float32 weights (accel/gemv.c);
-- the same kernel reading each weight's float16 copy (`Shadows`, as tasks/decoding.py registers them).
+- the same kernel reading each weight's float16 copy (`Shadows`, as tasks/decoding.py registers them);
+- where the CPU has AVX-512VL (the kernel then takes 8 rows a tile), both again in 4-row tiles, as on AVX2.
 
 The weights stream from memory (far more than the caches hold), as in decoding. Engines alternate
 round after round; medians. Prints a table with the machine and the command.
@@ -81,13 +82,17 @@ def main() -> None:
         return time.perf_counter() - started
 
     engines = ["OpenBLAS sgemm", "OpenBLAS sgemv", "shim, float32 weights", "shim, float16 copies"]
+    wide = shim.mlx_lora_api_wide_tiles(-1)
+    if wide:  # AVX-512VL: the shim takes 8 rows a tile; and as on AVX2, 4
+        engines += ["shim, float32 weights, 4-row tiles", "shim, float16 copies, 4-row tiles"]
     figures: dict[tuple[str, int], list[float]] = {}
     for rows in (1, 2, 4, 8):
         for _ in range(args.rounds):
             for engine in engines:
-                if engine == "OpenBLAS sgemv" and rows > 1:
+                if (engine == "OpenBLAS sgemv" and rows > 1) or ("4-row tiles" in engine and rows <= 4):
                     continue
-                copies = gemv.Shadows(shim, weights) if engine == "shim, float16 copies" else None
+                copies = gemv.Shadows(shim, weights) if "float16 copies" in engine else None
+                shim.mlx_lora_api_wide_tiles(0 if "4-row tiles" in engine else wide)
                 figures.setdefault((engine, rows), []).append(run(engine, rows))
                 del copies
     print(f"machine: {machine()}")

@@ -278,6 +278,18 @@ def test_a_few_rows_through_a_linear_layers_weight_match_numpy(rows):
                 assert np.isnan(c[:, n:]).all()  # nothing written past each row's n values
             used = shim.mlx_lora_api_few_rows_count() - before
             assert used == (1 if rows <= 8 and shim.mlx_lora_api_few_rows(-1) else 0)
+            if shim.mlx_lora_api_wide_tiles(-1):  # AVX-512VL: 8 rows a tile; 4 give the same, bit for bit
+                narrow = np.full_like(c, np.nan if beta == 0 else 2.0)
+                try:
+                    shim.mlx_lora_api_wide_tiles(0)
+                    shim.cblas_sgemm(
+                        101, 111, 112, rows, n, k, f(1.5), x.ctypes.data_as(ctypes.c_void_p), k + 3,
+                        w.ctypes.data_as(ctypes.c_void_p), k + 1, f(beta),
+                        narrow.ctypes.data_as(ctypes.c_void_p), n + 2,
+                    )  # fmt: skip
+                finally:
+                    shim.mlx_lora_api_wide_tiles(1)
+                np.testing.assert_array_equal(narrow, c)
 
 
 @linux_blas
@@ -325,6 +337,12 @@ def test_products_through_a_weights_half_copy_are_float32_products(kind):
             got = product(x, exact, start, width)
             assert shim.mlx_lora_api_shadow_count() == before + 1
             np.testing.assert_array_equal(got, product(x, twin, start, width))
+            if shim.mlx_lora_api_wide_tiles(-1):  # AVX-512VL's 8-row tiles against AVX2's 4, bit for bit
+                try:
+                    shim.mlx_lora_api_wide_tiles(0)
+                    np.testing.assert_array_equal(got, product(x, exact, start, width))
+                finally:
+                    shim.mlx_lora_api_wide_tiles(1)
             np.testing.assert_allclose(got, x.astype(np.float64) @ exact[start : start + width].T, rtol=1e-5, atol=1e-5)
 
     x = rng.standard_normal((3, k), dtype=np.float32)

@@ -8,8 +8,8 @@
  *
  * This library exports `cblas_sgemm` ahead of OpenBLAS (accel/blas.py loads it first): 1 to 8 rows
  * through a weight stored as MLX's Linear layers store it (x @ W.T), on a CPU with AVX2 and FMA, go
- * to `few_rows` below, which streams the weight once and multiplies each of its rows with every
- * input row while it is in L1; a small row by a matrix (attention's weights by its values) to
+ * to the few-rows kernels below, which stream the weight once and multiply each of its rows with
+ * every input row while it is in L1 (all 8 rows at once with AVX-512VL, 4 at a time without); a small row by a matrix (attention's weights by its values) to
  * `one_row_by_rows`, on the calling thread; other one-row products to the BLAS's sgemv; any other
  * product to the BLAS's sgemm. Row-major only, as MLX calls it. Decoding then never wakes the BLAS's
  * threads, which spin for a while after each call: on 2 cores, beside the kernels' own threads and
@@ -49,8 +49,9 @@ static long few_row_products;
 static long shadow_products;
 static int have_avx2_fma = -1;
 static int have_f16c = -1;
+static int have_avx512vl = -1;
 
-enum { FEW_ROWS = 8, LANES = 8, BLOCK = 4, COLUMNS = 3 };
+enum { FEW_ROWS = 8, LANES = 8, BLOCK = 4, WIDE_BLOCK = 8, COLUMNS = 3 };
 enum { THREADED = 1 << 16 };
 enum { FLOAT32 = 0, FLOAT16 = 1, BFLOAT16 = 2 }; /* how a weight is stored: `kind` below */
 
@@ -132,7 +133,7 @@ __attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
 
 /* Rows i0.. i0+ROWS-1 of c, columns j.. j+COLS-1: every weight value loaded once serves ROWS input
  * rows, every input value COLS weight rows (up to 4 x 3 = 12 accumulators, 3 weight vectors and an
- * input vector: the 16 AVX registers). ROWS and COLS are constants where it is inlined, so the
+ * input vector: the 16 AVX registers; with AVX-512VL's 32, up to 8 x 3). ROWS and COLS are constants where it is inlined, so the
  * accumulators stay in registers. The weight rows two tiles on are prefetched as this one streams
  * its own: with the arithmetic in between, the core's own prefetching fetches about half of what
  * the memory can give (8 rows of SmolLM2's output layer: 34 -> 78 GFLOP/s on 2 Zen 4 cores). Into
@@ -143,8 +144,8 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void tile(
     int ldw, const void *next, float beta, float *c, int ldc) {
     int full = k - k % LANES;
     const size_t size = element_size(kind);
-    __m256 acc[BLOCK][COLUMNS];
-#pragma GCC unroll 4
+    __m256 acc[WIDE_BLOCK][COLUMNS];
+#pragma GCC unroll 8
     for (int i = 0; i < ROWS; i++)
 #pragma GCC unroll 3
         for (int j = 0; j < COLS; j++) acc[i][j] = _mm256_setzero_ps();
@@ -158,14 +159,14 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void tile(
         __m256 weights[COLUMNS];
 #pragma GCC unroll 3
         for (int j = 0; j < COLS; j++) weights[j] = load8(kind, w, (size_t)j * ldw + p);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int i = 0; i < ROWS; i++) {
             __m256 in = _mm256_loadu_ps(a + (size_t)i * lda + p);
 #pragma GCC unroll 3
             for (int j = 0; j < COLS; j++) acc[i][j] = _mm256_fmadd_ps(weights[j], in, acc[i][j]);
         }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < ROWS; i++) {
         const float *in = a + (size_t)i * lda;
 #pragma GCC unroll 3
@@ -188,11 +189,14 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void tile(
 
 /* c[i][j] = alpha * sum_k a[i][k] * w[j][k] + beta * c[i][j], for i < m (1..FEW_ROWS), j < n, `w` stored
  * as KIND: groups of three weight rows shared out between threads, each read once; the input rows stay
- * in L1/L2. */
-#define FEW_ROWS_OF(NAME, KIND)                                                                                   \
-    __attribute__((target("avx2,fma,f16c"))) static void NAME(int m, int n, int k, float alpha, const float *a,   \
-                                                              int lda, const void *w, int ldw, float beta,        \
-                                                              float *c, int ldc) {                                \
+ * in L1/L2, in tiles of RB rows (4 with AVX2's 16 registers; 8 with AVX-512VL's 32, so that a batch of 8
+ * widens each half-precision value once, not twice, and its products run while the weight streams in).
+ * Every output sums the same products in the same order whatever the tile: the results are the same. */
+#define CASES_4 ROWS_OF(1) ROWS_OF(2) ROWS_OF(3) ROWS_OF(4)
+#define CASES_8 CASES_4 ROWS_OF(5) ROWS_OF(6) ROWS_OF(7) ROWS_OF(8)
+#define FEW_ROWS_OF(NAME, KIND, TARGET, RB)                                                                       \
+    __attribute__((target(TARGET))) static void NAME(int m, int n, int k, float alpha, const float *a, int lda,   \
+                                                     const void *w, int ldw, float beta, float *c, int ldc) {     \
         int groups = (n + COLUMNS - 1) / COLUMNS;                                                                 \
         int threads = threads_for(n, k);                                                                         \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                        \
@@ -202,23 +206,35 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void tile(
             int j = g * COLUMNS;                                                                                  \
             int cols = n - j < COLUMNS ? n - j : COLUMNS;                                                         \
             const char *w0 = (const char *)w + (size_t)j * ldw * size;                                            \
-            for (int i0 = 0; i0 < m; i0 += BLOCK) {                                                               \
+            for (int i0 = 0; i0 < m; i0 += RB) {                                                                  \
                 const float *in = a + (size_t)i0 * lda;                                                           \
                 /* the group after next's rows, while this group's first tile streams from memory */              \
                 const char *next = i0 == 0 && j + 3 * COLUMNS <= n ? w0 + (size_t)2 * COLUMNS * ldw * size : 0;      \
-                switch (m - i0 < BLOCK ? m - i0 : BLOCK) {                                                        \
-                    ROWS_OF(1)                                                                                    \
-                    ROWS_OF(2)                                                                                    \
-                    ROWS_OF(3)                                                                                    \
-                    ROWS_OF(4)                                                                                    \
-                }                                                                                                 \
+                switch (m - i0 < RB ? m - i0 : RB) { CASES_##RB }                                                 \
             }                                                                                                     \
         }                                                                                                         \
     }
 
-FEW_ROWS_OF(few_rows, FLOAT32)
-FEW_ROWS_OF(few_rows_float16, FLOAT16)
-FEW_ROWS_OF(few_rows_bfloat16, BFLOAT16)
+#define AVX2 "avx2,fma,f16c"
+#define AVX512 "avx512f,avx512vl,avx2,fma,f16c"
+FEW_ROWS_OF(few_rows_4, FLOAT32, AVX2, 4)
+FEW_ROWS_OF(few_rows_float16_4, FLOAT16, AVX2, 4)
+FEW_ROWS_OF(few_rows_bfloat16_4, BFLOAT16, AVX2, 4)
+FEW_ROWS_OF(few_rows_8, FLOAT32, AVX512, 8)
+FEW_ROWS_OF(few_rows_float16_8, FLOAT16, AVX512, 8)
+FEW_ROWS_OF(few_rows_bfloat16_8, BFLOAT16, AVX512, 8)
+
+int mlx_lora_api_wide_tiles(int enable);
+
+typedef void (*few_rows_fn)(int, int, int, float, const float *, int, const void *, int, float, float *, int);
+
+/* The few-rows kernel for weights stored as `kind`, in this CPU's widest tiles. */
+static few_rows_fn few_rows_for(int kind) {
+    const int wide = have_avx512vl >= 0 ? have_avx512vl : mlx_lora_api_wide_tiles(-1);
+    if (kind == FLOAT16) return wide ? few_rows_float16_8 : few_rows_float16_4;
+    if (kind == BFLOAT16) return wide ? few_rows_bfloat16_8 : few_rows_bfloat16_4;
+    return wide ? few_rows_8 : few_rows_4;
+}
 
 /* c (1 x n) = alpha * a (1 x k) . b (k x n, row-major) + beta * c on the calling thread: attention's
  * weights by its values, one query at a time (k keys, n = a head's width). Each of b's rows is added
@@ -261,6 +277,18 @@ __attribute__((target("avx2,fma,f16c"))) static const shadow_t *shadow_of(const 
     return 0;
 }
 #endif
+
+/* Whether the few-rows kernels take 8 rows a tile here (AVX-512VL); set to 0 by the tests, to compare. */
+int mlx_lora_api_wide_tiles(int enable) {
+#if defined(__x86_64__)
+    if (enable >= 0 || have_avx512vl < 0)
+        have_avx512vl = enable != 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+#else
+    (void)enable;
+    have_avx512vl = 0;
+#endif
+    return have_avx512vl;
+}
 
 /* The route of a product a (m x k, rows of k) @ b (k x n, rows of ldb) through a registered weight
  * itself (not a view into it); takes the read lock, which the caller releases after the product.
@@ -317,7 +345,7 @@ void mlx_lora_api_gemv_use(sgemm_fn sgemm, sgemv_fn sgemv) {
 }
 
 /* How many one-row products the shim took (to sgemv or its own kernels), and how many products went to
- * `few_rows` (the tests check that decoding does). */
+ * the few-rows kernels (the tests check that decoding does). */
 long mlx_lora_api_gemv_count(void) { return __atomic_load_n(&vector_products, __ATOMIC_RELAXED); }
 long mlx_lora_api_few_rows_count(void) { return __atomic_load_n(&few_row_products, __ATOMIC_RELAXED); }
 long mlx_lora_api_shadow_count(void) { return __atomic_load_n(&shadow_products, __ATOMIC_RELAXED); }
@@ -363,7 +391,7 @@ void mlx_lora_api_shadow_remove(const float *weight) {
     pthread_rwlock_unlock(&shadow_lock);
 }
 
-/* Whether `few_rows` runs here (AVX2 and FMA); set to 0 by the tests to compare with sgemm. */
+/* Whether the few-rows kernels run here (AVX2 and FMA); set to 0 by the tests to compare with sgemm. */
 int mlx_lora_api_few_rows(int enable) {
 #if defined(__x86_64__)
     if (enable >= 0) have_avx2_fma = enable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -401,16 +429,13 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         const shadow_t *shadow = __atomic_load_n(&shadow_count, __ATOMIC_RELAXED) ? shadow_of(b, ldb, n, k, &half) : 0;
         if (shadow) {
             __atomic_add_fetch(&shadow_products, 1, __ATOMIC_RELAXED);
-            if (shadow->kind == FLOAT16)
-                few_rows_float16(m, n, k, alpha, a, lda, half, ldb, beta, c, ldc);
-            else
-                few_rows_bfloat16(m, n, k, alpha, a, lda, half, ldb, beta, c, ldc);
+            few_rows_for(shadow->kind)(m, n, k, alpha, a, lda, half, ldb, beta, c, ldc);
             pthread_rwlock_unlock(&shadow_lock);
             return;
         }
         /* one row too: with its prefetching, faster than OpenBLAS's sgemv (docs/benchmarks.md) */
         __atomic_add_fetch(&few_row_products, 1, __ATOMIC_RELAXED);
-        few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        few_rows_for(FLOAT32)(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }
     if (order == ROW_MAJOR && m == 1 && trans_b == NO_TRANS && n > 0 && k > 0 && (long)n * k < THREADED &&
