@@ -1,5 +1,7 @@
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -299,10 +301,19 @@ def test_the_openai_client_talks_to_the_service(data_dir, tmp_path):
         completion = client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=6, temperature=0)
         answer = completion.choices[0].message.content
         assert completion.choices[0].message.role == "assistant" and completion.usage.completion_tokens <= 6
+        assert completion.usage.prompt_tokens_details.cached_tokens == 0
         stream = client.chat.completions.create(
-            model="tiny-base", messages=messages, max_tokens=6, temperature=0, stream=True
+            model="tiny-base",
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
-        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == answer
+        chunks = list(stream)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == answer
+        usage = next(chunk.usage for chunk in chunks if chunk.usage)  # the same chat: its prompt was kept
+        assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
         with pytest.raises(openai.NotFoundError, match="no-such-model"):
             client.chat.completions.create(model="no-such-model", messages=messages)
 
@@ -350,6 +361,7 @@ def test_concurrent_generations_decode_as_one_batch_with_the_answers_they_get_al
     answer as it is alone, decoded four at a time."""
     cache = generation.ModelCache(budget_bytes=1 << 30)
     alone = [texts(generation.generate(cache, **greedy_args(tiny_model_template, p))) for p in PROMPTS]
+    cache.clear_prompts()  # the batch computes every prompt afresh
     batcher = generation.Batcher(cache, max_batch=4)
     for i, prompt in enumerate(PROMPTS):
         batcher.add(i, **greedy_args(tiny_model_template, prompt))
@@ -406,6 +418,7 @@ def test_different_adapters_of_one_base_share_a_batch_with_the_answers_they_get_
         alone = [texts(generation.generate(cache, **ask))[0] for ask in asks]
         bare = [texts(generation.generate(cache, **{**ask, "adapter_path": None}))[0] for ask in asks]
         assert [alone[i] != bare[i] for i in range(4)] == [True, True, False, True]  # each adapter matters
+        cache.clear_prompts()  # the batch computes every prompt afresh
         batcher = generation.Batcher(cache, max_batch=3)
         events, _ = run(batcher, asks)
         for i, want in enumerate(alone):
@@ -423,6 +436,47 @@ def test_different_adapters_of_one_base_share_a_batch_with_the_answers_they_get_
         events, _ = run(batcher, [asks[0], {**asks[1], "adapter_path": str(other)}, asks[2]])
         assert "do not fit this base's layer" in events[1][0]["message"] and len(events[1]) == 1
         assert texts(events[0])[0] == alone[0] and texts(events[2])[0] == alone[2]
+
+
+def test_a_prompt_that_begins_as_an_earlier_one_did_reads_only_the_rest(tmp_path, tiny_model_template):
+    """The keys and values of earlier answers are kept (mlx-lm's LRUPromptCache): the same prompt
+    again, or the next turn of the conversation, reads only what is new, with the answer computed
+    afresh; an adapter's are kept apart from the base's, and forgotten when its weights change."""
+    adapter = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
+    cache = generation.ModelCache(budget_bytes=1 << 30)
+    tokenizer = cache.get(str(tiny_model_template))[1]
+
+    def ask(prompt, adapter_path=None, fresh=False):
+        if fresh:
+            cache.clear_prompts()
+        ask = {**greedy_args(tiny_model_template, prompt), "adapter_path": adapter_path, "max_tokens": 12}
+        return texts(generation.generate(cache, **ask))
+
+    first, end = ask(PROMPTS[3])
+    assert end["cached_tokens"] == 0
+    again, end = ask(PROMPTS[3])
+    prompt_tokens = len(tokenizer.encode(PROMPTS[3]))
+    assert again == first and end["cached_tokens"] == prompt_tokens - 1  # the last one again, for its logits
+    turn = PROMPTS[3] + first + " and then"
+    _, end = ask(turn)
+    assert prompt_tokens <= end["cached_tokens"] < end["prompt_tokens"]
+    assert ask(turn)[0] == ask(turn, fresh=True)[0]
+
+    for adapter_path in (adapter, None):  # the adapter's keys and values are its own, and the base's
+        with_adapter, end = ask(PROMPTS[3], adapter_path)
+        assert end["cached_tokens"] == (0 if adapter_path else prompt_tokens - 1)
+        assert (with_adapter != first) == bool(adapter_path)
+    os.utime(Path(adapter) / "adapters.safetensors", ns=(1, 1))  # saved anew by a training job
+    assert ask(PROMPTS[3], adapter)[1]["cached_tokens"] == 0
+
+    # In one batch, a prompt read from what is kept beside one read afresh: each answer as alone.
+    cache.clear_prompts()
+    alone = [ask(p)[0] for p in PROMPTS[2:]]
+    cache.clear_prompts()
+    ask(PROMPTS[2])
+    events, _ = run(generation.Batcher(cache, max_batch=4), [greedy_args(tiny_model_template, p) for p in PROMPTS[2:]])
+    assert [texts(events[i])[0][: len(alone[i])] for i in range(2)] == alone
+    assert [events[i][-1]["cached_tokens"] > 0 for i in range(2)] == [True, False]
 
 
 @pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")

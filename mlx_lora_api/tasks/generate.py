@@ -12,6 +12,12 @@ in all, docs/benchmarks.md). Requests for different LoRA adapters of the base, a
 alone, share the batch, as LoRAX serves them: the adapters are laid side by side and each row adds
 its own (tasks/mixing.py). Requests for another base, or with an adapter that cannot be mixed
 (DoRA, a full fine-tune), wait until the batch before them ends, first come first served.
+
+Each loaded model keeps the keys and values of its latest answers, prompt and reply (mlx-lm's
+`LRUPromptCache`, as `mlx_lm.server` keeps them): a request whose tokens begin as an earlier one's
+did (the same system prompt, the next turn of a chat, the same question again) reads only the rest.
+They are kept by adapter, and an adapter's by the version of its weights on disk (a training job
+writes new ones as it goes), and go when the model is unloaded.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.generate import BatchGenerator, TextStateMachine
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load
@@ -37,6 +43,10 @@ from .. import device
 from . import checks, decoding, mixing
 
 log = logging.getLogger("mlx_lora_api")
+# Per loaded model: the keys and values of this many answers at most, and this many bytes (a
+# 135M model's 100-token answer: 4.6 MB in float32; a 7B model's: about 50 MB).
+PROMPTS = 32
+PROMPT_BYTES = 512 << 20
 
 
 class _Entry:
@@ -46,6 +56,7 @@ class _Entry:
         self.nbytes = nbytes
         self.fused = fused  # the decoding step's weights (tasks/decoding.py), while they are current
         self.adapter: str | None = None
+        self.prompts = LRUPromptCache(PROMPTS, PROMPT_BYTES)  # by `weights_version(adapter)`
 
 
 def _nbytes(model) -> int:
@@ -64,6 +75,19 @@ def _strip_adapter(model) -> None:
 
 
 MIXED = "adapters side by side"  # an entry's `adapter` while a Mixture is laid over it
+
+
+def weights_version(adapter: str | None) -> tuple | None:
+    """What the keys and values an adapter computed are kept under: its path and its weights'
+    modification time and size, which change when a training job saves anew."""
+    if adapter is None:
+        return None
+    weights = Path(adapter) / "adapters.safetensors"
+    try:
+        stat = weights.stat()
+    except OSError:
+        return (adapter, None)
+    return (adapter, stat.st_mtime_ns, stat.st_size)
 
 
 def _is_full_fine_tune(adapter: str) -> bool:
@@ -90,13 +114,27 @@ class ModelCache:
         entry.adapter = MIXED  # the next `get` strips what the mixture lays
         return entry.model, entry.tokenizer, entry.fused, mixing.Mixture(entry.model)
 
+    def prompts(self, base_path: str, adapter_path: str | None) -> LRUPromptCache:
+        """The keys and values kept for the loaded base (and its full fine-tune, which has an entry
+        of its own): load it first, with `get` or `mixed`."""
+        return self._entries[self._key(base_path, adapter_path)].prompts
+
+    def clear_prompts(self) -> None:
+        """Forget every kept prompt's keys and values (the tests: a batch computed afresh)."""
+        for entry in self._entries.values():
+            entry.prompts = LRUPromptCache(PROMPTS, PROMPT_BYTES)
+
+    @staticmethod
+    def _key(base_path: str, adapter_path: str | None) -> tuple[str, str | None]:
+        # A full fine-tune overwrites base weights, so it gets an entry of its own.
+        return (base_path, adapter_path if adapter_path and _is_full_fine_tune(adapter_path) else None)
+
     def _entry(self, base_path: str, adapter_path: str | None) -> _Entry:
         """The cached base (loaded if need be) with the adapter laid over it in place."""
         if adapter_path:
             checks.check_adapter_folder(Path(adapter_path))  # first: its errors name the file
-        # A full fine-tune overwrites base weights, so it gets an entry of its own.
-        full = adapter_path if adapter_path and _is_full_fine_tune(adapter_path) else None
-        key = (base_path, full)
+        key = self._key(base_path, adapter_path)
+        full = key[1]
         entry = self._entries.get(key)
         if entry is None:
             checks.check_model_folder(Path(base_path))
@@ -162,6 +200,8 @@ class _Request:
     stop: list[str] | None
     key: tuple[str, str | None] = ("", None)  # the batch it may join: (base, MIXED) or (base, adapter)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, read from keys and values kept (`LRUPromptCache`)
+    version: tuple | None = None  # the adapter's weights' (`weights_version`): the cache's key
     generated: int = 0
     batch: int = 1  # the most requests decoding together while this one did
     started: float = field(default_factory=time.perf_counter)
@@ -174,6 +214,7 @@ class _Request:
             "type": "end",
             "finish_reason": finish_reason,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "completion_tokens": self.generated,
             "seconds": round(time.perf_counter() - self.started, 3),
             "batch": self.batch,
@@ -209,6 +250,7 @@ class Batcher:
         self._batch: BatchGenerator | None = None
         self._tokenizer: Any = None
         self._mixed: _MixedStep | None = None  # a batch of adapters side by side: what it calls
+        self._prompts: LRUPromptCache | None = None  # the batch's model's kept keys and values
 
     @property
     def busy(self) -> bool:
@@ -280,6 +322,9 @@ class Batcher:
         if finish is not None:
             del self._running[response.uid]
             events.append(request.end(finish))
+            if response.prompt_cache is not None and self._prompts is not None:  # what it read and wrote
+                kept = response.prompt_cache[:-1] if self._mixed is not None else response.prompt_cache  # no _Rows
+                self._prompts.insert_cache(request.version, list(response.all_tokens), kept)
         return events
 
     def _admit(self) -> list[tuple[int, Event]]:
@@ -314,14 +359,33 @@ class Batcher:
             raise ValueError("the prompt is empty once tokenized")
         slot = self._mixed.lay(request.adapter_path) if self._mixed is not None and request.adapter_path else None
         request.prompt_tokens = len(tokens)
+        request.version = weights_version(request.adapter_path)
+        assert self._prompts is not None
+        kept, rest = self._prompts.fetch_nearest_cache(request.version, tokens)
+        if kept is not None and not rest:  # the whole prompt: its last token again, for its logits
+            if can_trim_prompt_cache(kept):
+                trim_prompt_cache(kept, 1)
+                rest = tokens[-1:]
+            else:
+                kept, rest = None, tokens
+        request.cached_tokens = len(tokens) - len(rest)
         request.detokenizer = tokenizer.detokenizer
         if request.stop:
             request.stops = TextStateMachine({"normal": [(s, None) for s in request.stop]})
             request.stop_state = request.stops.make_state()
         request.started = time.perf_counter()
         assert self._batch is not None
-        caches = [self._mixed.make_cache(slot)] if self._mixed is not None else None
-        [uid] = self._batch.insert([tokens], [request.max_tokens], caches=caches, samplers=[request.sampler])
+        if kept is None:
+            caches = [self._mixed.make_cache(slot)] if self._mixed is not None else None
+        else:
+            caches = [kept + [_Rows([slot])]] if self._mixed is not None else [kept]
+        [uid] = self._batch.insert(
+            [rest],
+            [request.max_tokens],
+            caches=caches,
+            all_tokens=[tokens[: request.cached_tokens]],  # what the cache holds, as mlx_lm.server says it
+            samplers=[request.sampler],
+        )
         self._running[uid] = request
 
     def _open(self, request: _Request) -> None:
@@ -331,6 +395,7 @@ class Batcher:
             self._mixed = step = _MixedStep(model, fused, mixture)
         else:
             _, self._tokenizer, step = self.cache.get(request.base_path, request.adapter_path)
+        self._prompts = self.cache.prompts(request.base_path, None if request.key[1] == MIXED else request.adapter_path)
         self._batch = BatchGenerator(
             step,
             stop_tokens=[[t] for t in self._tokenizer.eos_token_ids],
@@ -342,7 +407,7 @@ class Batcher:
     def _close(self) -> None:
         if self._batch is not None:
             self._batch.close()
-        self._batch, self._key, self._tokenizer, self._mixed = None, None, None, None
+        self._batch, self._key, self._tokenizer, self._mixed, self._prompts = None, None, None, None, None
 
 
 class _Rows:

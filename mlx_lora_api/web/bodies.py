@@ -30,10 +30,21 @@ class ModelList(Struct):
     models: list[ModelRecord]
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int  # of the prompt's, read from the keys and values kept from earlier answers
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails  # as OpenAI's API reports them
+
+    @classmethod
+    def of(cls, end: dict[str, Any]) -> Usage:
+        """From a generation's end event."""
+        prompt, completion = end["prompt_tokens"], end["completion_tokens"]
+        return cls(prompt, completion, prompt + completion, PromptTokensDetails(end.get("cached_tokens", 0)))
 
 
 class GenerateResponse(Struct):

@@ -294,7 +294,7 @@ async def generate(request: Request) -> Response:
     service = request.app.state.service
     if not payload.stream:
         text, end = await run_in_threadpool(service.generate_text, payload)
-        usage = Usage(end["prompt_tokens"], end["completion_tokens"], end["prompt_tokens"] + end["completion_tokens"])
+        usage = Usage.of(end)
         return respond(GenerateResponse(payload.model, text, end["finish_reason"], usage))
     events = await run_in_threadpool(service.generate, payload)
 

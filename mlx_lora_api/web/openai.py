@@ -55,7 +55,7 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     if not payload.stream:
         text, end = await run_in_threadpool(service.generate_text, call)
-        usage = Usage(end["prompt_tokens"], end["completion_tokens"], end["prompt_tokens"] + end["completion_tokens"])
+        usage = Usage.of(end)
         choice = ChatChoice(0, ChatMessage("assistant", text), end["finish_reason"])
         return respond(ChatCompletion(completion_id, created, payload.model, [choice], usage))
     events = await run_in_threadpool(service.generate, call)
@@ -81,12 +81,7 @@ async def chat_completions(request: Request) -> Response:
                 yield sse(error_body(500, event["message"]))
                 return
             else:
-                usage = {
-                    "prompt_tokens": event["prompt_tokens"],
-                    "completion_tokens": event["completion_tokens"],
-                    "total_tokens": event["prompt_tokens"] + event["completion_tokens"],
-                }
-                yield chunk({}, event["finish_reason"], usage)
+                yield chunk({}, event["finish_reason"], msgspec.to_builtins(Usage.of(event)))
         yield sse("[DONE]")
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
