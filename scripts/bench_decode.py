@@ -16,6 +16,11 @@ Each round, engines alternating, on the bundled SmolLM2-135M-Instruct (greedy, t
   random weights: the speed is the point, tests/test_generation.py checks the answers), all at
   once: the service decodes them as one batch, each row with its own adapter (tasks/mixing.py);
   and one adapter's chats after another's (what it did before: a batch per adapter).
+Both keep what they computed for earlier prompts, as each ships: llama.cpp's server reuses a slot's
+keys and values for the common start of its next prompt (`cache_prompt`, its default); the service
+keeps its latest answers' (tasks/generate.py), so the chats reuse the warm-up chat's system prompt, and
+the service's one-after-another chats, which follow its at-once ones, their whole prompts. Each engine
+is a fresh server every round.
 llama.cpp (the xllamacpp wheel, 2 threads) runs the float16 GGUF the service's export job writes,
 and the same weights in float32 (written by the same exporter for this script: the service
 computes in float32 on the CPU). Prints a table with the machine and the command.
@@ -91,7 +96,7 @@ class Llama:
         """(tokens generated, decode tokens/s, wall seconds)"""
         body = {"prompt": self.prompt(messages), "n_predict": tokens, "temperature": 0.0, "top_k": 1}
         started = time.perf_counter()
-        r = self.client.post("/completion", json={**body, "cache_prompt": False, "samplers": ["top_k"]}).json()
+        r = self.client.post("/completion", json={**body, "cache_prompt": True, "samplers": ["top_k"]}).json()
         timings = r["timings"]
         return timings["predicted_n"], timings["predicted_per_second"], time.perf_counter() - started
 

@@ -122,7 +122,7 @@ class ModelCache:
     def clear_prompts(self) -> None:
         """Forget every kept prompt's keys and values (the tests: a batch computed afresh)."""
         for entry in self._entries.values():
-            entry.prompts = LRUPromptCache(PROMPTS, PROMPT_BYTES)
+            entry.prompts.trim_to(n_sequences=0)  # in place: a batch that is open holds it
 
     @staticmethod
     def _key(base_path: str, adapter_path: str | None) -> tuple[str, str | None]:
