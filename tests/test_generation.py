@@ -438,7 +438,7 @@ def test_different_adapters_of_one_base_share_a_batch_with_the_answers_they_get_
         assert texts(events[0])[0] == alone[0] and texts(events[2])[0] == alone[2]
 
 
-def test_a_prompt_that_begins_as_an_earlier_one_did_reads_only_the_rest(tmp_path, tiny_model_template):
+def test_a_prompt_that_begins_as_an_earlier_one_did_reads_only_the_rest(tmp_path, tiny_model_template, monkeypatch):
     """The keys and values of earlier answers are kept (mlx-lm's LRUPromptCache): the same prompt
     again, or the next turn of the conversation, reads only what is new, with the answer computed
     afresh; an adapter's are kept apart from the base's, and forgotten when its weights change."""
@@ -477,6 +477,10 @@ def test_a_prompt_that_begins_as_an_earlier_one_did_reads_only_the_rest(tmp_path
     events, _ = run(generation.Batcher(cache, max_batch=4), [greedy_args(tiny_model_template, p) for p in PROMPTS[2:]])
     assert [texts(events[i])[0][: len(alone[i])] for i in range(2)] == alone
     assert [events[i][-1]["cached_tokens"] > 0 for i in range(2)] == [True, False]
+
+    monkeypatch.setenv("MLX_LORA_API_LEVERS", "no-kept_prompts")  # the lever off: nothing read, nothing kept
+    cache.clear_prompts()
+    assert [ask(PROMPTS[2])[1]["cached_tokens"] for _ in range(2)] == [0, 0]
 
 
 @pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")

@@ -40,6 +40,7 @@ from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load
 
 from .. import device
+from ..tuner import levers
 from . import checks, decoding, mixing
 
 log = logging.getLogger("mlx_lora_api")
@@ -251,6 +252,7 @@ class Batcher:
         self._tokenizer: Any = None
         self._mixed: _MixedStep | None = None  # a batch of adapters side by side: what it calls
         self._prompts: LRUPromptCache | None = None  # the batch's model's kept keys and values
+        self._keep = levers.from_environment().kept_prompts
 
     @property
     def busy(self) -> bool:
@@ -322,7 +324,7 @@ class Batcher:
         if finish is not None:
             del self._running[response.uid]
             events.append(request.end(finish))
-            if response.prompt_cache is not None and self._prompts is not None:  # what it read and wrote
+            if response.prompt_cache is not None and self._prompts is not None and self._keep:  # read and written
                 kept = response.prompt_cache[:-1] if self._mixed is not None else response.prompt_cache  # no _Rows
                 self._prompts.insert_cache(request.version, list(response.all_tokens), kept)
         return events
@@ -361,7 +363,7 @@ class Batcher:
         request.prompt_tokens = len(tokens)
         request.version = weights_version(request.adapter_path)
         assert self._prompts is not None
-        kept, rest = self._prompts.fetch_nearest_cache(request.version, tokens)
+        kept, rest = self._prompts.fetch_nearest_cache(request.version, tokens) if self._keep else (None, tokens)
         if kept is not None and not rest:  # the whole prompt: its last token again, for its logits
             if can_trim_prompt_cache(kept):
                 trim_prompt_cache(kept, 1)

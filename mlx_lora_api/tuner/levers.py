@@ -46,10 +46,18 @@ class Levers(msgspec.Struct, frozen=True):
     keep_freed_memory: bool = True  # glibc keeps freed memory (CPU only; accel/blas.py)
     # Decoding reads a float16/bfloat16 copy of each weight that is exactly one (CPU; accel/gemv.c).
     half_weights: bool = True
+    # Generation keeps its latest answers' keys and values for prompts that begin alike (tasks/generate.py).
+    kept_prompts: bool = True
 
 
 PLAIN = Levers(
-    pad_multiple=32, prefix_cache=False, cpu_head=False, cpu_ops=False, keep_freed_memory=False, half_weights=False
+    pad_multiple=32,
+    prefix_cache=False,
+    cpu_head=False,
+    cpu_ops=False,
+    keep_freed_memory=False,
+    half_weights=False,
+    kept_prompts=False,
 )
 
 
