@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
-from mlx_lm.utils import dequantize_model, get_total_parameters, load, save
+from mlx_lm.utils import dequantize_model, load, save
 
 from .. import device
 from . import saving
@@ -131,21 +131,8 @@ def fuse_adapter(
 
     on_event({"type": "saving", "dtype": stored, "fused_layers": len(names)})
     config["torch_dtype"] = stored
-    weights = dict(tree_flatten(model.parameters()))
-    total, vision = get_total_parameters(model), "vision_tower" in getattr(model, "model", {})
-    del model  # from here the weights are held only by `weights`, and freed as they are written
     with_each = {f"{name}.weight": [difference] for name, difference in differences.items()}
-    saving.save(
-        out_dir,
-        Path(base_path),
-        weights,
-        tokenizer,
-        config,
-        total_parameters=total,
-        keep_vision_config=vision,
-        with_each=with_each,
-        before_commit=check,
-    )
+    saving.save_model(out_dir, Path(base_path), model, tokenizer, config, with_each=with_each, before_commit=check)
     return parity
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlx.utils import tree_flatten
-from mlx_lm.utils import compute_bits_per_weight, get_total_parameters, load, quantize_model
+from mlx_lm.utils import compute_bits_per_weight, load, quantize_model
 
 from . import saving
 
@@ -24,8 +23,5 @@ def quantize(model_dir: Path, out_dir: Path, bits: int, group_size: int) -> dict
         raise ValueError(f"{model_dir.name} is already quantized ({config['quantization'].get('bits')} bits)")
     model, config = quantize_model(model, config, group_size, bits)
     figures = {"bits": bits, "group_size": group_size, "bits_per_weight": round(compute_bits_per_weight(model), 3)}
-    weights = dict(tree_flatten(model.parameters()))
-    total, vision = get_total_parameters(model), "vision_tower" in getattr(model, "model", {})
-    del model  # the weights are held only by `weights` now, and freed as they are written
-    saving.save(out_dir, model_dir, weights, tokenizer, config, total_parameters=total, keep_vision_config=vision)
+    saving.save_model(out_dir, model_dir, model, tokenizer, config)
     return figures

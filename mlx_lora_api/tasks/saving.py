@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.utils import create_model_card, make_shards, save_config
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import create_model_card, get_total_parameters, make_shards, save_config
 
 # safetensors' names for MLX's dtypes (https://github.com/huggingface/safetensors, format.md).
 DTYPES = {
@@ -127,3 +129,32 @@ def save(
         for file in glob.glob(str(base_path / pattern)):
             shutil.copy(file, out_dir)
     create_model_card(out_dir, None)
+
+
+def save_model(
+    out_dir: Path,
+    base_path: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    config: dict[str, Any],
+    *,
+    with_each: Mapping[str, Sequence[mx.array]] | None = None,
+    before_commit: Callable[[], None] = lambda: None,
+) -> None:
+    """`save` for a model, which gives its weights up (as `mlx_lm.utils.save`'s `donate_model`
+    does: each parameter replaced by an empty array), so that a caller still holding the model
+    does not hold the weights while they are written."""
+    weights = dict(tree_flatten(model.parameters()))
+    total, vision = get_total_parameters(model), "vision_tower" in getattr(model, "model", {})
+    model.update(tree_map(lambda _: mx.array([]), model.parameters()))
+    save(
+        out_dir,
+        base_path,
+        weights,
+        tokenizer,
+        config,
+        total_parameters=total,
+        keep_vision_config=vision,
+        with_each=with_each,
+        before_commit=before_commit,
+    )
