@@ -8,8 +8,9 @@ Each round, engines alternating, on the bundled SmolLM2-135M-Instruct (greedy, t
   to the last (llama.cpp's own `predicted_per_second`), and the whole request's wall time;
   the service as it ships (the products of 1 to 8 rows in the shim's kernels, accel/gemv.c, reading
   the float16 copies of the model's weights), with MLX_LORA_API_LEVERS=no-half_weights (the same
-  kernels over the float32 weights), with no-kept_prompts (every prompt read afresh) and with
-  MLX_LORA_API_LEVERS=off (MLX's sgemm for every product);
+  kernels over the float32 weights), with no-kept_prompts (every prompt read afresh), with
+  no-jit_avx2 (MLX's compiled element-wise kernels built with MLX's own flags, accel/jit.py; each
+  engine keeps its own JIT cache) and with MLX_LORA_API_LEVERS=off (MLX's sgemm for every product);
 - --chats concurrent chats of 64 tokens: every answer's tokens over the wall time, the service
   decoding them as one batch, llama.cpp with as many parallel slots; and the service answering
   the same chats one after another (what it did before it batched);
@@ -111,6 +112,9 @@ class Llama:
 class Service:
     def __init__(self, data_dir: Path, levers: str):
         os.environ["MLX_LORA_API_LEVERS"] = levers
+        # MLX reuses a compiled kernel by name whatever flags built it (accel/jit.py): one cache each
+        os.environ["TMPDIR"] = str(data_dir / f"jit-{levers}")
+        Path(os.environ["TMPDIR"]).mkdir(exist_ok=True)
         self.port = free_port()
         self.process, _ = start_server(data_dir, self.port, data_dir / f"server-{levers}.log")
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=600)
@@ -249,6 +253,7 @@ def main() -> None:
             ("service", lambda: Service(data_dir, "on")),
             ("service, float32 weights (no-half_weights)", lambda: Service(data_dir, "no-half_weights")),
             ("service, no prompts kept (no-kept_prompts)", lambda: Service(data_dir, "no-kept_prompts")),
+            ("service, MLX's own kernel flags (no-jit_avx2)", lambda: Service(data_dir, "no-jit_avx2")),
             ("service, levers off (sgemm)", lambda: Service(data_dir, "off")),
             ("llama.cpp float16 (the export)", lambda: Llama(f16, args.chats)),
             ("llama.cpp float32", lambda: Llama(f32, args.chats)),

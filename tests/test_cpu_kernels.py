@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from mlx_lm.models.activations import swiglu as mlx_swiglu
 
-from mlx_lora_api.accel import blas, elementwise, kernels
+from mlx_lora_api.accel import blas, elementwise, jit, kernels
+from mlx_lora_api.accel.jit import cpu_has as jit_cpu_has
 
 
 def grads(fn, *args):
@@ -194,6 +195,73 @@ def test_job_processes_keep_openblas_threads_from_spinning_beside_the_kernels():
     assert timeout("decoding") == "None"  # the generation process: OpenBLAS's own default
     assert timeout("job", OPENBLAS_THREAD_TIMEOUT="20") == "20"  # the user's setting stands
     assert timeout("job", MLX_LORA_API_LEVERS="off") == "None"  # mlx-lm's plain path
+
+
+# -- MLX's compiled element-wise kernels built for the CPU (accel/jit.py) -----------------------
+
+COMPILED_SWIGLU = """
+import sys
+import numpy as np
+from mlx_lora_api.accel import blas, jit
+blas.prepare()
+import mlx.core as mx
+from mlx_lm.models.activations import swiglu  # mx.compile'd, as every Llama-like block runs it
+rng = np.random.default_rng(0)
+gate = mx.array(rng.standard_normal((8, 1536)).astype(np.float32) * 30)  # exp's whole range, both tails
+up = mx.array(rng.standard_normal((8, 1536)).astype(np.float32))
+half = mx.array(rng.standard_normal((8, 1536)).astype(np.float16))
+out = mx.concatenate([swiglu(gate, up), mx.compile(lambda h: (h * h + 1).astype(mx.float32))(half)])
+np.save(sys.argv[1], np.array(out))
+print(jit.prepare() is not None)
+"""
+
+jit_applies = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and os.uname().machine == "x86_64" and jit_cpu_has()),
+    reason="AVX2, FMA and F16C flags are for x86_64 Linux CPUs that have them",
+)
+
+
+def compiled_kernels(tmp_path, name: str, levers: str) -> tuple[str, np.ndarray, bytes]:
+    """The probe in a process of its own (the PATH is the process's), with a JIT cache of its
+    own: MLX reuses a kernel it built earlier whatever flags built it."""
+    folder = tmp_path / name
+    folder.mkdir()
+    env = os.environ | {"TMPDIR": str(folder), "MLX_LORA_API_LEVERS": levers}
+    probe = [sys.executable, "-c", COMPILED_SWIGLU, str(folder / "out.npy")]
+    run = subprocess.run(probe, env=env, text=True, capture_output=True)
+    assert run.returncode == 0, run.stderr
+    built = sorted(folder.glob("mlx/*/cpu/lib*Sigmoid*.so"))
+    assert len(built) == 1, built
+    return run.stdout.strip(), np.load(folder / "out.npy"), built[0].read_bytes()
+
+
+@jit_applies
+def test_compiled_kernels_are_built_for_the_cpu_and_give_the_same_bits(tmp_path):
+    """The flags change which instructions compute, not what: the same bits as MLX's own flags
+    give, and the libm `fmaf` the baseline build calls is gone (the fma is inlined)."""
+    applied, ours, ours_binary = compiled_kernels(tmp_path, "ours", "on")
+    plain, theirs, theirs_binary = compiled_kernels(tmp_path, "mlx", f"no-{jit.LEVER}")
+    assert (applied, plain) == ("True", "False")
+    np.testing.assert_array_equal(ours, theirs)
+    assert np.isfinite(ours).all() and (ours[:8] != 0).mean() > 0.99
+    assert b"fmaf" in theirs_binary and b"fmaf" not in ours_binary
+    _, off, _ = compiled_kernels(tmp_path, "off", "off")  # every lever off: MLX's flags too
+    np.testing.assert_array_equal(off, theirs)
+
+
+def test_the_jit_flags_follow_the_levers_and_the_cpu(tmp_path):
+    from mlx_lora_api.tuner import levers
+
+    assert jit.LEVER in levers.SWITCHES and getattr(levers.PLAIN, jit.LEVER) is False
+    assert jit.wanted({}) and jit.wanted({"MLX_LORA_API_LEVERS": "no-half_weights"})
+    assert not jit.wanted({"MLX_LORA_API_LEVERS": "off"})
+    assert not jit.wanted({"MLX_LORA_API_LEVERS": f"no-kept_prompts, no-{jit.LEVER}"})
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c avx512f\n")
+    assert jit.cpu_has(cpuinfo=cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx fma f16c\n")  # no AVX2
+    assert not jit.cpu_has(cpuinfo=cpuinfo)
+    assert not jit.cpu_has(cpuinfo=tmp_path / "missing")
 
 
 # -- products of 1 to 8 rows through the shim (accel/gemv.c) -----------------------------------

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .native import LEVERS_ENV
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -38,7 +40,6 @@ BLAS_HINT = (
     f"or point {BLAS_ENV} at a libopenblas.so"
 )
 
-LEVERS_ENV = "MLX_LORA_API_LEVERS"  # off: mlx-lm's plain path, this shim left out too (tuner/levers.py)
 
 _state: dict[str, str | None] = {}
 _shim: list[ctypes.CDLL] = []
@@ -64,6 +65,9 @@ def prepare(decoding: bool = False) -> str | None:
     _state["blas"] = None
     if sys.platform == "darwin":
         return None
+    from . import jit
+
+    jit.prepare()  # only its first compiled kernel needs it, but no later than MLX's
     if "mlx.core" in sys.modules:
         log.warning("mlx.core was imported before the BLAS fast path; CPU matmuls stay slow")
         return None

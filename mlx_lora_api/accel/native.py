@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+LEVERS_ENV = "MLX_LORA_API_LEVERS"  # off: mlx-lm's plain path, this package's shims left out too (tuner/levers.py)
+
 
 class BuildError(OSError):
     pass

@@ -48,6 +48,9 @@ class Levers(msgspec.Struct, frozen=True):
     half_weights: bool = True
     # Generation keeps its latest answers' keys and values for prompts that begin alike (tasks/generate.py).
     kept_prompts: bool = True
+    # MLX's compiled element-wise kernels built with AVX2, FMA and F16C where the CPU has them
+    # (x86_64 Linux; accel/jit.py). Set per process, from the environment, before MLX compiles.
+    jit_avx2: bool = True
 
 
 PLAIN = Levers(
@@ -58,6 +61,7 @@ PLAIN = Levers(
     keep_freed_memory=False,
     half_weights=False,
     kept_prompts=False,
+    jit_avx2=False,
 )
 
 

@@ -1,0 +1,87 @@
+"""MLX's compiled element-wise kernels, built for the CPU they run on.
+
+`mx.compile` on the CPU writes each fused element-wise kernel as C++ and builds it with `g++`,
+found on the PATH, adding `-mavx2 -mfma -mf16c` only where MLX itself was built for AVX2. The
+`mlx[cpu]` wheel is built for baseline x86-64, so a compiled SwiGLU (mlx-lm's `swiglu`, in every
+block of a Llama-like model) calls libm's `fmaf` six times per element of its `exp`, and every
+float16 conversion is done in software (docs/upstream/exp.md). `prepare()` puts a `g++` ahead
+on this process's PATH that adds those three flags where the CPU has them: the kernels are the
+same source built as MLX's AVX2 build builds them, and give the same bits (`-std=c++17` keeps
+GCC from contracting `a * b + c` into an fma on its own). SmolLM2's SwiGLU over 30 blocks, 2 Zen 4
+cores: 8 rows 7.4 -> 5.2 ms, a batch of prompts (288 rows) 275 -> 139 ms (scripts/bench_jit.py).
+
+MLX keeps the kernels it built in `$TMPDIR/mlx/<version>/cpu` and reuses them by name, whatever
+flags built them; `scripts/bench_jit.py` gives each engine a folder of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from . import native
+
+LEVER = "jit_avx2"  # MLX_LORA_API_LEVERS=no-jit_avx2 (or off) leaves MLX's own flags
+FLAGS = ("-mavx2", "-mfma", "-mf16c")
+NEEDS = ("avx2", "fma", "f16c")  # /proc/cpuinfo's names for what FLAGS let the compiler use
+
+_state: dict[str, Path | None] = {}
+
+
+def wanted(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the levers leave this on (tuner/levers.py names it; read here, below MLX)."""
+    value = environ.get(native.LEVERS_ENV, "on").strip().lower()
+    return value != "off" and f"no-{LEVER}" not in {part.strip() for part in value.split(",")}
+
+
+def cpu_has(needs: tuple[str, ...] = NEEDS, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(needs) <= set(line.split(":", 1)[1].split())
+    return False
+
+
+def prepare() -> Path | None:
+    """Before MLX's first compiled kernel in this process: the `g++` that adds FLAGS, first on
+    the PATH; returns its folder, or None where it does not apply (not Linux on x86_64, no `g++`,
+    a CPU without AVX2, FMA or F16C, or the lever off). Safe to call many times."""
+    if "folder" in _state:
+        return _state["folder"]
+    _state["folder"] = None
+    ours = native.cache_folder() / "jit"  # a parent that prepared passes its PATH on: not its choice
+    path = [p for p in os.environ.get("PATH", os.defpath).split(os.pathsep) if Path(p).parent != ours]
+    if "PATH" in os.environ:
+        os.environ["PATH"] = os.pathsep.join(path)
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64") or not wanted() or not cpu_has():
+        return None
+    compiler = shutil.which("g++", path=os.pathsep.join(path))
+    if compiler is None:
+        return None  # MLX then does not compile on the CPU either (it runs each op on its own)
+    folder = _wrapper(Path(compiler))
+    os.environ["PATH"] = os.pathsep.join([str(folder), *path])
+    _state["folder"] = folder
+    return folder
+
+
+def _wrapper(compiler: Path) -> Path:
+    """A folder holding a `g++` that runs `compiler` with FLAGS first, written once per compiler."""
+    script = f'#!/bin/sh\nexec {shlex.quote(str(compiler))} {" ".join(FLAGS)} "$@"\n'
+    folder = native.cache_folder() / "jit" / hashlib.sha256(script.encode()).hexdigest()[:16]
+    path = folder / "g++"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".g++.{os.getpid()}"
+        partial.write_text(script)
+        partial.chmod(0o755)
+        os.replace(partial, path)  # whole, or not at all: another process may be running it
+    return folder
