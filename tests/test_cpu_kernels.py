@@ -249,6 +249,16 @@ def test_compiled_kernels_are_built_for_the_cpu_and_give_the_same_bits(tmp_path)
     np.testing.assert_array_equal(off, theirs)
 
 
+@jit_applies
+def test_a_cache_folder_it_cannot_write_leaves_mlx_its_own_flags(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))  # under a file: not a folder
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
+    monkeypatch.setattr(jit, "_state", {})
+    assert jit.prepare() is None
+    assert "file" not in os.environ["PATH"]
+
+
 def test_the_jit_flags_follow_the_levers_and_the_cpu(tmp_path):
     from mlx_lora_api.tuner import levers
 

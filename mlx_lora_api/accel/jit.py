@@ -17,6 +17,7 @@ flags built them; `scripts/bench_jit.py` gives each engine a folder of its own.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shlex
@@ -26,6 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import native
+
+log = logging.getLogger("mlx_lora_api")
 
 LEVER = "jit_avx2"  # MLX_LORA_API_LEVERS=no-jit_avx2 (or off) leaves MLX's own flags
 FLAGS = ("-mavx2", "-mfma", "-mf16c")
@@ -67,7 +70,11 @@ def prepare() -> Path | None:
     compiler = shutil.which("g++", path=os.pathsep.join(path))
     if compiler is None:
         return None  # MLX then does not compile on the CPU either (it runs each op on its own)
-    folder = _wrapper(Path(compiler))
+    try:
+        folder = _wrapper(Path(compiler))
+    except OSError as e:  # a cache folder it cannot write: MLX's own flags, as without the lever
+        log.warning("MLX's compiled kernels keep MLX's own flags: %s", e)
+        return None
     os.environ["PATH"] = os.pathsep.join([str(folder), *path])
     _state["folder"] = folder
     return folder
