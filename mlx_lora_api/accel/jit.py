@@ -3,12 +3,12 @@
 `mx.compile` on the CPU writes each fused element-wise kernel as C++ and builds it with `g++`,
 found on the PATH, adding `-mavx2 -mfma -mf16c` only where MLX itself was built for AVX2. The
 `mlx[cpu]` wheel is built for baseline x86-64, so a compiled SwiGLU (mlx-lm's `swiglu`, in every
-block of a Llama-like model) calls libm's `fmaf` six times per element of its `exp`, and every
-float16 conversion is done in software (docs/upstream/exp.md). `prepare()` puts a `g++` ahead
+block of a Llama-like model) calls libm's `fmaf` six times per element of its `exp`, and float16
+is converted without F16C's instructions (docs/upstream/exp.md). `prepare()` puts a `g++` ahead
 on this process's PATH that adds those three flags where the CPU has them: the kernels are the
 same source built as MLX's AVX2 build builds them, and give the same bits (`-std=c++17` keeps
 GCC from contracting `a * b + c` into an fma on its own). SmolLM2's SwiGLU over 30 blocks, 2 Zen 4
-cores: 8 rows 7.4 -> 5.2 ms, a batch of prompts (288 rows) 275 -> 139 ms (scripts/bench_jit.py).
+cores: 8 rows 10.2 -> 6.0 ms, a batch of prompts (288 rows) 271 -> 135 ms (scripts/bench_jit.py).
 
 MLX keeps the kernels it built in `$TMPDIR/mlx/<version>/cpu` and reuses them by name, whatever
 flags built them; `scripts/bench_jit.py` gives each engine a folder of its own.
