@@ -10,8 +10,10 @@ by name whatever flags built it), warmed up first (the kernels built once):
 - 8 chats of 64 tokens decoded together by the generation process's Batcher, in process, on the
   bundled SmolLM2-135M-Instruct (float16 weights decoded in float32, as the service does on the
   CPU): the whole batch's wall time, its first step (the prompts) and its median decoding step.
-Both engines must give the same 8 answers (checked). Medians; prints a table with the machine and
-the command.
+Both engines must give the same 8 answers (checked). With --train WORKLOAD (e.g. chat3), also a
+training run each round per engine (scripts/bench_train.py's `service` engine on that workload, in a
+process of its own with the engine's JIT cache): its training time, and the same final loss from both
+(checked). Medians; prints a table with the machine and the command.
 """
 
 from __future__ import annotations
@@ -105,9 +107,23 @@ ROWS = [
 ]
 
 
+def train(workload: str, model: Path, env: dict[str, str]) -> dict:
+    """bench_train.py's `service` engine on `workload`, in a process of its own: its training time
+    and final loss."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--child", "service"]
+        command += ["--workload", workload, "--model", str(model), "--out", out]
+        child = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    if child.returncode != 0:
+        raise SystemExit(f"training: {child.stderr[-2000:]}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    return {"train": result["train_seconds"], "train loss": result["final_loss"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train", metavar="WORKLOAD", help="also time bench_train.py's service engine on it")
     args = parser.parse_args()
     data_dir = bundled_data_dir("bench-jit-")
     model = data_dir / "models" / BUNDLED_NAME
@@ -122,17 +138,23 @@ def main() -> None:
             if child.returncode != 0:
                 raise SystemExit(f"{name}: {child.stderr[-2000:]}")
             runs[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
+            if args.train:
+                runs[name][-1] |= train(args.train, model, env)
             print(f"round {round_ + 1}: {name} done", file=sys.stderr, flush=True)
     answers = {run["answers"] for name in ENGINES for run in runs[name]}
+    losses = {run["train loss"] for name in ENGINES for run in runs[name] if "train loss" in run}
     applied = [run["flags"] for run in runs[next(iter(ENGINES))]]
     print(f"machine: {machine()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"flags applied: {all(applied)}; the same answers from both: {len(answers) == 1}")
+    if args.train:
+        print(f"{args.train}: the same final training loss from both: {len(losses) == 1}")
     print(f"medians of {args.rounds} rounds, engines alternating, a fresh process each\n")
     names = list(ENGINES)
     print(f"ms | {' | '.join(names)} | speed-up")
     print("---|" + "---|" * len(names) + "---")
-    for label, key in ROWS:
+    rows = ROWS + ([(f"training, {args.train} (bench_train.py's service engine)", "train")] if args.train else [])
+    for label, key in rows:
         values = [statistics.median(run[key] for run in runs[name]) * 1000 for name in names]
         print(f"{label} | {' | '.join(f'{v:.1f}' for v in values)} | {values[1] / values[0]:.2f}x")
 
