@@ -282,6 +282,19 @@ linux_blas = pytest.mark.skipif(
 
 
 @linux_blas
+def test_one_row_leaves_a_core_to_the_thread_that_builds_the_next_step():
+    """A decoding step of one row: its products on every core but one (on 2 cores, the caller alone);
+    a batch's on every core; a small product on the caller alone."""
+    shim = blas.shim()
+    assert shim is not None
+    every = shim.mlx_lora_api_threads(8, 1536, 576)
+    if "OMP_NUM_THREADS" not in os.environ:
+        assert every == os.cpu_count()
+    assert shim.mlx_lora_api_threads(1, 1536, 576) == max(1, every - 1)
+    assert shim.mlx_lora_api_threads(1, 64, 128) == 1
+
+
+@linux_blas
 def test_the_shim_computes_every_one_row_product_as_sgemm_does():
     """Called as MLX calls cblas_sgemm: both operands transposed or not, beta 0 over garbage
     (never read) or not (addmm's bias); products with more rows pass through to sgemm."""

@@ -95,10 +95,20 @@ static pthread_rwlock_t route_lock = PTHREAD_RWLOCK_INITIALIZER;
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-/* How many threads a product through an n x k weight takes: the calling thread alone below 65,536
- * weight values (attention's products of one query by a few hundred keys), where waking another
- * costs more than it saves; else every core. */
-static int threads_for(int n, int k) { return (long)n * k < THREADED ? 1 : omp_get_max_threads(); }
+/* How many threads a product of m rows through an n x k weight takes: the calling thread alone below
+ * 65,536 weight values (attention's products of one query by a few hundred keys), where waking
+ * another costs more than it saves; one row, every core but one, left to the Python thread that
+ * builds the next decoding step (on 2 cores the kernel's two threads, one of them MLX's stream
+ * thread, the other spinning between products, and that Python thread were three busy threads on
+ * two cores: the stream thread waited for a core 28% of the time, and one stream of SmolLM2 decoded
+ * ~43 tokens/s against ~49 with its products on one thread); a batch of rows, every core (8 rows
+ * were no faster on one). Which thread computes an output changes nothing in it. */
+static int threads_for(int m, int n, int k) {
+    const int most = omp_get_max_threads();
+    if ((long)n * k < THREADED) return 1;
+    return m == 1 && most > 1 ? most - 1 : most;
+}
+int mlx_lora_api_threads(int m, int n, int k) { return threads_for(m, n, k); } /* for the tests */
 
 /* Eight weight values from `w` (of `kind`) at element `at`, as float32. */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8(const int kind, const void *w,
@@ -198,7 +208,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void tile(
     __attribute__((target(TARGET))) static void NAME(int m, int n, int k, float alpha, const float *a, int lda,   \
                                                      const void *w, int ldw, float beta, float *c, int ldc) {     \
         int groups = (n + COLUMNS - 1) / COLUMNS;                                                                 \
-        int threads = threads_for(n, k);                                                                         \
+        int threads = threads_for(m, n, k);                                                                      \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                        \
         for (int g = 0; g < groups; g++) {                                                                        \
             const int kind = KIND; /* a constant where the tiles are inlined */                                  \
