@@ -7,7 +7,8 @@ makes them, for 1 to 8 rows:
 
 - OpenBLAS's `cblas_sgemm` called directly (what MLX calls without the shim; it packs the weight);
 - OpenBLAS's `cblas_sgemv` (one row only; the shim's one-row path before it took one row itself);
-- the shim's few-rows kernel over the float32 weights (accel/gemv.c);
+- the shim's few-rows kernel over the float32 weights (accel/gemv.c; one row on every core but one, as
+  a one-stream decoding step runs it beside the Python thread, more rows on every core);
 - the same kernel reading each weight's float16 copy (`Shadows`, as tasks/decoding.py registers them);
 - where the CPU has AVX-512VL (the kernel then takes 8 rows a tile), both again in 4-row tiles, as on AVX2.
 
