@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .native import LEVERS_ENV
+from . import native
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,7 +75,7 @@ def prepare(decoding: bool = False) -> str | None:
     if path is None:
         log.warning("No optimized BLAS found: CPU training runs about 30x slower; %s", BLAS_HINT)
         return None
-    if not decoding and os.environ.get(LEVERS_ENV, "on").strip().lower() != "off":
+    if not decoding and native.lever_on():
         # OpenBLAS's idle threads spin for 2^28 cycles (about 0.1 s) after each product before
         # they sleep, taking a core from the OpenMP kernels that run next (bf16/, elementwise.c):
         # a bfloat16 product took 10 ms or 19 ms by chance (1024 x 576 x 3072, 2 Zen 4 cores), and
@@ -102,7 +102,7 @@ def _load_shim(library: ctypes.CDLL, decoding: bool) -> str | None:
     """The matrix-vector shim (gemv.py) ahead of the BLAS, unless the levers are off; says why not."""
     from . import gemv
 
-    if os.environ.get(LEVERS_ENV, "on").strip().lower() == "off":
+    if not native.lever_on():
         return None
     try:
         _shim.append(gemv.load(library, decoding))

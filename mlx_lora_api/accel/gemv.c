@@ -104,8 +104,8 @@ static pthread_rwlock_t route_lock = PTHREAD_RWLOCK_INITIALIZER;
  * ~43 tokens/s against ~49 with its products on one thread); a batch of rows, every core (8 rows
  * were no faster on one). Which thread computes an output changes nothing in it. */
 static int threads_for(int m, int n, int k) {
-    const int most = omp_get_max_threads();
     if ((long)n * k < THREADED) return 1;
+    const int most = omp_get_max_threads();
     return m == 1 && most > 1 ? most - 1 : most;
 }
 int mlx_lora_api_threads(int m, int n, int k) { return threads_for(m, n, k); } /* for the tests */

@@ -39,8 +39,7 @@ _state: dict[str, Path | None] = {}
 
 def wanted(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether the levers leave this on (tuner/levers.py names it; read here, below MLX)."""
-    value = environ.get(native.LEVERS_ENV, "on").strip().lower()
-    return value != "off" and f"no-{LEVER}" not in {part.strip() for part in value.split(",")}
+    return native.lever_on(LEVER, environ)
 
 
 def cpu_has(needs: tuple[str, ...] = NEEDS, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

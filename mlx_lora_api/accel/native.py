@@ -13,10 +13,18 @@ import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 LEVERS_ENV = "MLX_LORA_API_LEVERS"  # off: mlx-lm's plain path, this package's shims left out too (tuner/levers.py)
+
+
+def lever_on(name: str | None = None, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether MLX_LORA_API_LEVERS leaves this package's speed-ups on: all of them unless `off`, and
+    `name` unless `no-<name>` is among those listed (tuner/levers.py reads the variable in full, above
+    MLX; this package is read before MLX loads)."""
+    value = environ.get(LEVERS_ENV, "on").strip().lower()
+    return value != "off" and (name is None or f"no-{name}" not in {part.strip() for part in value.split(",")})
 
 
 class BuildError(OSError):
