@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -200,7 +201,9 @@ def test_job_processes_keep_openblas_threads_from_spinning_beside_the_kernels():
 # -- MLX's compiled element-wise kernels built for the CPU (accel/jit.py) -----------------------
 
 COMPILED_SWIGLU = """
+import os
 import sys
+import tempfile
 import numpy as np
 from mlx_lora_api.accel import blas, jit
 blas.prepare()
@@ -212,7 +215,7 @@ up = mx.array(rng.standard_normal((8, 1536)).astype(np.float32))
 half = mx.array(rng.standard_normal((8, 1536)).astype(np.float16))
 out = mx.concatenate([swiglu(gate, up), mx.compile(lambda h: (h * h + 1).astype(mx.float32))(half)])
 np.save(sys.argv[1], np.array(out))
-print(jit.prepare() is not None)
+print(jit.prepare() is not None, tempfile.gettempdir())
 """
 
 jit_applies = pytest.mark.skipif(
@@ -222,31 +225,57 @@ jit_applies = pytest.mark.skipif(
 
 
 def compiled_kernels(tmp_path, name: str, levers: str) -> tuple[str, np.ndarray, bytes]:
-    """The probe in a process of its own (the PATH is the process's), with a JIT cache of its
-    own: MLX reuses a kernel it built earlier whatever flags built it."""
-    folder = tmp_path / name
-    folder.mkdir()
-    env = os.environ | {"TMPDIR": str(folder), "MLX_LORA_API_LEVERS": levers}
-    probe = [sys.executable, "-c", COMPILED_SWIGLU, str(folder / "out.npy")]
+    """The probe in a process of its own (the PATH is the process's), with the TMPDIR that every
+    probe of the test shares and a cache folder of its own; returns whether the flags applied, the
+    outputs, and the compiled SwiGLU it ran (the one library of that kernel in either folder)."""
+    tmp, cache = tmp_path / "tmp", tmp_path / name
+    tmp.mkdir(exist_ok=True)
+    cache.mkdir()
+    env = os.environ | {"TMPDIR": str(tmp), "XDG_CACHE_HOME": str(cache), "MLX_LORA_API_LEVERS": levers}
+    probe = [sys.executable, "-c", COMPILED_SWIGLU, str(cache / "out.npy")]
     run = subprocess.run(probe, env=env, text=True, capture_output=True)
     assert run.returncode == 0, run.stderr
-    built = sorted(folder.glob("mlx/*/cpu/lib*Sigmoid*.so"))
+    applied, temporary = run.stdout.split()
+    assert temporary == str(tmp)  # the process's own temporary files stay in its TMPDIR
+    built = sorted(cache.glob("**/mlx/*/cpu/lib*Sigmoid*.so")) if applied == "True" else []
+    built = built or sorted(tmp.glob("mlx/*/cpu/lib*Sigmoid*.so"))
     assert len(built) == 1, built
-    return run.stdout.strip(), np.load(folder / "out.npy"), built[0].read_bytes()
+    return applied, np.load(cache / "out.npy"), built[0].read_bytes()
 
 
 @jit_applies
 def test_compiled_kernels_are_built_for_the_cpu_and_give_the_same_bits(tmp_path):
     """The flags change which instructions compute, not what: the same bits as MLX's own flags
-    give, and the libm `fmaf` the baseline build calls is gone (the fma is inlined)."""
-    applied, ours, ours_binary = compiled_kernels(tmp_path, "ours", "on")
+    give, and the libm `fmaf` the baseline build calls is gone (the fma is inlined). A kernel that
+    MLX's own flags built first, in the shared TMPDIR (any MLX program run before), is not used."""
     plain, theirs, theirs_binary = compiled_kernels(tmp_path, "mlx", f"no-{jit.LEVER}")
+    applied, ours, ours_binary = compiled_kernels(tmp_path, "ours", "on")
     assert (applied, plain) == ("True", "False")
     np.testing.assert_array_equal(ours, theirs)
     assert np.isfinite(ours).all() and (ours[:8] != 0).mean() > 0.99
     assert b"fmaf" in theirs_binary and b"fmaf" not in ours_binary
     _, off, _ = compiled_kernels(tmp_path, "off", "off")  # every lever off: MLX's flags too
     np.testing.assert_array_equal(off, theirs)
+
+
+@jit_applies
+def test_a_child_of_a_prepared_process_gets_the_tmpdir_its_parent_was_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # all three restored after the test
+    monkeypatch.delenv(jit.GIVEN_TMPDIR, raising=False)
+    monkeypatch.delenv(jit.FOLDER_ENV, raising=False)
+    monkeypatch.setattr(jit, "_state", {})
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    folder = jit.prepare()
+    assert folder is not None and os.environ["TMPDIR"] == str(folder)  # where MLX looks for kernels
+    assert tempfile.gettempdir() == str(tmp_path)
+    probe = "import os; from mlx_lora_api.accel import jit; jit.prepare(); print(os.environ['TMPDIR'])"
+    for levers in ("on", "off"):
+        env = os.environ | {"MLX_LORA_API_LEVERS": levers}
+        child = subprocess.run([sys.executable, "-c", probe], env=env, text=True, capture_output=True)
+        assert child.returncode == 0, child.stderr
+        assert child.stdout.strip() == (str(folder) if levers == "on" else str(tmp_path))
 
 
 @jit_applies

@@ -11,7 +11,12 @@ GCC from contracting `a * b + c` into an fma on its own). SmolLM2's SwiGLU over 
 cores: 8 rows 10.2 -> 6.0 ms, a batch of prompts (288 rows) 271 -> 135 ms (scripts/bench_jit.py).
 
 MLX keeps the kernels it built in `$TMPDIR/mlx/<version>/cpu` and reuses them by name, whatever
-flags built them; `scripts/bench_jit.py` gives each engine a folder of its own.
+flags built them: on a machine where any MLX program compiled before (mlx-lm's own `swiglu`, in
+every Llama block), the kernels in `/tmp` were built without these flags and would be used for
+good. So `prepare()` also points this process's TMPDIR, which MLX reads each time it looks for a
+kernel, at a folder beside the wrapper (Python's own temporary files stay where they were: its
+`tempfile` has read the old value first), and a child process that prepares gets back the TMPDIR
+its parent was given (`GIVEN_TMPDIR`), unless the parent chose another for it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import platform
 import shlex
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,6 +39,9 @@ log = logging.getLogger("mlx_lora_api")
 LEVER = "jit_avx2"  # MLX_LORA_API_LEVERS=no-jit_avx2 (or off) leaves MLX's own flags
 FLAGS = ("-mavx2", "-mfma", "-mf16c")
 NEEDS = ("avx2", "fma", "f16c")  # /proc/cpuinfo's names for what FLAGS let the compiler use
+
+FOLDER_ENV = "MLX_LORA_API_JIT"  # the folder prepare() put first on the PATH and made the TMPDIR
+GIVEN_TMPDIR = "MLX_LORA_API_GIVEN_TMPDIR"  # the TMPDIR before that
 
 _state: dict[str, Path | None] = {}
 
@@ -60,10 +69,7 @@ def prepare() -> Path | None:
     if "folder" in _state:
         return _state["folder"]
     _state["folder"] = None
-    ours = native.cache_folder() / "jit"  # a parent that prepared passes its PATH on: not its choice
-    path = [p for p in os.environ.get("PATH", os.defpath).split(os.pathsep) if Path(p).parent != ours]
-    if "PATH" in os.environ:
-        os.environ["PATH"] = os.pathsep.join(path)
+    path = _undo_parent()
     if not (sys.platform.startswith("linux") and platform.machine() == "x86_64") or not wanted() or not cpu_has():
         return None
     compiler = shutil.which("g++", path=os.pathsep.join(path))
@@ -75,8 +81,35 @@ def prepare() -> Path | None:
         log.warning("MLX's compiled kernels keep MLX's own flags: %s", e)
         return None
     os.environ["PATH"] = os.pathsep.join([str(folder), *path])
+    _keep_kernels_in(folder)
     _state["folder"] = folder
     return folder
+
+
+def _undo_parent() -> list[str]:
+    """What a parent that prepared passes on undone, as it is not this process's choice: its
+    `g++` first on the PATH, and its TMPDIR where the parent did not choose another for this
+    process. Returns the PATH's folders."""
+    path = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    folder, given = os.environ.pop(FOLDER_ENV, None), os.environ.pop(GIVEN_TMPDIR, None)
+    if not folder:
+        return path
+    path = [p for p in path if p != folder]
+    if "PATH" in os.environ:
+        os.environ["PATH"] = os.pathsep.join(path)
+    if os.environ.get("TMPDIR") == folder and given is not None:
+        if given:
+            os.environ["TMPDIR"] = given
+        else:
+            del os.environ["TMPDIR"]
+    return path
+
+
+def _keep_kernels_in(folder: Path) -> None:
+    """MLX's kernels built with FLAGS kept under `folder`, apart from any built without them."""
+    tempfile.tempdir = tempfile.gettempdir()  # this process's temporary files: where they were
+    os.environ[GIVEN_TMPDIR] = os.environ.get("TMPDIR", "")
+    os.environ["TMPDIR"] = os.environ[FOLDER_ENV] = str(folder)  # MLX: $TMPDIR/mlx/<version>/cpu
 
 
 def _wrapper(compiler: Path) -> Path:
