@@ -70,6 +70,7 @@ def test_the_compiled_decoding_step_gives_the_models_own_logits(tmp_path, tiny_m
     base = str(tiny_model_template)
     lora = train(tiny_model_template, tmp_path / "a", "The mayor of Zorbington is Elara Quintfeather.")
     dora = train(tiny_model_template, tmp_path / "b", "def add(a, b):\n    return a + b\n", kind="dora")
+    monkeypatch.setattr(decoding, "COMPILED_SOFTMAX", 0)  # the tiny model's few scores: compiled too
     cache = generation.ModelCache(budget_bytes=1 << 30)
     for adapter in (None, lora, None):
         model, _, step = cache.get(base, adapter)
@@ -91,6 +92,29 @@ def test_the_compiled_decoding_step_gives_the_models_own_logits(tmp_path, tiny_m
     monkeypatch.setenv("MLX_LORA_API_LEVERS", "off")
     model, _, step = generation.ModelCache(budget_bytes=1 << 30).get(base)
     assert step is model
+
+
+@pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")
+def test_attention_with_its_softmax_compiled_gives_mlxs_bits(monkeypatch):
+    """SmolLM2's heads (9 queries over 3 keys and values) and a model's without grouping, one token a
+    row and a prompt's, with no mask, a causal one and a batch's left padding: what
+    `mx.fast.scaled_dot_product_attention` gives, bit for bit, through the compiled softmax."""
+    calls = []
+    compiled = decoding._compiled_softmax
+    monkeypatch.setattr(decoding, "_compiled_softmax", lambda *a: calls.append(1) or compiled(*a))
+    keys_length = 300
+    for rows, heads, kv_heads, length in ((1, 9, 3, 1), (8, 9, 3, 1), (2, 9, 3, 37), (3, 4, 4, 1), (1, 4, 4, 37)):
+        queries = mx.random.normal((rows, heads, length, 64))
+        keys, values = (mx.random.normal((rows, kv_heads, keys_length, 64)) for _ in range(2))
+        padding = mx.array([0, 3, 120, 1, 7, 0, 9, 2][:rows]).reshape(rows, 1, 1, 1)
+        masks = [None, mx.arange(keys_length) >= padding]
+        if length > 1:
+            masks.append("causal")
+        for mask in masks:
+            want = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=0.125, mask=mask)
+            got = decoding._attention(queries, keys, values, None, 0.125, mask)
+            assert mx.array_equal(want, got).item(), (rows, heads, kv_heads, length, mask)
+    assert len(calls) == 12  # none fell back to mlx-lm's
 
 
 @pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")

@@ -5,10 +5,14 @@ found on the PATH, adding `-mavx2 -mfma -mf16c` only where MLX itself was built 
 `mlx[cpu]` wheel is built for baseline x86-64, so a compiled SwiGLU (mlx-lm's `swiglu`, in every
 block of a Llama-like model) calls libm's `fmaf` six times per element of its `exp`, and float16
 is converted without F16C's instructions (docs/upstream/exp.md). `prepare()` puts a `g++` ahead
-on this process's PATH that adds those three flags where the CPU has them: the kernels are the
-same source built as MLX's AVX2 build builds them, and give the same bits (`-std=c++17` keeps
-GCC from contracting `a * b + c` into an fma on its own). SmolLM2's SwiGLU over 30 blocks, 2 Zen 4
-cores: 8 rows 10.2 -> 6.0 ms, a batch of prompts (288 rows) 271 -> 135 ms (scripts/bench_jit.py).
+on this process's PATH that adds those three flags where the CPU has them, and
+`-ffp-contract=off`: the kernels are the same source built as MLX's AVX2 build builds them, and
+give the same bits as MLX's own flags. Without that fourth flag, GCC contracts `a * b + c` into an
+fma wherever FMA is enabled (`-std=c++17` does not stop it in C++): RMSNorm's `mean + eps` and the
+rotation's `x1 * cos - x2 * sin` then rounded once where MLX's uncompiled ops round twice, and a
+compiled decoding step no longer gave the model's own logits (tests/test_generation.py). SmolLM2's
+SwiGLU over 30 blocks, 2 Zen 4 cores: 8 rows 10.2 -> 6.0 ms, a batch of prompts (288 rows) 271 ->
+135 ms (scripts/bench_jit.py).
 
 MLX keeps the kernels it built in `$TMPDIR/mlx/<version>/cpu` and reuses them by name, whatever
 flags built them: on a machine where any MLX program compiled before (mlx-lm's own `swiglu`, in
@@ -37,7 +41,7 @@ from . import native
 log = logging.getLogger("mlx_lora_api")
 
 LEVER = "jit_avx2"  # MLX_LORA_API_LEVERS=no-jit_avx2 (or off) leaves MLX's own flags
-FLAGS = ("-mavx2", "-mfma", "-mf16c")
+FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 NEEDS = ("avx2", "fma", "f16c")  # /proc/cpuinfo's names for what FLAGS let the compiler use
 
 FOLDER_ENV = "MLX_LORA_API_JIT"  # the folder prepare() put first on the PATH and made the TMPDIR
