@@ -10,7 +10,10 @@ Each round, engines alternating, on the bundled SmolLM2-135M-Instruct (greedy, t
   the float16 copies of the model's weights), with MLX_LORA_API_LEVERS=no-half_weights (the same
   kernels over the float32 weights), with no-kept_prompts (every prompt read afresh), with
   no-jit_avx2 (MLX's compiled element-wise kernels built with MLX's own flags, accel/jit.py; each
-  engine keeps its own JIT cache) and with MLX_LORA_API_LEVERS=off (MLX's sgemm for every product);
+  engine keeps its own JIT cache), with no-compiled_attention (MLX's own softmax in attention,
+  tasks/decoding.py) and with MLX_LORA_API_LEVERS=off (MLX's sgemm for every product);
+- a long prompt (about 780 tokens, read afresh in every engine): the whole request for its first
+  token, what a user waits for before an answer begins;
 - --chats concurrent chats of 64 tokens (each asks for a long story: every answer runs to 64 tokens, in
   both engines; the table says how many came): every answer's tokens over the wall time, the service
   decoding them as one batch, llama.cpp with as many parallel slots; and the service answering
@@ -59,6 +62,14 @@ CHATS = [
     [{"role": "user", "content": f"Write a long, detailed story about the sea, story number {i}."}] for i in range(64)
 ]
 MODEL = "smollm2-135m-instruct"
+# About 780 tokens with the chat template: what a user waits for before the first token of an answer.
+LONG = [
+    {
+        "role": "user",
+        "content": "The sea is wide and deep, and sailors have told stories about it for thousands of years. " * 40
+        + "Tell me the story of one of them.",
+    }
+]
 
 LLAMA = """
 import sys, json, time
@@ -252,18 +263,21 @@ def main() -> None:
     adapters = make_adapters(data_dir, args.adapters) if args.adapters else []
     single: dict[str, list[tuple[int, float, float]]] = {}
     many: dict[str, list[tuple[int, float]]] = {}
+    first: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
         for name, start in [
             ("service", lambda: Service(data_dir, "on")),
             ("service, float32 weights (no-half_weights)", lambda: Service(data_dir, "no-half_weights")),
             ("service, no prompts kept (no-kept_prompts)", lambda: Service(data_dir, "no-kept_prompts")),
             ("service, MLX's own kernel flags (no-jit_avx2)", lambda: Service(data_dir, "no-jit_avx2")),
+            ("service, MLX's own softmax (no-compiled_attention)", lambda: Service(data_dir, "no-compiled_attention")),
             ("service, levers off (sgemm)", lambda: Service(data_dir, "off")),
             ("llama.cpp float16 (the export)", lambda: Llama(f16, args.chats)),
             ("llama.cpp float32", lambda: Llama(f32, args.chats)),
         ]:
             engine = start()
             try:
+                first.setdefault(name, []).append(engine.chat(LONG, 1)[2])
                 single.setdefault(name, []).append(engine.chat(QUESTION, args.tokens))
                 if "levers off" not in name:
                     many.setdefault(f"{name}: {args.chats} at once", []).append(concurrent(engine, args.chats))
@@ -289,6 +303,10 @@ def main() -> None:
     print("---|---|---")
     for name, runs in single.items():
         print(f"{name} | {statistics.median(r[1] for r in runs):.1f} | {statistics.median(r[2] for r in runs):.2f}")
+    print("\na long prompt (about 780 tokens), its first token | wall s")
+    print("---|---")
+    for name, runs in first.items():
+        print(f"{name} | {statistics.median(runs):.2f}")
     print("\nconcurrent chats, 64 tokens each | tokens/s in all | wall s | tokens (each round)")
     print("---|---|---|---")
     for name, runs in many.items():

@@ -118,6 +118,19 @@ def test_attention_with_its_softmax_compiled_gives_mlxs_bits(monkeypatch):
 
 
 @pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")
+def test_the_compiled_attention_lever_switches_it_for_prompts_and_steps(tiny_model_template, monkeypatch):
+    monkeypatch.setattr(decoding, "COMPILED_SOFTMAX", 0)
+    compiled = decoding._compiled_softmax
+    for levers, per_layer in (("on", 24), ("no-compiled_attention", 0)):  # a prompt, then 23 steps
+        monkeypatch.setenv("MLX_LORA_API_LEVERS", levers)
+        calls = []
+        monkeypatch.setattr(decoding, "_compiled_softmax", lambda *a: calls.append(1) or compiled(*a))
+        model, _, step = generation.ModelCache(budget_bytes=1 << 30).get(str(tiny_model_template))
+        mx.eval(greedy_logits(step, model, [[5, 9, 30, 2], [3]], 24))
+        assert len(calls) == per_layer * len(model.layers), levers
+
+
+@pytest.mark.skipif(not device.on_cpu(), reason="the compiled step is the CPU's (tasks/decoding.py)")
 def test_the_compiled_decoding_step_takes_llama_3s_scaled_rotation(tmp_path, tiny_model_template):
     import json
 

@@ -230,7 +230,8 @@ def _after_attention(x, attended, o_proj, norm, gate_up, down_proj, loras, per_r
     return h + _plus_adapters(gated @ down_proj, gated, loras, scales, per_row, MLP[2:], (x.shape[1],))
 
 
-# Attention's softmax compiled where a layer has at least this many scores (rows x heads x keys).
+# Attention's softmax compiled where a layer has at least this many scores (rows x heads x queries
+# x keys), unless `levers.compiled_attention` is off.
 # MLX's own softmax on x86 Linux runs a scalar `exp` (the `mlx[cpu]` wheel is built for baseline
 # x86-64; docs/upstream/exp.md); the same operations compiled go through the JIT, built for this CPU
 # (accel/jit.py), and give the same bits. Three more operations to dispatch: below this, a loss.
@@ -251,11 +252,11 @@ def _softmax(scores, mask):
 _compiled_softmax = mx.compile(_softmax, shapeless=True)
 
 
-def _attention(queries, keys, values, cache, scale: float, mask, sinks=None):
+def _attention(queries, keys, values, cache, scale: float, mask, sinks=None, *, compiled: bool = True):
     """mlx-lm's `scaled_dot_product_attention`, the same bits: on the CPU, MLX computes it as the
     operations below (its fallback, mlx/fast.cpp), with `_softmax` compiled where a layer's scores
     are many enough (COMPILED_SOFTMAX); anything else (a quantized cache, sinks, a mask of another
-    kind, few scores) through mlx-lm's."""
+    kind, few scores, not `compiled`) through mlx-lm's."""
     rows, heads, length, width = queries.shape
     given, kv_length = mask, keys.shape[-2]
     if isinstance(mask, str) and mask == "causal":  # as the fallback builds it
@@ -263,7 +264,8 @@ def _attention(queries, keys, values, cache, scale: float, mask, sinks=None):
         mask = mx.expand_dims(mx.arange(offset, offset + length), 1) >= mx.expand_dims(mx.arange(kv_length), 0)
     masked = isinstance(mask, mx.array) and mask.dtype == mx.bool_
     if (
-        hasattr(cache, "bits")
+        not compiled
+        or hasattr(cache, "bits")
         or sinks is not None
         or (mask is not None and not masked)
         or rows * heads * length * kv_length < COMPILED_SOFTMAX
@@ -355,6 +357,7 @@ class Decoder:
             )
             self._blocks.append((before, after, weights))
         self._final_norm = _compiled(mx.fast.rms_norm, eps=inner.norm.eps)
+        self._compiled_attention = levers.from_environment().compiled_attention
 
     @property
     def layers(self):
@@ -373,6 +376,8 @@ class Decoder:
 
     def __call__(self, inputs: mx.array, cache=None, **kwargs):
         if inputs.shape[1] != 1 or cache is None or kwargs.get("input_embeddings") is not None:
+            if not self._compiled_attention:
+                return self.model(inputs, cache=cache, **kwargs)
             with _attention_in(self.model):
                 return self.model(inputs, cache=cache, **kwargs)
         inner, fused = self.model.model, self.fused
@@ -388,7 +393,8 @@ class Decoder:
         for i, (layer, layer_cache, (before, after, loras)) in enumerate(zip(inner.layers, cache, self._blocks)):
             queries, keys, values = before(h, layer.input_layernorm.weight, fused.qkv[i], cos, sin, loras, per_row)
             keys, values = layer_cache.update_and_fetch(keys, values)
-            attended = _attention(queries, keys, values, layer_cache, layer.self_attn.scale, mask)
+            scale, compiled = layer.self_attn.scale, self._compiled_attention
+            attended = _attention(queries, keys, values, layer_cache, scale, mask, compiled=compiled)
             norm = layer.post_attention_layernorm.weight
             h = after(h, attended, fused.o_proj[i], norm, fused.gate_up[i], fused.down_proj[i], loras, per_row)
         return (self._final_norm(h, inner.norm.weight) @ fused.head).reshape(rows, 1, -1)

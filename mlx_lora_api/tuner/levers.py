@@ -51,6 +51,8 @@ class Levers(msgspec.Struct, frozen=True):
     # MLX's compiled element-wise kernels built with AVX2, FMA and F16C where the CPU has them
     # (x86_64 Linux; accel/jit.py). Set per process, from the environment, before MLX compiles.
     jit_avx2: bool = True
+    # Attention's softmax compiled in decoding and in reading prompts, the same bits (tasks/decoding.py).
+    compiled_attention: bool = True
 
 
 PLAIN = Levers(
@@ -62,6 +64,7 @@ PLAIN = Levers(
     half_weights=False,
     kept_prompts=False,
     jit_avx2=False,
+    compiled_attention=False,
 )
 
 
