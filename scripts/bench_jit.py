@@ -34,10 +34,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_api import bundled_data_dir  # noqa: E402
 from bench_retention import machine  # noqa: E402
 
+from mlx_lora_api.accel.jit import FLAGS  # noqa: E402
 from mlx_lora_api.tasks.import_gguf import BUNDLED_NAME  # noqa: E402
 
 ENGINES = {
-    "built for this CPU (-mavx2 -mfma -mf16c)": "on",
+    f"built for this CPU ({' '.join(FLAGS)})": "on",
     "MLX's own flags (no-jit_avx2)": "no-jit_avx2",
 }
 
