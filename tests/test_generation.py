@@ -349,8 +349,12 @@ def test_the_openai_client_talks_to_the_service(data_dir, tmp_path):
         )
         chunks = list(stream)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == answer
-        usage = next(chunk.usage for chunk in chunks if chunk.usage)  # the same chat: its prompt was kept
+        *answering, last = chunks  # as OpenAI's: the usage alone in a last chunk with no choices
+        assert last.choices == [] and all(chunk.choices and chunk.usage is None for chunk in answering)
+        usage = last.usage  # the same chat: its prompt was kept
         assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+        plain = list(client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=6, stream=True))
+        assert plain[-1].choices[0].finish_reason and not any(chunk.usage for chunk in plain)
         with pytest.raises(openai.NotFoundError, match="no-such-model"):
             client.chat.completions.create(model="no-such-model", messages=messages)
 

@@ -54,6 +54,10 @@ class GenerateResponse(Struct):
     usage: Usage
 
 
+class StreamOptions(Struct):
+    include_usage: bool = False  # OpenAI: a last chunk with no choices and the request's usage
+
+
 class ChatCompletionRequest(Struct, kw_only=True):
     model: ModelRef
     messages: Annotated[list[Message], Meta(min_length=1)]
@@ -64,6 +68,7 @@ class ChatCompletionRequest(Struct, kw_only=True):
     seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: Annotated[int, Meta(ge=1, le=1)] = 1
 
 

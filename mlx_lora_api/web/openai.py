@@ -60,28 +60,32 @@ async def chat_completions(request: Request) -> Response:
         return respond(ChatCompletion(completion_id, created, payload.model, [choice], usage))
     events = await run_in_threadpool(service.generate, call)
 
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+    include_usage = payload.stream_options is not None and payload.stream_options.include_usage
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
         body = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": payload.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": choices,
         }
-        if usage:
+        if include_usage:  # as OpenAI's: null on every chunk but the last, which has no choices
             body["usage"] = usage
         return sse(body)
 
     def stream():
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         for event in events:
             if event["type"] == "text":
-                yield chunk({"content": event["text"]})
+                yield chunk([{"index": 0, "delta": {"content": event["text"]}, "finish_reason": None}])
             elif event["type"] == "error":
                 yield sse(error_body(500, event["message"]))
                 return
             else:
-                yield chunk({}, event["finish_reason"], msgspec.to_builtins(Usage.of(event)))
+                yield chunk([{"index": 0, "delta": {}, "finish_reason": event["finish_reason"]}])
+                if include_usage:
+                    yield chunk([], msgspec.to_builtins(Usage.of(event)))
         yield sse("[DONE]")
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
