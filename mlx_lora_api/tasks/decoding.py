@@ -258,11 +258,9 @@ def _attention(queries, keys, values, cache, scale: float, mask, sinks=None, *, 
     are many enough (COMPILED_SOFTMAX); anything else (a quantized cache, sinks, a mask of another
     kind, few scores, not `compiled`) through mlx-lm's."""
     rows, heads, length, width = queries.shape
-    given, kv_length = mask, keys.shape[-2]
-    if isinstance(mask, str) and mask == "causal":  # as the fallback builds it
-        offset = kv_length - length
-        mask = mx.expand_dims(mx.arange(offset, offset + length), 1) >= mx.expand_dims(mx.arange(kv_length), 0)
-    masked = isinstance(mask, mx.array) and mask.dtype == mx.bool_
+    kv_length = keys.shape[-2]
+    causal = isinstance(mask, str) and mask == "causal"
+    masked = causal or (isinstance(mask, mx.array) and mask.dtype == mx.bool_)
     if (
         not compiled
         or hasattr(cache, "bits")
@@ -270,7 +268,10 @@ def _attention(queries, keys, values, cache, scale: float, mask, sinks=None, *, 
         or (mask is not None and not masked)
         or rows * heads * length * kv_length < COMPILED_SOFTMAX
     ):
-        return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=given, sinks=sinks)
+        return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+    if causal:  # as the fallback builds it
+        offset = kv_length - length
+        mask = mx.expand_dims(mx.arange(offset, offset + length), 1) >= mx.expand_dims(mx.arange(kv_length), 0)
     kv_heads = keys.shape[1]
     repeats = heads // kv_heads
     queries = mx.array(scale, queries.dtype) * queries

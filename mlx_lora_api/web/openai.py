@@ -74,16 +74,19 @@ async def chat_completions(request: Request) -> Response:
             body["usage"] = usage
         return sse(body)
 
+    def only(delta: dict, finish: str | None = None) -> list[dict]:  # the one choice (n is 1)
+        return [{"index": 0, "delta": delta, "finish_reason": finish}]
+
     def stream():
-        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        yield chunk(only({"role": "assistant", "content": ""}))
         for event in events:
             if event["type"] == "text":
-                yield chunk([{"index": 0, "delta": {"content": event["text"]}, "finish_reason": None}])
+                yield chunk(only({"content": event["text"]}))
             elif event["type"] == "error":
                 yield sse(error_body(500, event["message"]))
                 return
             else:
-                yield chunk([{"index": 0, "delta": {}, "finish_reason": event["finish_reason"]}])
+                yield chunk(only({}, event["finish_reason"]))
                 if include_usage:
                     yield chunk([], msgspec.to_builtins(Usage.of(event)))
         yield sse("[DONE]")
